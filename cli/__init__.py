@@ -1,0 +1,1 @@
+"""Command-line programs: thin wrappers that parse arguments and call into zdist."""

@@ -1,0 +1,76 @@
+"""Fixtures that start real clusters on 127.0.0.1 and always clean them up."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable
+
+import psutil
+import pytest
+
+from zdist import LocalCluster
+
+# Short heartbeats so that tests that kill workers see them dropped quickly.
+HEARTBEAT_TIMEOUT = 2.0
+HEARTBEAT_INTERVAL = 0.25
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, message: str = "") -> Any:
+    """Poll ``condition`` until it returns something true; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {message or condition}")
+        time.sleep(interval)
+
+
+def run(coroutine: Any, timeout: float = 60.0) -> Any:
+    """Run a coroutine on a fresh event loop, bounded in time."""
+    return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+def make_cluster(n_workers: int = 2, **kwargs: Any) -> LocalCluster:
+    kwargs.setdefault("heartbeat_timeout", HEARTBEAT_TIMEOUT)
+    kwargs.setdefault("heartbeat_interval", HEARTBEAT_INTERVAL)
+    return LocalCluster(n_workers=n_workers, **kwargs)
+
+
+@pytest.fixture
+def cluster():
+    """Two ``zdist-worker`` subprocesses (1 core each) and a ``zdist-center`` subprocess."""
+    with make_cluster(2) as c:
+        yield c
+
+
+@pytest.fixture
+def cluster3():
+    """Three subprocess workers."""
+    with make_cluster(3) as c:
+        yield c
+
+
+@pytest.fixture
+def inproc_cluster():
+    """A Center and two workers running in this process, on a background loop."""
+    with make_cluster(2, processes=False) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    """Every test must stop every process it started."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    deadline = time.monotonic() + 5
+    leftover = []
+    while time.monotonic() < deadline:
+        leftover = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not leftover:
+            return
+        time.sleep(0.05)
+    for p in leftover:
+        p.kill()
+    pytest.fail(f"test left processes behind: {[(p.pid, p.cmdline()) for p in leftover]}")

@@ -1,0 +1,19 @@
+"""zdist: a ZeroMQ-native distributed computing toolkit.
+
+A Center keeps who holds what; Workers hold data, run functions on it and
+move it peer to peer; clients drive them through :func:`rpc`, :class:`Pool`
+and :func:`zdist.dask.get`.
+"""
+from .center import Center
+from .cluster import LocalCluster
+from .errors import LostDataError, MissingDataError, NoWorkersError, WorkerDiedError
+from .protocol import ProtocolError
+from .rpc import RemoteError, RPCTimeoutError, rpc
+from .worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Center", "LocalCluster", "LostDataError", "MissingDataError", "NoWorkersError", "ProtocolError",
+    "RPCTimeoutError", "RemoteError", "Worker", "WorkerDiedError", "rpc",
+]

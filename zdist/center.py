@@ -1,0 +1,212 @@
+"""The Center: who holds what, and which workers are alive. Never user data.
+
+>>> import asyncio
+>>> async def demo():
+...     async with Center() as center:
+...         center.register(address='127.0.0.1:9000', ncores=2, name='alice')
+...         center.add_keys(address='127.0.0.1:9000', keys={'x': 8})
+...         return center.who_has(keys=['x']), center.ncores()
+>>> asyncio.run(demo())
+({'x': {'127.0.0.1:9000'}}, {'127.0.0.1:9000': 2})
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import Any, Iterable
+
+from .comm import normalize_address
+from .node import Node
+
+logger = logging.getLogger(__name__)
+
+#: A worker silent for this long is taken for dead and dropped from every table.
+DEFAULT_HEARTBEAT_TIMEOUT = 5.0
+
+
+class Center(Node):
+    """Holds ``who_has`` (key → worker addresses) and ``has_what`` (worker → keys).
+
+    Workers register, report the keys they gain and drop (batched), and
+    heartbeat; one that misses heartbeats for ``heartbeat_timeout`` seconds
+    is removed from every table.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, **kwargs: Any):
+        super().__init__(host, port, **kwargs)
+        self.heartbeat_timeout = heartbeat_timeout
+        self.who_has_table: dict[Any, set[str]] = defaultdict(set)
+        self.has_what_table: dict[str, set] = {}
+        self.nbytes_table: dict[Any, int] = {}
+        self.worker_info: dict[str, dict] = {}
+        self.removed_workers: list[tuple[float, str, str]] = []  # (when, address, why)
+        self.generation = 0  # bumps whenever the set of workers changes
+        self.started = time.time()
+        self.handlers.update(
+            {
+                "register": self.register,
+                "unregister": self.unregister,
+                "heartbeat": self.heartbeat,
+                "add_keys": self.add_keys,
+                "remove_keys": self.remove_keys,
+                "who_has": self.who_has,
+                "has_what": self.has_what,
+                "nbytes": self.nbytes,
+                "ncores": self.ncores,
+                "workers": self.workers,
+                "info": self.info,
+            }
+        )
+        self._reaper: asyncio.Task | None = None
+
+    async def on_start(self) -> None:
+        self._reaper = asyncio.ensure_future(self._reap_dead_workers())
+
+    async def on_stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+
+    async def _reap_dead_workers(self) -> None:
+        interval = max(0.05, min(1.0, self.heartbeat_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            deadline = time.time() - self.heartbeat_timeout
+            for address, info in list(self.worker_info.items()):
+                if info["last_seen"] < deadline:
+                    logger.warning("worker %s missed heartbeats for %.1f s; removing it", address, self.heartbeat_timeout)
+                    self._remove_worker(address, "missed heartbeats")
+
+    # -------------------------------------------------------------- membership
+
+    def register(self, address: str, ncores: int, name: str | None = None, keys: dict | None = None, pid: int | None = None, **extra: Any) -> str:
+        """A worker joins (or joins again after a Center restart) with the keys it holds."""
+        address = normalize_address(address)
+        if not isinstance(ncores, int) or ncores < 1:
+            raise ValueError(f"ncores must be a positive integer, got {ncores!r}")
+        if address in self.worker_info:
+            self._remove_worker(address, "registered again", record=False)
+        self.worker_info[address] = {
+            "name": name if name is not None else address,
+            "ncores": ncores,
+            "last_seen": time.time(),
+            "pid": pid,
+            "nkeys": 0,
+            "nbytes": 0,
+            **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))},
+        }
+        self.has_what_table[address] = set()
+        self.generation += 1
+        if keys:
+            self.add_keys(address, keys)
+        logger.info("registered worker %s (%s, %d cores)", address, self.worker_info[address]["name"], ncores)
+        return "OK"
+
+    def unregister(self, address: str) -> str:
+        address = normalize_address(address)
+        if address in self.worker_info:
+            self._remove_worker(address, "unregistered")
+            logger.info("unregistered worker %s", address)
+        return "OK"
+
+    def heartbeat(self, address: str, **metrics: Any) -> str:
+        """A worker says it is alive; ``'unknown'`` asks it to register again."""
+        info = self.worker_info.get(address)
+        if info is None:
+            return "unknown"
+        info["last_seen"] = time.time()
+        for name, value in metrics.items():
+            if isinstance(value, (int, float, str)):
+                info[name] = value
+        return "OK"
+
+    def _remove_worker(self, address: str, why: str, record: bool = True) -> None:
+        keys = self.has_what_table.pop(address, set())
+        for key in keys:
+            holders = self.who_has_table.get(key)
+            if holders is not None:
+                holders.discard(address)
+                if not holders:
+                    del self.who_has_table[key]
+                    self.nbytes_table.pop(key, None)
+        self.worker_info.pop(address, None)
+        self.generation += 1
+        if record:
+            self.removed_workers.append((time.time(), address, why))
+            del self.removed_workers[:-100]
+
+    # -------------------------------------------------------------- keys
+
+    def add_keys(self, address: str, keys: dict | list) -> str:
+        """``keys`` maps each key to its size in bytes (or is a plain list of keys)."""
+        holdings = self.has_what_table.get(address)
+        if holdings is None:
+            raise KeyError(f"worker {address} is not registered; register before reporting keys")
+        info = self.worker_info[address]
+        info["last_seen"] = time.time()
+        sizes = keys if isinstance(keys, dict) else dict.fromkeys(keys, 0)
+        for key, nbytes in sizes.items():
+            if key not in holdings:
+                holdings.add(key)
+                info["nkeys"] += 1
+                info["nbytes"] += nbytes or 0
+            self.who_has_table[key].add(address)
+            if nbytes:
+                self.nbytes_table[key] = nbytes
+        return "OK"
+
+    def remove_keys(self, address: str, keys: Iterable) -> str:
+        holdings = self.has_what_table.get(address)
+        if holdings is None:
+            return "OK"  # already gone with its worker
+        info = self.worker_info[address]
+        for key in keys:
+            if key in holdings:
+                holdings.discard(key)
+                info["nkeys"] -= 1
+                info["nbytes"] -= self.nbytes_table.get(key, 0)
+            holders = self.who_has_table.get(key)
+            if holders is not None:
+                holders.discard(address)
+                if not holders:
+                    del self.who_has_table[key]
+                    self.nbytes_table.pop(key, None)
+        return "OK"
+
+    # -------------------------------------------------------------- queries
+
+    def who_has(self, keys: Iterable | None = None) -> dict:
+        """``{key: set of worker addresses}``; an unknown key maps to an empty set."""
+        if keys is None:
+            return {key: set(holders) for key, holders in self.who_has_table.items()}
+        table = self.who_has_table
+        return {key: set(table[key]) if key in table else set() for key in keys}
+
+    def has_what(self, workers: Iterable[str] | None = None) -> dict:
+        if workers is None:
+            return {address: set(keys) for address, keys in self.has_what_table.items()}
+        return {w: set(self.has_what_table.get(normalize_address(w), ())) for w in workers}
+
+    def nbytes(self, keys: Iterable | None = None) -> dict:
+        if keys is None:
+            return dict(self.nbytes_table)
+        return {key: self.nbytes_table.get(key, 0) for key in keys}
+
+    def ncores(self) -> dict:
+        return {address: info["ncores"] for address, info in self.worker_info.items()}
+
+    def workers(self) -> dict:
+        """address → {name, ncores, last_seen, nkeys, nbytes, ...}."""
+        return {address: dict(info) for address, info in self.worker_info.items()}
+
+    def info(self) -> dict:
+        """A summary for clients: workers, generation, recent removals."""
+        return {
+            "address": self.address,
+            "workers": self.workers(),
+            "generation": self.generation,
+            "removed": [list(entry) for entry in self.removed_workers[-20:]],
+            "nkeys": len(self.who_has_table),
+            "heartbeat_timeout": self.heartbeat_timeout,
+        }

@@ -1,0 +1,350 @@
+"""LocalCluster: a Center and workers on 127.0.0.1, cleaned up on exit.
+
+>>> with LocalCluster(n_workers=2) as cluster:
+...     len(cluster.worker_addresses)
+2
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from .center import Center
+from .loop import LoopThread
+from .rpc import rpc
+from .worker import Worker
+
+#: The programs LocalCluster starts; the same ones users start by hand.
+CENTER_PROGRAM = ["-m", "zdist_cli.center"]
+WORKER_PROGRAM = ["-m", "zdist_cli.worker"]
+
+
+class ClusterStartError(RuntimeError):
+    """A node of a LocalCluster did not come up."""
+
+
+class LocalCluster:
+    """A Center and ``n_workers`` workers on this machine.
+
+    With ``processes=True`` (the default) each node is a ``zdist-center`` /
+    ``zdist-worker`` subprocess; with ``processes=False`` they run in this
+    process (on a background loop when used with ``with``, on the running
+    loop when used with ``async with``). Either way everything stops on
+    exit, even after an exception, and at interpreter exit.
+    """
+
+    def __init__(
+        self,
+        n_workers: int | None = None,
+        threads_per_worker: int = 1,
+        processes: bool = True,
+        *,
+        host: str = "127.0.0.1",
+        heartbeat_timeout: float = 5.0,
+        heartbeat_interval: float = 0.5,
+        security: Any = None,
+        start_timeout: float = 30.0,
+        worker_kwargs: dict | None = None,
+    ):
+        self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
+        self.threads_per_worker = threads_per_worker
+        self.processes = processes
+        self.host = host
+        self.heartbeat_timeout = heartbeat_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.start_timeout = start_timeout
+        self.worker_kwargs = worker_kwargs or {}
+        self.security = security
+        self._owns_security_dir: str | None = None
+        if security is True:
+            from .security import Security
+
+            self.security = Security.temporary()
+            self._owns_security_dir = self.security.directory
+        self.center_address: str = ""
+        self.worker_addresses: list[str] = []
+        self.center_process: subprocess.Popen | None = None
+        self.worker_processes: dict[str, subprocess.Popen] = {}
+        self.center: Center | None = None
+        self.workers: list[Worker] = []
+        self._loop_thread: LoopThread | None = None
+        self._log_dir = tempfile.mkdtemp(prefix="zdist-cluster-")
+        self.status = "created"
+
+    # -------------------------------------------------------------- sync API
+
+    def start(self) -> "LocalCluster":
+        try:
+            if self.processes:
+                self._start_processes()
+            else:
+                self._loop_thread = LoopThread("zdist-local-cluster")
+                self._loop_thread.run(self._start_in_process(), self.start_timeout)
+            self.status = "running"
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every node this cluster started, and wait for them."""
+        if self.status == "closed":
+            return
+        self.status = "closed"
+        if self._loop_thread is not None:
+            try:
+                self._loop_thread.run(self._stop_in_process(), 10)
+            finally:
+                self._loop_thread.stop()
+                self._loop_thread = None
+        # Workers first, so that they can unregister from a Center still there.
+        for process in self.worker_processes.values():
+            _terminate(process)
+        for process in self.worker_processes.values():
+            _wait_or_kill(process)
+        if self.center_process is not None:
+            _terminate(self.center_process)
+            _wait_or_kill(self.center_process)
+        if self._owns_security_dir:
+            shutil.rmtree(self._owns_security_dir, ignore_errors=True)
+        shutil.rmtree(self._log_dir, ignore_errors=True)
+
+    def __del__(self) -> None:
+        try:
+            if self.status == "running" and self.processes:
+                self.close()
+        except Exception:
+            pass
+
+    # -------------------------------------------------------------- async API
+
+    async def __aenter__(self) -> "LocalCluster":
+        if self.processes:
+            await asyncio.get_running_loop().run_in_executor(None, self._start_processes)
+        else:
+            await self._start_in_process()
+        self.status = "running"
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if not self.processes:
+            await self._stop_in_process()
+        self.close()
+
+    # -------------------------------------------------------------- in-process nodes
+
+    async def _start_in_process(self) -> None:
+        self.center = await Center(self.host, 0, heartbeat_timeout=self.heartbeat_timeout, security=self.security).start()
+        self.center_address = self.center.address
+        for i in range(self.n_workers):
+            await self.start_worker_in_process(name=f"worker-{i}")
+        await self._wait_for_workers_async(self.n_workers)
+
+    async def start_worker_in_process(self, **kwargs: Any) -> Worker:
+        worker = Worker(
+            self.center_address,
+            self.host,
+            0,
+            ncores=self.threads_per_worker,
+            heartbeat_interval=self.heartbeat_interval,
+            security=self.security,
+            **{**self.worker_kwargs, **kwargs},
+        )
+        await worker.start()
+        self.workers.append(worker)
+        self.worker_addresses.append(worker.address)
+        return worker
+
+    async def _stop_in_process(self) -> None:
+        for worker in self.workers:
+            await worker.stop()
+        if self.center is not None:
+            await self.center.stop()
+        self.workers = []
+        self.center = None
+
+    async def _wait_for_workers_async(self, n: int) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while len(self.center.worker_info) < n:
+            if time.monotonic() > deadline:
+                raise ClusterStartError(f"only {len(self.center.worker_info)} of {n} workers registered within {self.start_timeout} s")
+            await asyncio.sleep(0.01)
+
+    # -------------------------------------------------------------- subprocess nodes
+
+    def _common_args(self) -> list[str]:
+        args = []
+        if self.security is not None:
+            args += ["--key", self.security.key_file, "--authorized-keys", self.security.authorized_keys]
+        return args
+
+    def _start_processes(self) -> None:
+        process, line = self._spawn(
+            "center",
+            [*CENTER_PROGRAM, "--host", self.host, "--port", "0", "--heartbeat-timeout", str(self.heartbeat_timeout), *self._common_args()],
+            "Start center at",
+        )
+        self.center_process = process
+        self.center_address = line.split("Start center at", 1)[1].strip()
+        self.start_workers(self.n_workers)
+
+    def _worker_args(self, name: str | None) -> list[str]:
+        args = [
+            *WORKER_PROGRAM,
+            self.center_address,
+            "--host",
+            self.host,
+            "--ncores",
+            str(self.threads_per_worker),
+            "--heartbeat-interval",
+            str(self.heartbeat_interval),
+            *self._common_args(),
+        ]
+        return args + (["--name", name] if name else [])
+
+    def start_workers(self, n: int) -> list[str]:
+        """Start ``n`` more worker subprocesses at once; wait until they registered."""
+        started = [self._popen(f"worker-{len(self.worker_processes) + i}", self._worker_args(None)) for i in range(n)]
+        addresses = []
+        for label, process, log_path in started:
+            line = self._await_line(label, process, log_path, "Start worker at:")
+            address = line.split("Start worker at:", 1)[1].strip()
+            self.worker_processes[address] = process
+            self.worker_addresses.append(address)
+            addresses.append(address)
+        self.wait_for_workers(len(self.live_worker_addresses()))
+        return addresses
+
+    def start_worker(self, name: str | None = None) -> str:
+        """Start one more worker subprocess; return its address once it registered."""
+        label, process, log_path = self._popen(f"worker-{len(self.worker_processes)}", self._worker_args(name))
+        line = self._await_line(label, process, log_path, "Start worker at:")
+        address = line.split("Start worker at:", 1)[1].strip()
+        self.worker_processes[address] = process
+        self.worker_addresses.append(address)
+        self.wait_for_workers(len(self.live_worker_addresses()))
+        return address
+
+    def live_worker_addresses(self) -> list[str]:
+        return [a for a, p in self.worker_processes.items() if p.poll() is None]
+
+    def kill_worker(self, address: str, sig: int = signal.SIGKILL) -> None:
+        """Kill a worker subprocess (SIGKILL by default), as a crash would."""
+        process = self.worker_processes[address]
+        process.send_signal(sig)
+        process.wait(10)
+        if address in self.worker_addresses:
+            self.worker_addresses.remove(address)
+
+    def _popen(self, label: str, args: list[str]) -> tuple[str, subprocess.Popen, str]:
+        log_path = os.path.join(self._log_dir, f"{label}-{time.monotonic_ns()}.log")
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, *args],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the client, which stops the nodes
+            )
+        return label, process, log_path
+
+    def _await_line(self, label: str, process: subprocess.Popen, log_path: str, marker: str) -> str:
+        try:
+            return _read_line_with(process, marker, self.start_timeout)
+        except ClusterStartError as exc:
+            _terminate(process)
+            _wait_or_kill(process)
+            with open(log_path, "rb") as f:
+                tail = f.read()[-3000:].decode(errors="replace")
+            raise ClusterStartError(f"{label}: {exc}\n--- its log ---\n{tail}") from None
+
+    def _spawn(self, label: str, args: list[str], marker: str) -> tuple[subprocess.Popen, str]:
+        label, process, log_path = self._popen(label, args)
+        return process, self._await_line(label, process, log_path, marker)
+
+    def wait_for_workers(self, n: int, timeout: float | None = None) -> None:
+        """Block until the Center lists at least ``n`` workers."""
+        timeout = self.start_timeout if timeout is None else timeout
+
+        async def poll() -> None:
+            deadline = time.monotonic() + timeout
+            async with rpc(self.center_address, timeout=5, security=self.security) as center:
+                while True:
+                    workers = await center.ncores()
+                    if len(workers) >= n:
+                        return
+                    if time.monotonic() > deadline:
+                        raise ClusterStartError(f"only {len(workers)} of {n} workers registered within {timeout} s")
+                    await asyncio.sleep(0.02)
+
+        _run_sync(poll())
+
+
+def _run_sync(coroutine: Any) -> Any:
+    """Run a coroutine to completion from sync code, even inside a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    thread = LoopThread("zdist-sync")
+    try:
+        return thread.run(coroutine)
+    finally:
+        thread.stop()
+
+
+def _read_line_with(process: subprocess.Popen, marker: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    buffer = b""
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ClusterStartError(f"did not print {marker!r} within {timeout} s")
+            if selector.select(min(remaining, 0.1)):
+                chunk = os.read(process.stdout.fileno(), 4096)
+                if not chunk:
+                    raise ClusterStartError(f"exited with code {process.wait()} before printing {marker!r}")
+                buffer += chunk
+                for line in buffer.decode(errors="replace").splitlines():
+                    if marker in line:
+                        return line
+            elif process.poll() is not None:
+                raise ClusterStartError(f"exited with code {process.returncode} before printing {marker!r}")
+    finally:
+        selector.close()
+
+
+def _terminate(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        try:
+            process.terminate()
+        except ProcessLookupError:
+            pass
+
+
+def _wait_or_kill(process: subprocess.Popen, timeout: float = 5.0) -> None:
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.stdout is not None:
+        process.stdout.close()

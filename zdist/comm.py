@@ -1,0 +1,195 @@
+"""A ZeroMQ socket driven by the asyncio loop: drained on readiness, sends queued.
+
+Awaiting a ``zmq.asyncio`` future per message costs more than the message
+itself at zdist's message rates, so a :class:`Stream` watches the socket's
+file descriptor with ``loop.add_reader`` and, when it fires, receives every
+message waiting (``recv(NOBLOCK)`` until ``EAGAIN``), handing each to a
+callback. ZeroMQ's descriptor is edge-triggered: after every send we look at
+``zmq.EVENTS`` again, or messages that arrived meanwhile would sit unseen.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Any, Callable
+
+import zmq
+
+logger = logging.getLogger(__name__)
+
+#: How many messages one wake-up handles before yielding to other callbacks.
+DRAIN_BATCH = 256
+
+_context: zmq.Context | None = None
+
+
+def context() -> zmq.Context:
+    """The process's shared ZeroMQ context."""
+    global _context
+    if _context is None or _context.closed:
+        _context = zmq.Context()
+    return _context
+
+
+def make_socket(kind: int, *, max_message_size: int | None = None, hwm: int = 10_000, curve: Any = None) -> zmq.Socket:
+    """A socket with the options every zdist socket needs."""
+    sock = context().socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)  # never hang the process at exit on unsent messages
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    if max_message_size:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # replying to a vanished peer raises
+    if curve is not None:
+        curve(sock)
+    return sock
+
+
+def normalize_address(address: str) -> str:
+    """``'tcp://host:port'`` or ``'host:port'`` → ``'host:port'``.
+
+    >>> normalize_address('tcp://127.0.0.1:8787')
+    '127.0.0.1:8787'
+    """
+    if not isinstance(address, str):
+        raise TypeError(f"an address is a 'host:port' string, got {address!r}")
+    if address.startswith("tcp://"):
+        address = address[len("tcp://") :]
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"an address looks like '127.0.0.1:8787', got {address!r}")
+    return f"{host}:{port}"
+
+
+def tcp(address: str) -> str:
+    return "tcp://" + normalize_address(address)
+
+
+class Stream:
+    """Receive and send multipart messages on ``sock`` from the running loop.
+
+    ``on_message(frames)`` is called for every message received, with the
+    frames as ``zmq.Frame`` objects (zero-copy). ``max_message_size`` caps
+    the total bytes of one multipart message; larger ones go to
+    ``on_oversize(frames_head)`` and are dropped.
+    """
+
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        on_message: Callable[[list], None],
+        *,
+        max_message_size: int | None = None,
+        on_oversize: Callable[[list], None] | None = None,
+    ):
+        self.sock = sock
+        self.on_message = on_message
+        self.max_message_size = max_message_size
+        self.on_oversize = on_oversize
+        self.loop = asyncio.get_running_loop()
+        self._outbox: deque = deque()
+        self._check_scheduled = False
+        self._closed = False
+        self._fd = sock.FD
+        self.loop.add_reader(self._fd, self._on_ready)
+        self._schedule_check()
+
+    def send(self, frames: list) -> None:
+        """Queue ``frames`` for sending; never blocks, never raises for a full queue."""
+        if self._closed:
+            raise ConnectionError("this socket is closed")
+        if self._outbox:
+            self._outbox.append(frames)
+        else:
+            self._send_now(frames)
+        self._schedule_check()
+
+    def _send_now(self, frames: list) -> bool:
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            self._outbox.append(frames)
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:  # ROUTER reply to a peer that left
+                logger.debug("dropped a message to a peer that has gone")
+                return True
+            raise
+
+    def _schedule_check(self) -> None:
+        if not self._check_scheduled and not self._closed:
+            self._check_scheduled = True
+            self.loop.call_soon(self._on_ready)
+
+    def _flush(self) -> None:
+        while self._outbox:
+            frames = self._outbox.popleft()
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self._outbox.appendleft(frames)
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    logger.warning("dropped an outgoing message: %s", exc)
+
+    def _on_ready(self) -> None:
+        self._check_scheduled = False
+        if self._closed:
+            return
+        sock = self.sock
+        handled = 0
+        try:
+            while True:
+                events = sock.getsockopt(zmq.EVENTS)
+                if events & zmq.POLLOUT and self._outbox:
+                    self._flush()
+                if not events & zmq.POLLIN:
+                    return
+                if handled >= DRAIN_BATCH:
+                    self._schedule_check()  # let other callbacks run, then continue
+                    return
+                frames = self._recv_message()
+                handled += 1
+                if frames is not None:
+                    try:
+                        self.on_message(frames)
+                    except Exception:  # a bug in a handler must not stop the socket
+                        logger.exception("error while handling a message")
+                if self._closed:
+                    return
+        except zmq.ZMQError as exc:
+            if not self._closed:
+                logger.warning("socket error: %s", exc)
+
+    def _recv_message(self) -> list | None:
+        sock = self.sock
+        frames = [sock.recv(zmq.NOBLOCK, copy=False)]
+        limit = self.max_message_size
+        total = len(frames[0])
+        while sock.getsockopt(zmq.RCVMORE):
+            frame = sock.recv(copy=False)  # the rest of a multipart message is already here
+            total += len(frame)
+            if limit is not None and total > limit:
+                # Drain and drop the rest of this message, keeping its head to reply to.
+                while sock.getsockopt(zmq.RCVMORE):
+                    sock.recv(copy=False)
+                if self.on_oversize is not None:
+                    self.on_oversize(frames[:2])
+                return None
+            frames.append(frame)
+        return frames
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.loop.remove_reader(self._fd)
+        except Exception:  # loop already closed
+            pass
+        self._outbox.clear()
+        self.sock.close(linger=0)

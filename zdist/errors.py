@@ -1,0 +1,47 @@
+"""Exceptions that more than one part of zdist raises or catches."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+class MissingDataError(KeyError):
+    """Some keys a task needs are held by no live worker.
+
+    ``keys`` lists them. A scheduler that knows how they were made can
+    recompute them and try again.
+    """
+
+    def __init__(self, keys: Iterable[Any], detail: str = ""):
+        self.keys = list(keys)
+        self.detail = detail
+        super().__init__(self.keys)
+
+    def __str__(self) -> str:
+        shown = ", ".join(repr(k) for k in self.keys[:5]) + (" ..." if len(self.keys) > 5 else "")
+        return f"no live worker holds {shown}" + (f" ({self.detail})" if self.detail else "")
+
+    def __reduce__(self):
+        return (type(self), (self.keys, self.detail))
+
+
+class LostDataError(Exception):
+    """A value that cannot be recomputed was lost with the worker that held it."""
+
+    def __init__(self, key: Any, worker: str | None = None, detail: str = ""):
+        self.key = key
+        self.worker = worker
+        where = f" when worker {worker} died" if worker else ""
+        message = f"the value of key {key!r} was lost{where} and cannot be recomputed" + (f": {detail}" if detail else "")
+        message += "; scatter it again (or scatter with replicas=2 to survive the loss of a worker)"
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.key, self.worker))
+
+
+class WorkerDiedError(ConnectionError):
+    """A worker died (or was dropped by the Center) while a request to it was waiting."""
+
+
+class NoWorkersError(RuntimeError):
+    """The cluster has no live workers left to run anything on."""

@@ -1,0 +1,78 @@
+"""An asyncio loop on a daemon thread, for synchronous clients.
+
+A synchronous API (``Pool``, ``zdist.dask.get``) hands its coroutines to
+this loop with ``asyncio.run_coroutine_threadsafe``; that also works from
+inside a running loop such as Jupyter's, where ``asyncio.run`` would fail.
+
+>>> import asyncio
+>>> thread = LoopThread()
+>>> thread.run(asyncio.sleep(0, result=42))
+42
+>>> thread.stop()
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any, Awaitable
+
+
+class LoopThread:
+    def __init__(self, name: str = "zdist-loop"):
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._ready.set)
+        self.loop.run_forever()
+
+    def submit(self, coroutine: Awaitable) -> concurrent.futures.Future:
+        """Schedule ``coroutine`` on the loop; return a concurrent future of its result."""
+        if self.loop.is_closed():
+            raise RuntimeError("this client's event loop has been stopped; create a new client")
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def run(self, coroutine: Awaitable, timeout: float | None = None) -> Any:
+        """Run ``coroutine`` on the loop and wait for its result (or raise its error)."""
+        if threading.current_thread() is self.thread:
+            raise RuntimeError("LoopThread.run called from its own loop: it would deadlock")
+        future = self.submit(coroutine)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"operation did not finish within {timeout} s") from None
+
+    def call(self, function: Any, *args: Any) -> Any:
+        """Run a plain function on the loop thread and return its result."""
+
+        async def wrapper() -> Any:
+            return function(*args)
+
+        return self.run(wrapper())
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel what is still running, stop the loop and join the thread."""
+        if self.loop.is_closed():
+            return
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self.thread.is_alive():
+            try:
+                self.run(cancel_all(), timeout)
+            except Exception:
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout)
+        if not self.thread.is_alive():
+            self.loop.close()

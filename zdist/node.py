@@ -1,0 +1,215 @@
+"""The one receive-dispatch-reply loop shared by every kind of node.
+
+A :class:`Node` owns a ROUTER socket and a ``handlers`` dict from op name to
+a function. Plain functions answer at once on the loop (cheap ops such as
+``who_has``); coroutine functions run as their own task, so a slow
+``compute`` never holds up a ``get_data``. Whatever a peer sends, the node
+answers with an error it can read and goes on serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import signal
+from typing import Any, Callable
+
+import zmq
+
+from .comm import Stream, make_socket, normalize_address
+from .protocol import ProtocolError, encode_error, encode_reply, parse_request
+
+logger = logging.getLogger(__name__)
+
+#: Default cap on the bytes of one incoming message (frames together).
+DEFAULT_MAX_MESSAGE_SIZE = 2**31
+
+
+class Node:
+    """Base class of the Center and the Worker.
+
+    Subclasses fill ``self.handlers`` in ``__init__`` and may override
+    :meth:`on_start` and :meth:`on_stop`.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        security: Any = None,
+    ):
+        self.host = host
+        self.port = port
+        self.max_message_size = max_message_size
+        self.security = security
+        self.handlers: dict[str, Callable[..., Any]] = {"ping": self.ping, "identity": self.identity}
+        self.stream: Stream | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._is_async: dict[str, bool] = {}
+        self.status = "created"
+        self.ops_served: dict[str, int] = {}
+
+    # -------------------------------------------------------------- lifecycle
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> "Node":
+        """Bind the ROUTER socket (port 0 picks a free port) and start serving."""
+        curve = self.security.server_socket_setup if self.security else None
+        sock = make_socket(zmq.ROUTER, max_message_size=self.max_message_size, curve=curve)
+        try:
+            if self.port:
+                sock.bind(f"tcp://{self.host}:{self.port}")
+            else:
+                self.port = sock.bind_to_random_port(f"tcp://{self.host}")
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise OSError(f"cannot listen on {self.host}:{self.port}: {exc}. Is another node using that port?") from None
+        self._done = asyncio.Event()
+        self.stream = Stream(sock, self._on_message, max_message_size=self.max_message_size, on_oversize=self._on_oversize)
+        self.status = "running"
+        await self.on_start()
+        return self
+
+    async def on_start(self) -> None:
+        """Hook: runs once the socket is bound."""
+
+    async def on_stop(self) -> None:
+        """Hook: runs before the socket closes."""
+
+    async def stop(self) -> None:
+        """Stop serving: cancel running handlers and close the socket."""
+        if self.status in ("closing", "closed"):
+            return
+        self.status = "closing"
+        try:
+            await self.on_stop()
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self.stream is not None:
+                self.stream.close()
+            self.status = "closed"
+            self._done.set()
+
+    async def finished(self) -> None:
+        """Wait until the node has stopped."""
+        await self._done.wait()
+
+    async def __aenter__(self) -> "Node":
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.stop()
+
+    def serve_forever(self, *, on_started: Callable[["Node"], None] | None = None) -> None:
+        """Run the node in this thread until SIGINT or SIGTERM; then stop cleanly."""
+
+        async def main() -> None:
+            await self.start()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, lambda: asyncio.ensure_future(self.stop()))
+            if on_started is not None:
+                on_started(self)
+            await self.finished()
+
+        asyncio.run(main())
+
+    # -------------------------------------------------------------- built-in ops
+
+    def ping(self) -> str:
+        return "pong"
+
+    def identity(self) -> dict:
+        return {"type": type(self).__name__, "address": self.address}
+
+    # -------------------------------------------------------------- dispatch
+
+    def _on_oversize(self, head: list) -> None:
+        error = ProtocolError(f"message larger than this node's limit of {self.max_message_size} bytes; dropped")
+        self._send(head[:1], encode_error(None, error, tb=""))
+
+    def _send(self, identity: list, frames: list) -> None:
+        if self.stream is not None and self.status in ("running", "closing"):
+            try:
+                self.stream.send([*identity, *frames])
+            except ConnectionError:
+                pass
+
+    def _on_message(self, frames: list) -> None:
+        # A DEALER peer's message on our ROUTER: [identity, header, *buffers].
+        identity = frames[:1]
+        try:
+            request = parse_request(frames[1:])
+        except ProtocolError as exc:
+            logger.info("bad message from a peer: %s", exc)
+            self._send(identity, encode_error(exc.request_id, exc, tb=""))
+            return
+        op = request.op
+        handler = self.handlers.get(op)
+        if handler is None:
+            error = ProtocolError(f"unknown operation {op!r}; this {type(self).__name__} knows: {', '.join(sorted(self.handlers))}")
+            self._send(identity, encode_error(request.id, error, tb=""))
+            return
+        self.ops_served[op] = self.ops_served.get(op, 0) + 1
+        is_async = self._is_async.get(op)
+        if is_async is None:
+            is_async = self._is_async[op] = inspect.iscoroutinefunction(handler)
+        try:
+            result = handler(**request.args)
+        except TypeError as exc:
+            self._reply_error(identity, request, self._argument_error(handler, request, exc))
+            return
+        except Exception as exc:
+            self._reply_error(identity, request, exc)
+            return
+        if is_async:
+            task = asyncio.ensure_future(self._finish(identity, request, result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self._reply(identity, request, result)
+
+    async def _finish(self, identity: list, request: Any, coroutine: Any) -> None:
+        try:
+            result = await coroutine
+        except asyncio.CancelledError:
+            if self.status == "running":
+                self._reply_error(identity, request, ConnectionAbortedError("the operation was cancelled"))
+            raise
+        except Exception as exc:
+            self._reply_error(identity, request, exc)
+            return
+        self._reply(identity, request, result)
+
+    def _reply(self, identity: list, request: Any, result: Any) -> None:
+        if request.id is None:
+            return  # one-way message
+        try:
+            frames = encode_reply(request.id, result)
+        except Exception as exc:
+            self._reply_error(identity, request, TypeError(f"could not serialize the reply to {request.op!r}: {type(exc).__name__}: {exc}"))
+            return
+        self._send(identity, frames)
+
+    def _reply_error(self, identity: list, request: Any, exc: BaseException) -> None:
+        if request.id is None:
+            logger.warning("one-way %r failed: %s: %s", request.op, type(exc).__name__, exc)
+        self._send(identity, encode_error(request.id, exc, getattr(exc, "zdist_traceback", None)))
+
+    @staticmethod
+    def _argument_error(handler: Callable, request: Any, exc: TypeError) -> BaseException:
+        """A TypeError from calling the handler: the peer's arguments, or a bug inside?"""
+        try:
+            inspect.signature(handler).bind(**request.args)
+        except TypeError as bind_error:
+            return ProtocolError(f"bad arguments for {request.op!r}: {bind_error}; it takes {inspect.signature(handler)}", request.id)
+        return exc
+

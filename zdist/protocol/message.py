@@ -1,0 +1,354 @@
+"""The wire format: messages as lists of frames, pure data in and out.
+
+A message is ``[header, *buffer_frames]``. The header is one msgpack map:
+
+request  ``{'op': str, 'id': int | None, 'args': {...}, 'frames': int}``
+reply    ``{'id': int | None, 'status': 'ok', 'result': ..., 'frames': int}``
+error    ``{'id': int | None, 'status': 'error', 'type': str, 'message': str,
+           'traceback': str, 'exception': <pickled exception or None>, 'frames': int}``
+
+``frames`` counts the buffer frames that follow the header. Values that
+msgpack cannot carry as they are travel inside the header as msgpack
+extension types (see ``EXT_*``): tuples, sets and frozensets stay what they
+are (a tuple key never turns into a list), and anything else is pickled
+(:mod:`zdist.protocol.serialize`) with its large buffers as frames of their own,
+split into frames of at most :data:`FRAME_SIZE` bytes. A request with no ``id``
+is one-way: the node answers only if it fails.
+
+>>> frames = encode_request('get_data', 7, {'keys': [('x', 0), 'y']})
+>>> request = parse_request(frames)
+>>> request.op, request.id, request.args
+('get_data', 7, {'keys': [('x', 0), 'y']})
+"""
+from __future__ import annotations
+
+import traceback as traceback_module
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+from .serialize import Serialized, deserialize, serialize
+
+#: Buffers larger than this are split into frames of this size: many
+#: mid-sized zero-copy frames move faster than one huge one (the receiver
+#: pays a page fault per page of a single huge frame).
+FRAME_SIZE = 4 * 2**20
+
+EXT_TUPLE = 1
+EXT_SET = 2
+EXT_FROZENSET = 3
+EXT_PICKLED = 4  # [kind, blob, [[first_frame, nframes, nbytes], ...]]
+EXT_MEMO = 5  # the n-th pickled value of this message again
+EXT_REF = 6  # Ref(key): "the value the worker holds under key"
+EXT_BIGINT = 7  # an int beyond 64 bits, as decimal text
+
+OK = "ok"
+ERROR = "error"
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the zdist wire format.
+
+    ``request_id`` is the id of the offending request when it could be read.
+    """
+
+    def __init__(self, message: str, request_id: int | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class Ref:
+    """A reference to the value a worker holds under ``key``.
+
+    Placed anywhere in the arguments of a task, it is replaced by the value
+    on the worker that runs the task.
+
+    >>> Ref(('x', 1))
+    Ref(('x', 1))
+    """
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Any):
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"Ref({self.key!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ref) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash((Ref, self.key))
+
+    def __reduce__(self):
+        return (Ref, (self.key,))
+
+
+class Request:
+    __slots__ = ("op", "id", "args")
+
+    def __init__(self, op: str, id: int | None, args: dict):
+        self.op = op
+        self.id = id
+        self.args = args
+
+    def __repr__(self) -> str:
+        return f"Request(op={self.op!r}, id={self.id!r}, args={sorted(self.args)!r})"
+
+
+class Reply:
+    """A decoded reply: ``status`` is ``'ok'`` (see ``result``) or ``'error'``."""
+
+    __slots__ = ("id", "status", "result", "error")
+
+    def __init__(self, id: int | None, status: str, result: Any = None, error: dict | None = None):
+        self.id = id
+        self.status = status
+        self.result = result
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"Reply(id={self.id!r}, status={self.status!r})"
+
+
+# ---------------------------------------------------------------- encoding
+
+
+class _Encoder:
+    """Packs one message; collects the buffer frames its values need."""
+
+    __slots__ = ("frames", "memo", "nserialized")
+
+    def __init__(self):
+        self.frames: list = []
+        self.memo: dict[int, int] = {}
+        self.nserialized = 0
+
+    def pack(self, obj: Any) -> bytes:
+        return msgpack.packb(obj, default=self.default, use_bin_type=True, strict_types=True)
+
+    def default(self, obj: Any) -> msgpack.ExtType:
+        cls = type(obj)
+        if cls is tuple:
+            return msgpack.ExtType(EXT_TUPLE, self.pack(list(obj)))
+        if cls is Ref:
+            return msgpack.ExtType(EXT_REF, self.pack(obj.key))
+        if cls is set:
+            return msgpack.ExtType(EXT_SET, self.pack(list(obj)))
+        if cls is frozenset:
+            return msgpack.ExtType(EXT_FROZENSET, self.pack(list(obj)))
+        if cls is int:
+            return msgpack.ExtType(EXT_BIGINT, str(obj).encode())
+        index = self.memo.get(id(obj))
+        if index is not None:
+            return msgpack.ExtType(EXT_MEMO, self.pack(index))
+        serialized = obj if cls is Serialized else serialize(obj)
+        layout = []
+        for buffer in serialized.buffers:
+            view = memoryview(buffer)
+            if view.ndim != 1 or view.format != "B":
+                view = view.cast("B")
+            nbytes = view.nbytes
+            first = len(self.frames)
+            if nbytes > FRAME_SIZE:
+                for start in range(0, nbytes, FRAME_SIZE):
+                    self.frames.append(view[start : start + FRAME_SIZE])
+            else:
+                self.frames.append(view)
+            layout.append([first, len(self.frames) - first, nbytes])
+        self.memo[id(obj)] = self.nserialized
+        self.nserialized += 1
+        return msgpack.ExtType(EXT_PICKLED, msgpack.packb([serialized.kind, serialized.blob, layout], use_bin_type=True))
+
+
+def _fixmap(items: list[tuple[str, bytes]]) -> bytes:
+    """A msgpack map from already-packed values (maps are just their pairs)."""
+    parts = [bytes([0x80 | len(items)])]
+    for name, packed in items:
+        parts.append(msgpack.packb(name))
+        parts.append(packed)
+    return b"".join(parts)
+
+
+def _pack_plain(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def encode_request(op: str, id: int | None, args: dict) -> list:
+    """Frames of a request: ``[header, *buffers]``."""
+    encoder = _Encoder()
+    packed_args = encoder.pack(args)
+    header = _fixmap(
+        [
+            ("op", _pack_plain(op)),
+            ("id", _pack_plain(id)),
+            ("args", packed_args),
+            ("frames", _pack_plain(len(encoder.frames))),
+        ]
+    )
+    return [header, *encoder.frames]
+
+
+def encode_reply(id: int | None, result: Any) -> list:
+    """Frames of a successful reply. Raises if ``result`` cannot be serialized."""
+    encoder = _Encoder()
+    packed = encoder.pack(result)
+    header = _fixmap(
+        [
+            ("id", _pack_plain(id)),
+            ("status", _pack_plain(OK)),
+            ("result", packed),
+            ("frames", _pack_plain(len(encoder.frames))),
+        ]
+    )
+    return [header, *encoder.frames]
+
+
+def error_fields(exc: BaseException, tb: str | None = None) -> dict:
+    """What an error reply says about ``exc``: type, message, traceback, pickle."""
+    if tb is None:
+        tb = "".join(traceback_module.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        pickled: Any = serialize(exc)
+        # Make sure it can come back: some exceptions pickle but do not unpickle.
+        deserialize(pickled.kind, pickled.blob, pickled.buffers)
+    except Exception:
+        pickled = None
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": tb,
+        "exception": pickled,
+    }
+
+
+def encode_error(id: int | None, exc: BaseException, tb: str | None = None) -> list:
+    """Frames of an error reply carrying ``exc`` and its (remote) traceback."""
+    fields = error_fields(exc, tb)
+    encoder = _Encoder()
+    try:
+        packed = [(name, encoder.pack(value)) for name, value in fields.items()]
+    except Exception:  # an exception whose message itself cannot be packed
+        encoder = _Encoder()
+        fields = {"type": fields["type"], "message": repr(exc), "traceback": str(tb), "exception": None}
+        packed = [(name, encoder.pack(value)) for name, value in fields.items()]
+    header = _fixmap(
+        [("id", _pack_plain(id)), ("status", _pack_plain(ERROR)), *packed, ("frames", _pack_plain(len(encoder.frames)))]
+    )
+    return [header, *encoder.frames]
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _frame_buffer(frame: Any) -> Any:
+    buffer = getattr(frame, "buffer", None)
+    return frame if buffer is None else buffer
+
+
+class _Decoder:
+    __slots__ = ("frames", "pickled", "errors")
+
+    def __init__(self, frames: Sequence[Any]):
+        self.frames = frames
+        self.pickled: list = []
+        self.errors: list[str] = []
+
+    def unpack(self, data: Any) -> Any:
+        return msgpack.unpackb(data, ext_hook=self.ext_hook, raw=False, strict_map_key=False, use_list=True)
+
+    def buffer(self, first: int, count: int, nbytes: int) -> Any:
+        if first < 0 or count < 1 or first + count > len(self.frames):
+            raise ProtocolError(f"payload refers to frames {first}..{first + count - 1} but the message has {len(self.frames)}")
+        if count == 1:
+            return _frame_buffer(self.frames[first])
+        # A value split into frames: join them into one writable buffer.
+        out = np.empty(nbytes, dtype=np.uint8)
+        offset = 0
+        for frame in self.frames[first : first + count]:
+            view = memoryview(_frame_buffer(frame)).cast("B")
+            end = offset + view.nbytes
+            if end > nbytes:
+                raise ProtocolError("payload frames are larger than their declared size")
+            out[offset:end] = np.frombuffer(view, dtype=np.uint8)
+            offset = end
+        if offset != nbytes:
+            raise ProtocolError("payload frames are smaller than their declared size")
+        return memoryview(out)
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        try:
+            if code == EXT_TUPLE:
+                return tuple(self.unpack(data))
+            if code == EXT_PICKLED:
+                kind, blob, layout = msgpack.unpackb(data, raw=False, use_list=True)
+                buffers = [self.buffer(*entry) for entry in layout]
+                value = deserialize(kind, blob, buffers)
+                self.pickled.append(value)
+                return value
+            if code == EXT_MEMO:
+                return self.pickled[self.unpack(data)]
+            if code == EXT_REF:
+                return Ref(self.unpack(data))
+            if code == EXT_SET:
+                return set(self.unpack(data))
+            if code == EXT_FROZENSET:
+                return frozenset(self.unpack(data))
+            if code == EXT_BIGINT:
+                return int(data.decode())
+            raise ProtocolError(f"unknown msgpack extension type {code}")
+        except Exception as exc:  # noqa: BLE001 - reported with the request id below
+            reason = str(exc) if isinstance(exc, ProtocolError) else f"payload failed to deserialize: {type(exc).__name__}: {exc}"
+            self.errors.append(reason)
+            return None
+
+
+def _decode_header(frames: Sequence[Any]) -> tuple[dict, _Decoder]:
+    if len(frames) == 0:
+        raise ProtocolError("empty message: expected a msgpack header frame")
+    decoder = _Decoder(frames[1:])
+    try:
+        header = decoder.unpack(_frame_buffer(frames[0]))
+    except Exception as exc:
+        raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+    request_id = header.get("id")
+    if request_id is not None and (type(request_id) is not int):
+        raise ProtocolError(f"request id must be an integer or nil, got {type(request_id).__name__}")
+    nframes = header.get("frames", 0)
+    if nframes != len(frames) - 1:
+        raise ProtocolError(f"header announces {nframes!r} buffer frames but {len(frames) - 1} arrived", request_id)
+    if decoder.errors:
+        raise ProtocolError("; ".join(decoder.errors), request_id)
+    return header, decoder
+
+
+def parse_request(frames: Sequence[Any]) -> Request:
+    """Validate and decode a request; raise :class:`ProtocolError` saying what is wrong.
+
+    ``frames`` are bytes, memoryviews or ``zmq.Frame`` objects (routing
+    identities already removed).
+    """
+    header, _ = _decode_header(frames)
+    request_id = header.get("id")
+    op = header.get("op")
+    if not isinstance(op, str):
+        raise ProtocolError(f"header field 'op' must be a string, got {type(op).__name__}", request_id)
+    args = header.get("args", {})
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise ProtocolError("header field 'args' must be a map from argument names to values", request_id)
+    return Request(op, request_id, args)
+
+
+def parse_reply(frames: Sequence[Any]) -> Reply:
+    """Decode a reply (ok or error); raise :class:`ProtocolError` if malformed."""
+    header, _ = _decode_header(frames)
+    status = header.get("status")
+    if status == OK:
+        return Reply(header.get("id"), OK, result=header.get("result"))
+    if status == ERROR:
+        return Reply(header.get("id"), ERROR, error=header)
+    raise ProtocolError(f"reply status must be 'ok' or 'error', got {status!r}", header.get("id"))

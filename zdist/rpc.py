@@ -1,0 +1,250 @@
+"""Talking to a node: ``await rpc('127.0.0.1:8788').get_data(keys=['x'])``.
+
+One DEALER socket per node address, shared by every coroutine that talks to
+it; each request carries an id and its reply resolves the matching future.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from typing import Any
+
+import zmq
+
+from .comm import Stream, make_socket, normalize_address, tcp
+from .protocol import OK, ProtocolError, Serialized, deserialize, encode_request, parse_reply, serialize
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class RemoteError(Exception):
+    """An exception raised on a remote node that could not be rebuilt here.
+
+    ``remote_type`` names the original exception class and
+    ``remote_traceback`` holds the traceback as text.
+    """
+
+    def __init__(self, message: str, remote_type: str = "", remote_traceback: str = ""):
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+
+
+class RPCTimeoutError(TimeoutError):
+    """A node did not answer in time."""
+
+
+class CommClosedError(ConnectionError):
+    """The connection was closed while a request was waiting for its reply."""
+
+
+class _RemoteTraceback(Exception):
+    """Shown as the ``__cause__`` of a re-raised remote exception."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+
+    def __str__(self) -> str:
+        return "\n\nRemote traceback:\n" + self.args[0]
+
+
+def rebuild_exception(error: dict, address: str = "") -> BaseException:
+    """The exception an error reply describes, with the remote traceback attached.
+
+    The original exception type comes back where it can be unpickled;
+    otherwise a :class:`RemoteError` carries its type name and message.
+    """
+    tb = error.get("traceback") or ""
+    exc = error.get("exception")
+    if not isinstance(exc, BaseException):
+        where = f" on {address}" if address else ""
+        exc = RemoteError(f"{error.get('type', 'Error')}{where}: {error.get('message', '')}", error.get("type", ""), tb)
+    exc.remote_traceback = tb
+    if tb:
+        exc.__cause__ = _RemoteTraceback(tb)
+    return exc
+
+
+def wrap_values(mapping: Any) -> Any:
+    """Serialize the values of a ``data`` mapping up front, so each travels as its own frames."""
+    if isinstance(mapping, dict):
+        return {key: value if isinstance(value, Serialized) else serialize(value) for key, value in mapping.items()}
+    return mapping
+
+
+class Connection:
+    """A DEALER socket to one node, multiplexing concurrent requests by id.
+
+    Must be created and used from one running event loop.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, address: str, *, timeout: float | None = DEFAULT_TIMEOUT, security: Any = None, max_message_size: int | None = None):
+        self.address = normalize_address(address)
+        self.timeout = timeout
+        curve = security.client_socket_setup if security else None
+        sock = make_socket(zmq.DEALER, curve=curve, max_message_size=max_message_size)
+        sock.connect(tcp(self.address))
+        self.loop = asyncio.get_running_loop()
+        self.pending: dict[int, asyncio.Future] = {}
+        self.stream = Stream(sock, self._on_message)
+        self.closed = False
+
+    def _on_message(self, frames: list) -> None:
+        try:
+            reply = parse_reply(frames)
+        except ProtocolError as exc:
+            future = self.pending.pop(exc.request_id, None) if exc.request_id is not None else None
+            if future is not None and not future.done():
+                future.set_exception(exc)
+            else:
+                logger.warning("unreadable reply from %s: %s", self.address, exc)
+            return
+        if reply.id is None:
+            if reply.status != OK:
+                logger.warning("%s reported an error: %s: %s", self.address, reply.error.get("type"), reply.error.get("message"))
+            return
+        future = self.pending.pop(reply.id, None)
+        if future is None or future.done():
+            return  # timed out or cancelled earlier
+        if reply.status == OK:
+            future.set_result(reply.result)
+        else:
+            future.set_exception(rebuild_exception(reply.error, self.address))
+
+    def send(self, op: str, **args: Any) -> None:
+        """Send a one-way message: no reply is expected (errors are only logged)."""
+        self.stream.send(encode_request(op, None, args))
+
+    def request(self, op: str, args: dict, timeout: float | None = -1) -> asyncio.Future:
+        """Send a request; return a future of its result."""
+        if self.closed:
+            raise CommClosedError(f"connection to {self.address} is closed")
+        if "data" in args:
+            args = dict(args, data=wrap_values(args["data"]))
+        request_id = next(self._ids)
+        frames = encode_request(op, request_id, args)
+        future = self.loop.create_future()
+        self.pending[request_id] = future
+        self.stream.send(frames)
+        if timeout == -1:
+            timeout = self.timeout
+        if timeout is not None:
+            handle = self.loop.call_later(timeout, self._expire, request_id, op, timeout)
+            future.add_done_callback(lambda _: handle.cancel())
+        return future
+
+    def _expire(self, request_id: int, op: str, timeout: float) -> None:
+        future = self.pending.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_exception(
+                RPCTimeoutError(f"{self.address} did not answer {op!r} within {timeout} s; is the node running and reachable?")
+            )
+
+    def fail_pending(self, exc: BaseException) -> None:
+        """Fail every waiting request with ``exc`` (e.g. the node is known dead)."""
+        pending, self.pending = self.pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.fail_pending(CommClosedError(f"connection to {self.address} was closed"))
+        self.stream.close()
+
+
+class ConnectionPool:
+    """One shared :class:`Connection` per address, created on first use."""
+
+    def __init__(self, *, timeout: float | None = DEFAULT_TIMEOUT, security: Any = None):
+        self.timeout = timeout
+        self.security = security
+        self.connections: dict[str, Connection] = {}
+
+    def get(self, address: str) -> Connection:
+        address = normalize_address(address)
+        connection = self.connections.get(address)
+        if connection is None or connection.closed:
+            connection = self.connections[address] = Connection(address, timeout=self.timeout, security=self.security)
+        return connection
+
+    def rpc(self, address: str) -> "rpc":
+        return rpc(address, connection=self.get(address))
+
+    def remove(self, address: str, exc: BaseException | None = None) -> None:
+        connection = self.connections.pop(normalize_address(address), None)
+        if connection is not None:
+            if exc is not None:
+                connection.fail_pending(exc)
+            connection.close()
+
+    def close(self) -> None:
+        for connection in self.connections.values():
+            connection.close()
+        self.connections.clear()
+
+
+class rpc:  # noqa: N801 - named like the seed documents' rpc(...)
+    """A proxy to a node: every attribute is a remote op.
+
+    >>> import asyncio, zdist
+    >>> async def demo():
+    ...     async with zdist.LocalCluster(n_workers=1, processes=False) as cluster:
+    ...         async with rpc(cluster.worker_addresses[0], timeout=5) as alice:
+    ...             await alice.update_data(data={'x': 1})
+    ...             return await alice.get_data(keys=['x'])
+    >>> asyncio.run(demo())
+    {'x': 1}
+    """
+
+    def __init__(self, address: str, timeout: float | None = DEFAULT_TIMEOUT, *, security: Any = None, connection: Connection | None = None):
+        self.address = normalize_address(address)
+        self.timeout = timeout
+        self.security = security
+        self._connection = connection
+        self._owns_connection = connection is None
+
+    @property
+    def connection(self) -> Connection:
+        if self._connection is None or self._connection.closed and self._owns_connection:
+            self._connection = Connection(self.address, timeout=self.timeout, security=self.security)
+        return self._connection
+
+    def __getattr__(self, op: str) -> Any:
+        if op.startswith("_"):
+            raise AttributeError(op)
+
+        async def call(_timeout: float | None = -1, **args: Any) -> Any:
+            timeout = self.timeout if _timeout == -1 else _timeout
+            return await self.connection.request(op, args, timeout)
+
+        call.__name__ = op
+        return call
+
+    def close(self) -> None:
+        if self._owns_connection and self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    async def __aenter__(self) -> "rpc":
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"rpc({self.address!r})"
+
+
+def unwrap_value(value: Any) -> Any:
+    """A value that may still be :class:`Serialized` (sent locally), as a plain value."""
+    if isinstance(value, Serialized):
+        return deserialize(value.kind, value.blob, value.buffers)
+    return value

@@ -1,0 +1,526 @@
+"""The Worker: serves its local ``data`` dict and runs functions on it.
+
+Inputs it lacks it fetches peer to peer, after asking the Center who has
+them; every key it gains or drops it reports to the Center (batched: one
+message per turn of the event loop, however many keys changed).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import sys
+import time
+import traceback
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable
+
+from .errors import MissingDataError
+from .node import Node
+from .protocol import Ref, error_fields, serialize
+from .rpc import ConnectionPool, RPCTimeoutError, CommClosedError, RemoteError
+from .comm import normalize_address
+
+logger = logging.getLogger(__name__)
+
+try:  # dask knows the true size of NumPy, pandas and container values
+    from dask.sizeof import sizeof as _sizeof
+except ImportError:  # pragma: no cover - dask is a dependency
+    _sizeof = sys.getsizeof
+
+
+def sizeof(value: Any) -> int:
+    """Bytes a value holds: buffer sizes for NumPy/pandas, ``sys.getsizeof`` otherwise."""
+    try:
+        return int(_sizeof(value))
+    except Exception:
+        return sys.getsizeof(value, 0)
+
+
+def substitute(obj: Any, data: dict) -> Any:
+    """``obj`` with every :class:`Ref` replaced by the value it names (any depth)."""
+    cls = type(obj)
+    if cls is Ref:
+        return data[obj.key]
+    if cls is tuple or cls is list:
+        return cls(substitute(item, data) for item in obj)
+    if cls is dict:
+        return {key: substitute(value, data) for key, value in obj.items()}
+    return obj
+
+
+def _run_tasks(tasks: list, data: dict) -> list:
+    """Run a batch in one thread-pool job: [(ok, value_or_error, nbytes, start, stop)]."""
+    results = []
+    for key, function, args, kwargs, deps in tasks:
+        start = time.time()
+        try:
+            if deps:
+                args = substitute(args, data)
+                kwargs = substitute(kwargs, data) if kwargs else kwargs
+            value = function(*args, **kwargs) if kwargs else function(*args)
+        except Exception as exc:  # noqa: BLE001 - the user's function failed; report it
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None))
+            results.append((False, exc, tb, start, time.time()))
+            continue
+        results.append((True, value, sizeof(value), start, time.time()))
+    return results
+
+
+class Worker(Node):
+    """A node that holds data and runs functions on it.
+
+    >>> import asyncio
+    >>> from zdist.center import Center
+    >>> async def demo():
+    ...     async with Center() as center:
+    ...         async with Worker(center.address) as worker:
+    ...             await worker.update_data(data={'x': 1, 'y': 2})
+    ...             status, meta = await worker.compute(function=lambda a, b: a + b, keys=['x', 'y'], key='z')
+    ...             return status, meta['key'], worker.data['z']
+    >>> asyncio.run(demo())
+    (b'OK', 'z', 3)
+    """
+
+    def __init__(
+        self,
+        center_address: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        ncores: int | None = None,
+        name: str | None = None,
+        local_dir: str | None = None,
+        heartbeat_interval: float = 0.5,
+        peer_timeout: float = 60.0,
+        **kwargs: Any,
+    ):
+        super().__init__(host, port, **kwargs)
+        self.center_address = normalize_address(center_address)
+        self.ncores = ncores or os.cpu_count() or 1
+        self.name = name
+        self.local_dir = local_dir
+        self.heartbeat_interval = heartbeat_interval
+        self.peer_timeout = peer_timeout
+        self.data: dict[Any, Any] = {}
+        self.nbytes: dict[Any, int] = {}
+        self.executor: ThreadPoolExecutor | None = None
+        self.peers: ConnectionPool | None = None
+        self.registered = asyncio.Event()
+        self.tasks_done = 0
+        self.tasks_failed = 0
+        self.executing = 0
+        self.bytes_fetched = 0
+        self.bytes_served = 0
+        self.task_log: deque = deque(maxlen=10_000)  # (key, start, stop, ok)
+        self._fetching: dict[Any, asyncio.Future] = {}
+        self._report_add: dict[Any, int] = {}
+        self._report_remove: set = set()
+        self._report_scheduled = False
+        self._background: list[asyncio.Task] = []
+        self.handlers.update(
+            {
+                "get_data": self.get_data,
+                "update_data": self.update_data,
+                "delete_data": self.delete_data,
+                "compute": self.compute,
+                "compute_batch": self.compute_batch,
+                "keys": self.keys,
+                "metrics": self.metrics,
+                "get_task_log": self.get_task_log,
+            }
+        )
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def on_start(self) -> None:
+        if self.local_dir:
+            os.makedirs(self.local_dir, exist_ok=True)
+        if self.name is None:
+            self.name = self.address
+        self.executor = ThreadPoolExecutor(self.ncores, thread_name_prefix=f"zdist-worker-{self.port}")
+        self.peers = ConnectionPool(timeout=self.peer_timeout, security=self.security)
+        self._background.append(asyncio.ensure_future(self._stay_registered()))
+
+    async def on_stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self.registered.is_set() and self.peers is not None:
+            try:
+                self.flush_reports()
+                await self.peers.get(self.center_address).request("unregister", {"address": self.address}, timeout=1.0)
+            except Exception as exc:  # the Center may be gone already
+                logger.info("could not unregister from %s: %s", self.center_address, exc)
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.peers is not None:
+            self.peers.close()
+
+    async def _register(self) -> None:
+        center = self.peers.get(self.center_address)
+        await center.request(
+            "register",
+            {
+                "address": self.address,
+                "ncores": self.ncores,
+                "name": self.name,
+                "keys": dict(self.nbytes),
+                "pid": os.getpid(),
+            },
+            timeout=max(2.0, self.heartbeat_interval * 4),
+        )
+        self._report_add.clear()
+        self._report_remove.clear()
+
+    async def _stay_registered(self) -> None:
+        """Register, then heartbeat; register again whenever the Center forgets us."""
+        said_waiting = False
+        while True:
+            try:
+                if not self.registered.is_set():
+                    await self._register()
+                    self.registered.set()
+                    logger.info("registered with center at %s", self.center_address)
+                    said_waiting = False
+                await asyncio.sleep(self.heartbeat_interval)
+                answer = await self.peers.get(self.center_address).request(
+                    "heartbeat", {"address": self.address, **self._heartbeat_metrics()}, timeout=max(2.0, self.heartbeat_interval * 4)
+                )
+                if answer == "unknown":
+                    logger.warning("center at %s does not know this worker (restarted?); registering again", self.center_address)
+                    self.registered.clear()
+            except (RPCTimeoutError, CommClosedError, ConnectionError) as exc:
+                if not said_waiting:
+                    logger.warning("center at %s is not answering (%s); will keep trying", self.center_address, exc)
+                    said_waiting = True
+                self.registered.clear()
+                # A fresh socket so that stale requests queued for a dead Center are dropped.
+                self.peers.remove(self.center_address)
+                await asyncio.sleep(min(1.0, self.heartbeat_interval))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("unexpected error talking to the center")
+                await asyncio.sleep(1.0)
+
+    def _heartbeat_metrics(self) -> dict:
+        return {"executing": self.executing, "tasks_done": self.tasks_done, "nkeys_local": len(self.data), "memory": _rss()}
+
+    # -------------------------------------------------------------- reporting to the Center
+
+    def _gained(self, key: Any, nbytes: int) -> None:
+        self._report_remove.discard(key)
+        self._report_add[key] = nbytes
+        self._schedule_report()
+
+    def _dropped(self, key: Any) -> None:
+        if self._report_add.pop(key, None) is None:
+            self._report_remove.add(key)
+        self._schedule_report()
+
+    def _schedule_report(self) -> None:
+        if not self._report_scheduled:
+            self._report_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush_reports)
+
+    def flush_reports(self) -> None:
+        """Send the keys gained and dropped since the last report, as one message each."""
+        self._report_scheduled = False
+        if not self.registered.is_set() or self.peers is None:
+            return  # registration sends every key we hold
+        center = self.peers.get(self.center_address)
+        if self._report_remove:
+            center.send("remove_keys", address=self.address, keys=list(self._report_remove))
+            self._report_remove = set()
+        if self._report_add:
+            center.send("add_keys", address=self.address, keys=self._report_add)
+            self._report_add = {}
+
+    def _store(self, key: Any, value: Any, nbytes: int | None = None) -> int:
+        if nbytes is None:
+            nbytes = sizeof(value)
+        self.data[key] = value
+        self.nbytes[key] = nbytes
+        self._gained(key, nbytes)
+        return nbytes
+
+    # -------------------------------------------------------------- data ops
+
+    def get_data(self, keys: Iterable) -> dict:
+        """``{key: value}`` for keys held here; a missing key is an error naming it."""
+        data = self.data
+        missing = [key for key in keys if key not in data]
+        if missing:
+            raise MissingDataError(missing, f"not held by worker {self.address}")
+        out = {}
+        for key in keys:
+            try:
+                out[key] = serialize(data[key])
+            except Exception as exc:
+                raise TypeError(f"the value of key {key!r} cannot be serialized to send it: {type(exc).__name__}: {exc}") from None
+        self.bytes_served += sum(self.nbytes.get(key, 0) for key in keys)
+        return out
+
+    def update_data(self, data: dict, report: bool = True) -> tuple:
+        """Store values; answers ``(b'OK', {'nbytes': {key: bytes}})``."""
+        if not isinstance(data, dict):
+            raise TypeError(f"update_data needs a dict of key: value, got {type(data).__name__}")
+        sizes = {}
+        for key, value in data.items():
+            if report:
+                sizes[key] = self._store(key, value)
+            else:
+                self.data[key] = value
+                sizes[key] = self.nbytes[key] = sizeof(value)
+        return (b"OK", {"nbytes": sizes})
+
+    def delete_data(self, keys: Iterable, report: bool = True) -> str:
+        """Forget values; keys not held here are ignored."""
+        for key in keys:
+            if key in self.data:
+                del self.data[key]
+                self.nbytes.pop(key, None)
+                if report:
+                    self._dropped(key)
+        return "OK"
+
+    def keys(self) -> list:
+        return list(self.data)
+
+    def metrics(self) -> dict:
+        return {
+            "address": self.address,
+            "name": self.name,
+            "ncores": self.ncores,
+            "nkeys": len(self.data),
+            "nbytes": sum(self.nbytes.values()),
+            "executing": self.executing,
+            "tasks_done": self.tasks_done,
+            "tasks_failed": self.tasks_failed,
+            "bytes_fetched": self.bytes_fetched,
+            "bytes_served": self.bytes_served,
+            "ops_served": dict(self.ops_served),
+            "memory": _rss(),
+            "pid": os.getpid(),
+        }
+
+    def get_task_log(self, since: float = 0.0) -> list:
+        return [entry for entry in self.task_log if entry[2] >= since]
+
+    # -------------------------------------------------------------- peer to peer
+
+    async def gather_deps(self, keys: Iterable) -> None:
+        """Make sure every key is held here, fetching missing ones from peers."""
+        missing = [key for key in dict.fromkeys(keys) if key not in self.data]
+        if not missing:
+            return
+        waiting = [self._fetching[key] for key in missing if key in self._fetching]
+        to_fetch = [key for key in missing if key not in self._fetching]
+        if to_fetch:
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            for key in to_fetch:
+                self._fetching[key] = future
+            try:
+                await self._fetch(to_fetch)
+                future.set_result(None)
+            except BaseException as exc:
+                future.set_exception(exc)
+                future.exception()  # mark retrieved
+                raise
+            finally:
+                for key in to_fetch:
+                    if self._fetching.get(key) is future:
+                        del self._fetching[key]
+        if waiting:
+            await asyncio.gather(*waiting)
+        still = [key for key in missing if key not in self.data]
+        if still:
+            raise MissingDataError(still, f"fetched but then deleted on worker {self.address}")
+
+    async def _fetch(self, keys: list) -> None:
+        center = self.peers.get(self.center_address)
+        who_has = await center.request("who_has", {"keys": keys})
+        tried: dict[Any, set] = {key: set() for key in keys}
+        remaining = list(keys)
+        for _attempt in range(3):
+            by_worker: dict[str, list] = {}
+            lost = []
+            for key in remaining:
+                holders = [w for w in who_has.get(key, ()) if w not in tried[key] and w != self.address]
+                if not holders:
+                    lost.append(key)
+                    continue
+                by_worker.setdefault(random.choice(holders), []).append(key)
+            if lost:
+                raise MissingDataError(lost, f"needed on worker {self.address}")
+            results = await asyncio.gather(*(self._fetch_from(w, ks) for w, ks in by_worker.items()), return_exceptions=True)
+            remaining = []
+            for (address, ks), result in zip(by_worker.items(), results):
+                if isinstance(result, BaseException):
+                    if isinstance(result, asyncio.CancelledError):
+                        raise result
+                    logger.info("fetching %d keys from %s failed: %s", len(ks), address, result)
+                    for key in ks:
+                        tried[key].add(address)
+                    remaining.extend(ks)
+                    continue
+                for key, value in result.items():
+                    nbytes = self._store(key, value)
+                    self.bytes_fetched += nbytes
+            if not remaining:
+                return
+            who_has = await center.request("who_has", {"keys": remaining})
+        raise MissingDataError(remaining, f"every holder failed to send them to worker {self.address}")
+
+    async def _fetch_from(self, address: str, keys: list) -> dict:
+        """get_data from a peer; give up early if the Center drops that peer meanwhile."""
+        request = self.peers.get(address).request("get_data", {"keys": keys})
+        center = self.peers.get(self.center_address)
+        while True:
+            done, _ = await asyncio.wait({request}, timeout=max(1.0, self.heartbeat_interval * 2))
+            if done:
+                return request.result()
+            try:
+                workers = await center.request("ncores", {}, timeout=5.0)
+            except Exception:
+                continue
+            if address not in workers:
+                request.cancel()
+                self.peers.remove(address)
+                raise ConnectionError(f"peer {address} died while sending {len(keys)} keys")
+
+    # -------------------------------------------------------------- compute
+
+    async def compute(
+        self,
+        function: Callable,
+        keys: Iterable = (),
+        key: Any = None,
+        args: Iterable = (),
+        kwargs: dict | None = None,
+        return_value: int = 0,
+    ) -> tuple:
+        """Run ``function(*[data[k] for k in keys], *args, **kwargs)`` and keep the result.
+
+        Answers ``(b'OK', {'key': key, 'nbytes': n})``; with ``return_value=N``
+        a result of at most N bytes also comes back as ``'value'``.
+        """
+        if not callable(function):
+            raise TypeError(f"compute needs a callable function, got {type(function).__name__}")
+        keys = list(keys)
+        if key is None:
+            key = f"{getattr(function, '__name__', 'result')}-{uuid.uuid4().hex}"
+        task = [key, function, tuple(Ref(k) for k in keys) + tuple(args), kwargs or {}, keys]
+        result = (await self.compute_batch([task], return_values=return_value))[0]
+        if result[1] == "error":
+            raise _ErrorWithTraceback.wrap(result[2])
+        meta = {"key": key, "nbytes": result[2]}
+        if len(result) > 3:
+            meta["value"] = result[3]
+        return (b"OK", meta)
+
+    async def compute_batch(self, tasks: list, return_values: int = 0) -> list:
+        """Run many tasks ``[key, function, args, kwargs, deps]``; ``Ref(k)`` in args is ``data[k]``.
+
+        Answers one entry per task: ``[key, 'ok', nbytes]`` (plus the value if
+        it is at most ``return_values`` bytes and can be serialized), or
+        ``[key, 'error', {type, message, traceback, exception}]``. Missing
+        inputs are fetched from peers first; a task whose inputs cannot be
+        found fails with :class:`MissingDataError`.
+        """
+        if not isinstance(tasks, list):
+            raise TypeError("compute_batch needs a list of [key, function, args, kwargs, deps] tasks")
+        for task in tasks:
+            if not (isinstance(task, (list, tuple)) and len(task) == 5 and callable(task[1])):
+                raise TypeError(f"each task is [key, function, args, kwargs, deps] with a callable function; got {task!r:.200}")
+        needed = [dep for task in tasks for dep in task[4] if dep not in self.data]
+        failed: dict[int, BaseException] = {}
+        if needed:
+            try:
+                await self.gather_deps(needed)
+            except MissingDataError:
+                # Run what we can; tasks whose inputs are gone report which.
+                for index, task in enumerate(tasks):
+                    absent = [dep for dep in task[4] if dep not in self.data]
+                    if absent:
+                        failed[index] = MissingDataError(absent, f"needed on worker {self.address}")
+        runnable = [task for index, task in enumerate(tasks) if index not in failed]
+        chunks = _split(runnable, self.ncores)
+        loop = asyncio.get_running_loop()
+        data = self.data
+        self.executing += len(runnable)
+        try:
+            outcomes = await asyncio.gather(*(loop.run_in_executor(self.executor, _run_tasks, chunk, data) for chunk in chunks))
+        finally:
+            self.executing -= len(runnable)
+        flat = iter([entry for chunk in outcomes for entry in chunk])
+        replies = []
+        for index, task in enumerate(tasks):
+            key = task[0]
+            if index in failed:
+                replies.append([key, "error", error_fields(failed[index], "")])
+                self.tasks_failed += 1
+                continue
+            ok, value, extra, start, stop = next(flat)
+            self.task_log.append((key, start, stop, ok))
+            if not ok:
+                logger.warning("task %r failed on %s:\n%s", key, self.address, extra)
+                replies.append([key, "error", error_fields(value, extra)])
+                self.tasks_failed += 1
+                continue
+            self.tasks_done += 1
+            self._store(key, value, extra)
+            entry = [key, "ok", extra]
+            if return_values and extra <= return_values:
+                try:
+                    entry.append(serialize(value))
+                except Exception:
+                    pass
+            replies.append(entry)
+        return replies
+
+
+class _ErrorWithTraceback:
+    """Re-raise a task's exception in the handler with its original traceback text."""
+
+    @staticmethod
+    def wrap(fields: dict) -> BaseException:
+        exc = fields.get("exception")
+        if exc is not None:
+            from .protocol import deserialize
+
+            try:
+                exc = deserialize(exc.kind, exc.blob, exc.buffers)
+            except Exception:
+                exc = None
+        if not isinstance(exc, BaseException):
+            exc = RemoteError(f"{fields.get('type')}: {fields.get('message')}", fields.get("type", ""), fields.get("traceback", ""))
+        exc.zdist_traceback = fields.get("traceback")
+        return exc
+
+
+def _split(tasks: list, n: int) -> list[list]:
+    """Split a batch into at most ``n`` contiguous chunks of near-equal size."""
+    if n <= 1 or len(tasks) <= 1:
+        return [tasks] if tasks else []
+    n = min(n, len(tasks))
+    size, extra = divmod(len(tasks), n)
+    chunks, start = [], 0
+    for i in range(n):
+        end = start + size + (1 if i < extra else 0)
+        chunks.append(tasks[start:end])
+        start = end
+    return chunks
+
+
+def _rss() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except Exception:
+        return 0
