@@ -7,6 +7,7 @@ and :func:`zdist.dask.get`.
 from .center import Center
 from .cluster import LocalCluster
 from .errors import LostDataError, MissingDataError, NoWorkersError, WorkerDiedError
+from .pool import Pool, RemoteData
 from .protocol import ProtocolError
 from .rpc import RemoteError, RPCTimeoutError, rpc
 from .worker import Worker
@@ -14,6 +15,6 @@ from .worker import Worker
 __version__ = "0.1.0"
 
 __all__ = [
-    "Center", "LocalCluster", "LostDataError", "MissingDataError", "NoWorkersError", "ProtocolError",
+    "Center", "LocalCluster", "LostDataError", "MissingDataError", "NoWorkersError", "Pool", "ProtocolError", "RemoteData",
     "RPCTimeoutError", "RemoteError", "Worker", "WorkerDiedError", "rpc",
 ]

@@ -30,13 +30,14 @@ class LostDataError(Exception):
     def __init__(self, key: Any, worker: str | None = None, detail: str = ""):
         self.key = key
         self.worker = worker
+        self.detail = detail
         where = f" when worker {worker} died" if worker else ""
         message = f"the value of key {key!r} was lost{where} and cannot be recomputed" + (f": {detail}" if detail else "")
         message += "; scatter it again (or scatter with replicas=2 to survive the loss of a worker)"
         super().__init__(message)
 
     def __reduce__(self):
-        return (type(self), (self.key, self.worker))
+        return (type(self), (self.key, self.worker, self.detail))
 
 
 class WorkerDiedError(ConnectionError):

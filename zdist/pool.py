@@ -1,0 +1,874 @@
+"""Pool: ``multiprocessing.Pool`` for a zdist cluster, with results that stay remote.
+
+>>> from zdist import Pool
+>>> with Pool() as pool:                      # starts a local cluster
+...     A = pool.map(lambda x: x**2, range(10))
+...     B = pool.map(lambda x: -x, A)         # runs where A is: no data moves
+...     total = pool.apply(sum, [B])
+...     total.get(), pool.gather(A)
+(-285, [0, 1, 4, 9, 16, 25, 36, 49, 64, 81])
+
+Results are :class:`RemoteData` handles; a value stays on the worker that
+made it until ``.get()`` or :meth:`Pool.gather`, and is deleted from the
+cluster once no handle to it is left. A function whose inputs are
+``RemoteData`` runs on the worker that holds most of their bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+import uuid
+import weakref
+from collections import defaultdict, deque
+from typing import Any, Callable, Iterable
+
+from .cluster import LocalCluster
+from .comm import normalize_address
+from .errors import LostDataError, MissingDataError, NoWorkersError, WorkerDiedError
+from .loop import LoopThread
+from .protocol import Ref, Serialized, deserialize
+from .rpc import ConnectionPool, RPCTimeoutError, rebuild_exception
+
+logger = logging.getLogger(__name__)
+
+#: Results up to this size come back with the acknowledgement (and also stay
+#: on the worker), so ``apply(...).get()`` costs one round trip.
+SMALL_RESULT = 4096
+#: Most tasks one ``compute_batch`` message carries.
+MAX_BATCH = 128
+#: Batches in flight per worker core: enough that a worker never waits for us.
+BATCHES_PER_CORE = 3
+#: How often the pool asks the Center whether workers came or went.
+WATCH_INTERVAL = 0.25
+
+PENDING, RUNNING, FINISHED, ERROR, LOST, RELEASED = "pending", "running", "finished", "error", "lost", "released"
+
+_NO_VALUE = object()
+
+
+class _Task:
+    """What the pool knows of one key: how it is made, where it is, how it ended."""
+
+    __slots__ = (
+        "key", "function", "args", "kwargs", "deps", "status", "holders", "nbytes", "value",
+        "error", "refcount", "waiting_on", "dependents", "worker", "deaths", "scattered", "lost_on",
+    )
+
+    def __init__(self, key: Any, function: Callable | None, args: tuple, kwargs: dict | None, deps: list):
+        self.key = key
+        self.function = function
+        self.args = args
+        self.kwargs = kwargs
+        self.deps = deps
+        self.status = PENDING
+        self.holders: set[str] = set()
+        self.nbytes = 0
+        self.value: Any = _NO_VALUE
+        self.error: BaseException | None = None
+        self.refcount = 0
+        self.waiting_on: set = set()
+        self.dependents: set = set()  # keys of unfinished tasks that need this one
+        self.worker: str | None = None
+        self.deaths = 0
+        self.scattered = function is None
+        self.lost_on: str | None = None
+
+
+class RemoteData:
+    """The handle of one value on the cluster; plays multiprocessing's ``AsyncResult``.
+
+    ``get()`` waits, fetches and returns the value (re-raising a remote
+    exception with its remote traceback); ``ready()``, ``wait()`` and
+    ``successful()`` behave as in multiprocessing.
+    """
+
+    __slots__ = ("key", "_pool", "_task", "__weakref__")
+
+    def __init__(self, key: Any, pool: "Pool", task: _Task):
+        self.key = key
+        self._pool = pool
+        self._task = task
+        task.refcount += 1
+
+    @property
+    def center(self) -> str:
+        return self._pool.center_address
+
+    def get(self, timeout: float | None = None) -> Any:
+        """Wait for the value and return it; raise the remote exception if the task failed."""
+        return self._pool._get_values([self], timeout)[0]
+
+    def ready(self) -> bool:
+        return self._task.status in (FINISHED, ERROR)
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._pool._wait([self._task], timeout, raise_errors=False)
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} is not ready")
+        return self._task.status == FINISHED
+
+    def __repr__(self) -> str:
+        return f"RemoteData<center={self.center}, key={self.key}>"
+
+    def __reduce__(self):
+        raise TypeError("a RemoteData handle belongs to its Pool and cannot be pickled; pass it to the Pool's map/apply instead")
+
+    def __del__(self) -> None:
+        try:
+            self._pool._release_handle(self._task)
+        except Exception:  # interpreter shutdown
+            pass
+
+
+class Pool:
+    """A ``multiprocessing.Pool`` whose workers are a zdist cluster.
+
+    ``Pool(center_address)`` joins a running cluster; ``Pool()`` starts a
+    :class:`~zdist.LocalCluster` (a worker process per core) and stops it on
+    :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        center: str | None = None,
+        *,
+        processes: int | None = None,
+        security: Any = None,
+        timeout: float = 30.0,
+        cluster_kwargs: dict | None = None,
+    ):
+        self.security = security
+        self._cluster: LocalCluster | None = None
+        if center is None:
+            self._cluster = LocalCluster(n_workers=processes, security=security, **(cluster_kwargs or {}))
+            self._cluster.start()
+            center = self._cluster.center_address
+            self.security = self._cluster.security
+        self.center_address = normalize_address(center)
+        self.timeout = timeout
+        self._prefix = uuid.uuid4().hex[:8]
+        self._counter = itertools.count()
+        self._tasks: dict[Any, _Task] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._state = "running"
+        self._loop = LoopThread("zdist-pool")
+        self._engine: _Engine = self._loop.run(self._make_engine(), timeout)
+        self.available_cores: dict[str, int] = {}
+        try:
+            self.sync_center()
+        except BaseException:
+            self.terminate()
+            raise
+
+    async def _make_engine(self) -> "_Engine":
+        engine = _Engine(self)
+        await engine.start()
+        return engine
+
+    # -------------------------------------------------------------- cluster view
+
+    def sync_center(self) -> dict[str, int]:
+        """Ask the Center which workers there are; updates :attr:`available_cores`."""
+        self.available_cores = self._loop.run(self._engine.refresh_workers(), self.timeout)
+        return self.available_cores
+
+    # -------------------------------------------------------------- submitting work
+
+    def _new_key(self, function: Callable) -> str:
+        name = getattr(function, "__name__", "task")
+        if name == "<lambda>":
+            name = "lambda"
+        return f"{name}-{self._prefix}-{next(self._counter)}"
+
+    def _make_task(self, function: Callable, args: tuple, kwargs: dict | None) -> tuple[_Task, RemoteData]:
+        deps: list = []
+        args = _to_refs(args, deps)
+        if kwargs:
+            kwargs = _to_refs(kwargs, deps)
+        key = self._new_key(function)
+        task = _Task(key, function, args, kwargs, list(dict.fromkeys(deps)))
+        self._tasks[key] = task
+        return task, RemoteData(key, self, task)
+
+    def _submit(self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None) -> list[RemoteData]:
+        self._check_running()
+        if not callable(function):
+            raise TypeError(f"the function to run must be callable, got {type(function).__name__}")
+        handles = []
+        tasks = []
+        with self._lock:
+            for args in arg_tuples:
+                task, handle = self._make_task(function, args, kwargs)
+                tasks.append(task)
+                handles.append(handle)
+        self._loop.loop.call_soon_threadsafe(self._engine.submit, tasks)
+        return handles
+
+    def apply_async(self, func: Callable, args: tuple = (), kwds: dict | None = None, callback: Any = None, error_callback: Any = None) -> RemoteData:
+        """Run ``func(*args, **kwds)`` on the cluster; return its :class:`RemoteData` at once."""
+        if callback is not None or error_callback is not None:
+            raise NotImplementedError("callbacks are not supported; call .get() or .wait() on the RemoteData")
+        return self._submit(func, [tuple(args)], kwds)[0]
+
+    def apply(self, func: Callable, args: tuple = (), kwds: dict | None = None) -> RemoteData:
+        """Run ``func(*args, **kwds)``; return its :class:`RemoteData` once it is done (raise if it failed)."""
+        handle = self.apply_async(func, args, kwds)
+        self._wait([handle._task], None, raise_errors=True)
+        return handle
+
+    def map_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list[RemoteData]:
+        """Like :meth:`map` but returns the list of :class:`RemoteData` at once."""
+        return self._submit(func, [(item,) for item in iterable])
+
+    def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list[RemoteData]:
+        """``[func(x) for x in iterable]`` on the cluster, results left there as RemoteData.
+
+        Returns once every task is done; raises the first task's exception if any failed.
+        """
+        handles = self.map_async(func, iterable)
+        self._wait([h._task for h in handles], None, raise_errors=True)
+        return handles
+
+    def starmap_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list[RemoteData]:
+        return self._submit(func, [tuple(args) for args in iterable])
+
+    def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list[RemoteData]:
+        """``[func(*args) for args in iterable]`` on the cluster."""
+        handles = self.starmap_async(func, iterable)
+        self._wait([h._task for h in handles], None, raise_errors=True)
+        return handles
+
+    def scatter(self, values: Iterable, workers: Iterable[str] | None = None) -> list[RemoteData]:
+        """Put local values on the cluster, spread over workers by their cores."""
+        self._check_running()
+        values = list(values)
+        targets = [normalize_address(w) for w in workers] if workers is not None else None
+        with self._lock:
+            tasks = []
+            handles = []
+            for value in values:
+                key = f"scatter-{self._prefix}-{next(self._counter)}"
+                task = _Task(key, None, (), None, [])
+                task.value = value
+                self._tasks[key] = task
+                tasks.append(task)
+                handles.append(RemoteData(key, self, task))
+        self._loop.run(self._engine.scatter(tasks, targets), self.timeout)
+        for task in tasks:
+            task.value = _NO_VALUE  # the cluster holds it now; do not keep a local copy
+        return handles
+
+    # -------------------------------------------------------------- results
+
+    def gather(self, remote_data: Iterable[RemoteData], timeout: float | None = None) -> list:
+        """The values of many RemoteData, fetched together (one request per worker)."""
+        return self._get_values(list(remote_data), timeout)
+
+    def delete(self, remote_data: Iterable[RemoteData]) -> None:
+        """Delete values from the cluster now (their handles become unusable)."""
+        tasks = [handle._task for handle in remote_data]
+        self._loop.run(self._engine.delete(tasks), self.timeout)
+
+    def _get_values(self, handles: list[RemoteData], timeout: float | None) -> list:
+        for handle in handles:
+            if not isinstance(handle, RemoteData):
+                raise TypeError(f"gather takes RemoteData handles, got {type(handle).__name__}")
+        tasks = [handle._task for handle in handles]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for _attempt in range(10):
+            self._wait(tasks, None if deadline is None else max(0.0, deadline - time.monotonic()), raise_errors=True)
+            missing = [t for t in tasks if t.value is _NO_VALUE]
+            if not missing:
+                break
+            remaining = None if deadline is None else max(0.1, deadline - time.monotonic())
+            fetched = self._loop.run(self._engine.fetch(missing), remaining)
+            if fetched:
+                break
+        values = []
+        for task in tasks:
+            value = task.value
+            if isinstance(value, Serialized):
+                value = deserialize(value.kind, value.blob, value.buffers)
+            values.append(value)
+        return values
+
+    def _wait(self, tasks: list[_Task], timeout: float | None, raise_errors: bool) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while True:
+                unfinished = False
+                lost = []
+                for task in tasks:
+                    status = task.status
+                    if status == ERROR and raise_errors:
+                        raise task.error
+                    if status == LOST:
+                        if task.scattered:
+                            raise LostDataError(task.key, task.lost_on)
+                        lost.append(task)
+                    if status not in (FINISHED, ERROR):
+                        unfinished = True
+                if lost:
+                    self._loop.loop.call_soon_threadsafe(self._engine.recompute_many, lost)
+                if not unfinished:
+                    return
+                if self._state != "running":
+                    raise RuntimeError("the Pool was closed while waiting for results")
+                if self._engine.fatal is not None:
+                    raise self._engine.fatal
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"results not ready within {timeout} s")
+                self._changed.wait(0.5 if remaining is None else min(remaining, 0.5))
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    # -------------------------------------------------------------- memory
+
+    def _release_handle(self, task: _Task) -> None:
+        task.refcount -= 1
+        if task.refcount <= 0 and self._state == "running" and not self._loop.loop.is_closed():
+            self._loop.loop.call_soon_threadsafe(self._engine.maybe_forget, task)
+
+    # -------------------------------------------------------------- lifecycle
+
+    def _check_running(self) -> None:
+        if self._state != "running":
+            raise ValueError("Pool not running")
+
+    def close(self) -> None:
+        """Delete everything this pool put on the cluster and stop (and the local cluster it started)."""
+        if self._state == "closed":
+            return
+        try:
+            if self._state == "running" and not self._loop.loop.is_closed():
+                self._loop.run(self._engine.shutdown(), 10)
+        except Exception as exc:
+            logger.warning("pool shutdown did not finish cleanly: %s", exc)
+        finally:
+            self._finish()
+
+    def terminate(self) -> None:
+        """Stop at once, without waiting for running work (its results are dropped)."""
+        if self._state == "closed":
+            return
+        try:
+            if not self._loop.loop.is_closed() and getattr(self, "_engine", None) is not None:
+                self._loop.run(self._engine.shutdown(wait=False), 5)
+        except Exception:
+            pass
+        finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._state = "closed"
+        self._notify()
+        self._loop.stop()
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
+
+    def join(self) -> None:
+        """As in multiprocessing: wait for the pool to finish after :meth:`close`."""
+        if self._state == "running":
+            raise ValueError("Pool is still running; call close() first")
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if self._state != "closed":
+                self.terminate()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<Pool center={self.center_address} workers={len(self.available_cores)} cores={sum(self.available_cores.values())}>"
+
+
+def _to_refs(obj: Any, deps: list) -> Any:
+    """Replace every RemoteData (any depth of lists, tuples, dicts) with a Ref."""
+    cls = type(obj)
+    if cls is RemoteData:
+        deps.append(obj.key)
+        return Ref(obj.key)
+    if cls is tuple or cls is list:
+        if not obj:
+            return obj
+        return cls(_to_refs(item, deps) for item in obj)
+    if cls is dict:
+        return {key: _to_refs(value, deps) for key, value in obj.items()}
+    return obj
+
+
+class _Engine:
+    """The pool's scheduler; lives on the pool's event loop thread."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self.tasks = pool._tasks
+        self.connections = ConnectionPool(timeout=pool.timeout, security=pool.security)
+        self.ncores: dict[str, int] = {}
+        self.generation = -1
+        self.shared: deque[_Task] = deque()  # tasks that may run anywhere
+        self.local: dict[str, deque] = defaultdict(deque)  # tasks that prefer a worker
+        self.in_flight: dict[str, int] = defaultdict(int)  # batches per worker
+        self.running: dict[str, set] = defaultdict(set)  # task keys per worker
+        self.fatal: BaseException | None = None
+        self._watcher: asyncio.Task | None = None
+        self._pump_scheduled = False
+        self._background: set = set()
+
+    async def start(self) -> None:
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    @property
+    def center(self):
+        return self.connections.get(self.pool.center_address)
+
+    # -------------------------------------------------------------- membership
+
+    async def refresh_workers(self) -> dict[str, int]:
+        info = await self.center.request("info", {})
+        self._update_workers(info)
+        return dict(self.ncores)
+
+    def _update_workers(self, info: dict) -> None:
+        if info["generation"] == self.generation:
+            return
+        self.generation = info["generation"]
+        current = {address: w["ncores"] for address, w in info["workers"].items()}
+        for gone in set(self.ncores) - set(current):
+            self._worker_died(gone)
+        self.ncores = current
+        self.pool.available_cores = dict(current)
+        if not current and self._has_work():
+            self._fail_all(NoWorkersError("every worker of the cluster is gone; start workers and submit the work again"))
+        self._schedule_pump()
+
+    async def _watch(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            try:
+                info = await self.center.request("info", {}, timeout=max(2.0, WATCH_INTERVAL * 8))
+                failures = 0
+            except (RPCTimeoutError, ConnectionError) as exc:
+                failures += 1
+                if failures == 1:
+                    logger.warning("center %s is not answering (%s); still trying", self.pool.center_address, exc)
+                self.connections.remove(self.pool.center_address)
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("error while watching the center")
+                continue
+            self._update_workers(info)
+
+    def _worker_died(self, address: str) -> None:
+        logger.warning("worker %s is gone; rescheduling its work", address)
+        self.connections.remove(address, WorkerDiedError(f"worker {address} died"))
+        # Work queued for it may run elsewhere.
+        queued = self.local.pop(address, deque())
+        self.shared.extendleft(reversed(queued))
+        self.in_flight.pop(address, None)
+        for key in self.running.pop(address, set()):
+            task = self.tasks.get(key)
+            if task is not None and task.status == RUNNING:
+                task.deaths += 1
+                task.status = PENDING
+                self.shared.appendleft(task)
+        for task in list(self.tasks.values()):
+            if address in task.holders:
+                task.holders.discard(address)
+                if not task.holders and task.status == FINISHED:
+                    task.status = LOST
+                    task.lost_on = address
+                    if task.dependents:
+                        self._recompute(task)
+        self.pool._notify()
+
+    def _has_work(self) -> bool:
+        return bool(self.shared) or any(self.local.values()) or any(self.running.values())
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for task in self.tasks.values():
+            if task.status in (PENDING, RUNNING):
+                task.status = ERROR
+                task.error = exc
+        self.shared.clear()
+        self.local.clear()
+        self.pool._notify()
+
+    # -------------------------------------------------------------- submission
+
+    def submit(self, tasks: list[_Task]) -> None:
+        for task in tasks:
+            self._enqueue(task)
+        self._schedule_pump()
+
+    def _enqueue(self, task: _Task) -> None:
+        """Queue a task once its inputs are there; recompute inputs that were lost."""
+        task.waiting_on = set()
+        for dep in task.deps:
+            dep_task = self.tasks.get(dep)
+            if dep_task is None:
+                if task.status == LOST:
+                    # Being rebuilt, but an input's handles were all dropped (and
+                    # its value deleted): the chain of lineage is broken.
+                    task.status = ERROR
+                    task.error = LostDataError(task.key, task.lost_on, f"its input {dep!r} was released, so it cannot be recomputed")
+                    self.pool._notify()
+                    return
+                continue  # someone else's key: the worker asks the Center
+            dep_task.dependents.add(task.key)
+            if dep_task.status == ERROR:
+                task.status = ERROR
+                task.error = dep_task.error
+                self.pool._notify()
+                return
+            if dep_task.status == LOST:
+                if dep_task.scattered:
+                    task.status = ERROR
+                    task.error = LostDataError(dep, dep_task.lost_on)
+                    self.pool._notify()
+                    return
+                self._recompute(dep_task)
+            if dep_task.status != FINISHED:
+                task.waiting_on.add(dep)
+        task.status = PENDING
+        if not task.waiting_on:
+            self._place(task)
+
+    def recompute_many(self, tasks: list[_Task]) -> None:
+        for task in tasks:
+            if task.status == LOST:
+                self._recompute(task)
+        self._schedule_pump()
+
+    def _recompute(self, task: _Task) -> None:
+        if task.status in (PENDING, RUNNING):
+            return
+        if task.scattered:
+            return
+        logger.info("recomputing lost key %r", task.key)
+        task.value = _NO_VALUE
+        self._enqueue(task)
+
+    def _place(self, task: _Task) -> None:
+        """Queue on the worker holding most bytes of its inputs, or anywhere."""
+        if task.deps and self.ncores:
+            weights: dict[str, int] = defaultdict(int)
+            for dep in task.deps:
+                dep_task = self.tasks.get(dep)
+                if dep_task is not None:
+                    for holder in dep_task.holders:
+                        if holder in self.ncores:
+                            weights[holder] += dep_task.nbytes + 1
+            if weights:
+                best = max(weights, key=lambda w: (weights[w], -self._load(w)))
+                self.local[best].append(task)
+                return
+        self.shared.append(task)
+
+    def _load(self, worker: str) -> float:
+        return (len(self.running.get(worker, ())) + len(self.local.get(worker, ()))) / self.ncores.get(worker, 1)
+
+    def _schedule_pump(self) -> None:
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Send batches to every worker with room for more."""
+        self._pump_scheduled = False
+        if not self.ncores:
+            return
+        total_cores = sum(self.ncores.values())
+        queued = len(self.shared) + sum(len(q) for q in self.local.values())
+        if not queued:
+            return
+        # Small batches when there is little work (latency), large ones when
+        # there is much (throughput), always enough to keep every core busy.
+        batch_size = max(1, min(MAX_BATCH, queued // (total_cores * BATCHES_PER_CORE) or 1))
+        progress = True
+        while progress:
+            progress = False
+            for worker, cores in self.ncores.items():
+                if self.in_flight[worker] >= cores * BATCHES_PER_CORE:
+                    continue
+                batch = self._take(worker, batch_size * cores if self.in_flight[worker] == 0 else batch_size)
+                if batch:
+                    self._send_batch(worker, batch)
+                    progress = True
+
+    def _take(self, worker: str, n: int) -> list[_Task]:
+        batch: list[_Task] = []
+        own = self.local.get(worker)
+        while own and len(batch) < n:
+            task = own.popleft()
+            if task.status == PENDING:
+                batch.append(task)
+        while self.shared and len(batch) < n:
+            task = self.shared.popleft()
+            if task.status == PENDING:
+                batch.append(task)
+        if not batch:
+            # Steal from the longest queue of another worker: its data moves, but no core idles.
+            others = [(len(q), w) for w, q in self.local.items() if w != worker and len(q) > 1]
+            if others:
+                _, victim = max(others)
+                queue = self.local[victim]
+                for _ in range(min(n, len(queue) // 2)):
+                    task = queue.pop()
+                    if task.status == PENDING:
+                        batch.append(task)
+        return batch
+
+    def _send_batch(self, worker: str, batch: list[_Task]) -> None:
+        payload = []
+        for task in batch:
+            task.status = RUNNING
+            task.worker = worker
+            self.running[worker].add(task.key)
+            payload.append([task.key, task.function, task.args, task.kwargs or {}, task.deps])
+        self.in_flight[worker] += 1
+        try:
+            future = self.connections.get(worker).request("compute_batch", {"tasks": payload, "return_values": SMALL_RESULT}, timeout=None)
+        except Exception as exc:
+            self._batch_failed(worker, batch, exc)
+            return
+        future.add_done_callback(lambda f: self._batch_done(worker, batch, f))
+
+    def _batch_failed(self, worker: str, batch: list[_Task], exc: BaseException) -> None:
+        if worker in self.ncores:
+            self.in_flight[worker] -= 1
+        running = self.running.get(worker, set())
+        for task in batch:
+            running.discard(task.key)
+            if task.status == RUNNING:
+                if isinstance(exc, (WorkerDiedError, ConnectionError)):
+                    task.status = PENDING
+                    task.deaths += 1
+                    self.shared.appendleft(task)
+                else:
+                    self._task_failed(task, exc)
+        self._schedule_pump()
+        self.pool._notify()
+
+    def _batch_done(self, worker: str, batch: list[_Task], future: asyncio.Future) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._batch_failed(worker, batch, exc)
+            return
+        if worker in self.ncores:
+            self.in_flight[worker] -= 1
+        running = self.running.get(worker, set())
+        released = []
+        for task, entry in zip(batch, future.result()):
+            running.discard(task.key)
+            if task.status != RUNNING or task.worker != worker:
+                continue  # rescheduled meanwhile (its worker was presumed dead)
+            if entry[1] == "ok":
+                task.status = FINISHED
+                task.nbytes = entry[2]
+                task.holders = {worker}
+                if len(entry) > 3:
+                    task.value = entry[3]
+                for dep in task.deps:
+                    dep_task = self.tasks.get(dep)
+                    if dep_task is not None:
+                        dep_task.holders.add(worker)  # the worker keeps the inputs it fetched
+                        dep_task.dependents.discard(task.key)
+                        released.append(dep_task)
+                self._wake_dependents(task)
+                if task.refcount <= 0:
+                    released.append(task)
+            else:
+                error = rebuild_exception(entry[2], worker)
+                if isinstance(error, MissingDataError):
+                    self._inputs_missing(task, error)
+                else:
+                    self._task_failed(task, error)
+        for task in released:
+            self.maybe_forget(task)
+        self._schedule_pump()
+        self.pool._notify()
+
+    def _inputs_missing(self, task: _Task, error: MissingDataError) -> None:
+        """Inputs vanished (their worker died): recompute them, then rerun ``task``."""
+        task.status = PENDING
+        task.deaths += 1
+        if task.deaths > 10:
+            self._task_failed(task, error)
+            return
+        for key in error.keys:
+            dep_task = self.tasks.get(key)
+            if dep_task is not None and dep_task.status == FINISHED:
+                dep_task.holders.clear()
+                dep_task.status = LOST
+        self._enqueue(task)
+
+    def _task_failed(self, task: _Task, error: BaseException) -> None:
+        task.status = ERROR
+        task.error = error
+        if hasattr(error, "add_note"):
+            error.add_note(f"(while computing key {task.key!r} on the zdist cluster)")
+        for key in list(task.dependents):
+            dependent = self.tasks.get(key)
+            if dependent is not None and dependent.status == PENDING:
+                self._task_failed(dependent, error)
+
+    def _wake_dependents(self, task: _Task) -> None:
+        for key in list(task.dependents):
+            dependent = self.tasks.get(key)
+            if dependent is None or dependent.status != PENDING:
+                continue
+            dependent.waiting_on.discard(task.key)
+            if not dependent.waiting_on:
+                self._place(dependent)
+
+    # -------------------------------------------------------------- data
+
+    async def scatter(self, tasks: list[_Task], targets: list[str] | None) -> None:
+        if not self.ncores:
+            await self.refresh_workers()
+        workers = targets or _spread(self.ncores)
+        if not workers:
+            raise NoWorkersError("the cluster has no workers to scatter to")
+        by_worker: dict[str, list[_Task]] = defaultdict(list)
+        for task, worker in zip(tasks, itertools.cycle(workers)):
+            by_worker[worker].append(task)
+        replies = await asyncio.gather(
+            *(self.connections.get(w).request("update_data", {"data": {t.key: t.value for t in ts}}) for w, ts in by_worker.items())
+        )
+        for (worker, ts), (_, meta) in zip(by_worker.items(), replies):
+            for task in ts:
+                task.status = FINISHED
+                task.holders = {worker}
+                task.nbytes = meta["nbytes"][task.key]
+
+    async def fetch(self, tasks: list[_Task]) -> bool:
+        """Bring values here; recompute lost ones. True once all are here."""
+        by_worker: dict[str, list[_Task]] = defaultdict(list)
+        for task in tasks:
+            if task.value is not _NO_VALUE:
+                continue
+            holders = [w for w in task.holders if w in self.ncores]
+            if task.status == LOST or not holders:
+                if task.scattered:
+                    raise LostDataError(task.key, task.lost_on)
+                task.status = LOST
+                self._recompute(task)
+                self._schedule_pump()
+                continue
+            by_worker[min(holders, key=self._load)].append(task)
+        results = await asyncio.gather(
+            *(self.connections.get(w).request("get_data", {"keys": [t.key for t in ts]}) for w, ts in by_worker.items()),
+            return_exceptions=True,
+        )
+        complete = True
+        for (worker, ts), result in zip(by_worker.items(), results):
+            if isinstance(result, BaseException):
+                if isinstance(result, (ConnectionError, RPCTimeoutError, MissingDataError)):
+                    for task in ts:
+                        task.holders.discard(worker)
+                    complete = False
+                    continue
+                raise result
+            for task in ts:
+                task.value = result[task.key]
+        return complete and all(t.value is not _NO_VALUE for t in tasks)
+
+    def maybe_forget(self, task: _Task) -> None:
+        """Delete a value nobody can reach any more: no handle, no waiting dependent."""
+        if task.refcount > 0 or task.dependents or task.status in (PENDING, RUNNING, RELEASED):
+            return
+        if self.tasks.get(task.key) is not task:
+            return
+        del self.tasks[task.key]
+        holders = task.holders
+        task.status = RELEASED
+        task.value = _NO_VALUE
+        task.holders = set()
+        for worker in holders:
+            if worker in self.ncores:
+                self._delete_later(worker, task.key)
+        for dep in task.deps:
+            dep_task = self.tasks.get(dep)
+            if dep_task is not None:
+                dep_task.dependents.discard(task.key)
+                self.maybe_forget(dep_task)
+
+    def _delete_later(self, worker: str, key: Any) -> None:
+        """Batch deletions: one delete_data message per worker per loop turn."""
+        pending = getattr(self, "_deletions", None)
+        if pending is None:
+            pending = self._deletions = defaultdict(list)
+            asyncio.get_running_loop().call_soon(self._flush_deletions)
+        pending[worker].append(key)
+
+    def _flush_deletions(self) -> None:
+        pending, self._deletions = self._deletions, None
+        for worker, keys in pending.items():
+            try:
+                self.connections.get(worker).send("delete_data", keys=keys)
+            except Exception as exc:
+                logger.info("could not delete %d keys on %s: %s", len(keys), worker, exc)
+
+    async def delete(self, tasks: list[_Task]) -> None:
+        by_worker: dict[str, list] = defaultdict(list)
+        for task in tasks:
+            for worker in task.holders:
+                by_worker[worker].append(task.key)
+            task.holders = set()
+            task.status = RELEASED
+            task.value = _NO_VALUE
+            self.tasks.pop(task.key, None)
+        await asyncio.gather(
+            *(self.connections.get(w).request("delete_data", {"keys": keys}) for w, keys in by_worker.items() if w in self.ncores),
+            return_exceptions=True,
+        )
+
+    async def shutdown(self, wait: bool = True) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if wait:
+            by_worker: dict[str, list] = defaultdict(list)
+            for task in self.tasks.values():
+                for worker in task.holders:
+                    by_worker[worker].append(task.key)
+            await asyncio.gather(
+                *(self.connections.get(w).request("delete_data", {"keys": keys}, timeout=5) for w, keys in by_worker.items() if w in self.ncores),
+                return_exceptions=True,
+            )
+            await asyncio.sleep(0)  # let the delete replies' callbacks run
+        self.tasks.clear()
+        self.connections.close()
+
+
+def _spread(ncores: dict[str, int]) -> list[str]:
+    """Worker addresses repeated by their cores, interleaved: a round-robin by weight."""
+    slots = []
+    remaining = dict(ncores)
+    while any(remaining.values()):
+        for worker in sorted(remaining):
+            if remaining[worker] > 0:
+                slots.append(worker)
+                remaining[worker] -= 1
+    return slots
