@@ -47,7 +47,6 @@ class Node:
         self.handlers: dict[str, Callable[..., Any]] = {"ping": self.ping, "identity": self.identity}
         self.stream: Stream | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._is_async: dict[str, bool] = {}
         self.status = "created"
         self.ops_served: dict[str, int] = {}
 
@@ -159,9 +158,6 @@ class Node:
             self._send(identity, encode_error(request.id, error, tb=""))
             return
         self.ops_served[op] = self.ops_served.get(op, 0) + 1
-        is_async = self._is_async.get(op)
-        if is_async is None:
-            is_async = self._is_async[op] = inspect.iscoroutinefunction(handler)
         try:
             result = handler(**request.args)
         except TypeError as exc:
@@ -170,12 +166,24 @@ class Node:
         except Exception as exc:
             self._reply_error(identity, request, exc)
             return
-        if is_async:
-            task = asyncio.ensure_future(self._finish(identity, request, result))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        # A handler answers at once, or returns a coroutine (run as its own
+        # task) or a future (answered when it resolves: cheaper than a task).
+        if asyncio.iscoroutine(result):
+            result = asyncio.ensure_future(self._finish(identity, request, result))
+            self._tasks.add(result)
+            result.add_done_callback(self._tasks.discard)
+        elif isinstance(result, asyncio.Future):
+            result.add_done_callback(lambda future: self._future_done(identity, request, future))
         else:
             self._reply(identity, request, result)
+
+    def _future_done(self, identity: list, request: Any, future: asyncio.Future) -> None:
+        if future.cancelled():
+            self._reply_error(identity, request, ConnectionAbortedError("the operation was cancelled"))
+        elif future.exception() is not None:
+            self._reply_error(identity, request, future.exception())
+        else:
+            self._reply(identity, request, future.result())
 
     async def _finish(self, identity: list, request: Any, coroutine: Any) -> None:
         try:

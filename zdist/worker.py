@@ -423,7 +423,7 @@ class Worker(Node):
             meta["value"] = result[3]
         return (b"OK", meta)
 
-    async def compute_batch(self, tasks: list, return_values: int = 0) -> list:
+    def compute_batch(self, tasks: list, return_values: int = 0) -> Any:
         """Run many tasks ``[key, function, args, kwargs, deps]``; ``Ref(k)`` in args is ``data[k]``.
 
         Answers one entry per task: ``[key, 'ok', nbytes]`` (plus the value if
@@ -434,30 +434,68 @@ class Worker(Node):
         """
         if not isinstance(tasks, list):
             raise TypeError("compute_batch needs a list of [key, function, args, kwargs, deps] tasks")
+        data = self.data
+        needed = []
         for task in tasks:
             if not (isinstance(task, (list, tuple)) and len(task) == 5 and callable(task[1])):
                 raise TypeError(f"each task is [key, function, args, kwargs, deps] with a callable function; got {task!r:.200}")
-        needed = [dep for task in tasks for dep in task[4] if dep not in self.data]
-        failed: dict[int, BaseException] = {}
+            for dep in task[4]:
+                if dep not in data:
+                    needed.append(dep)
         if needed:
-            try:
-                await self.gather_deps(needed)
-            except MissingDataError:
-                # Run what we can; tasks whose inputs are gone report which.
-                for index, task in enumerate(tasks):
-                    absent = [dep for dep in task[4] if dep not in self.data]
-                    if absent:
-                        failed[index] = MissingDataError(absent, f"needed on worker {self.address}")
-        runnable = [task for index, task in enumerate(tasks) if index not in failed]
-        chunks = _split(runnable, self.ncores)
-        loop = asyncio.get_running_loop()
-        data = self.data
-        self.executing += len(runnable)
+            return self._fetch_then_run(tasks, return_values, needed)
+        # The common case, all inputs here: no coroutine, no task, just callbacks.
+        return self._run_batch(tasks, return_values, {})
+
+    async def _fetch_then_run(self, tasks: list, return_values: int, needed: list) -> list:
+        failed: dict[int, BaseException] = {}
         try:
-            outcomes = await asyncio.gather(*(loop.run_in_executor(self.executor, _run_tasks, chunk, data) for chunk in chunks))
-        finally:
-            self.executing -= len(runnable)
-        flat = iter([entry for chunk in outcomes for entry in chunk])
+            await self.gather_deps(needed)
+        except MissingDataError:
+            # Run what we can; tasks whose inputs are gone report which.
+            for index, task in enumerate(tasks):
+                absent = [dep for dep in task[4] if dep not in self.data]
+                if absent:
+                    failed[index] = MissingDataError(absent, f"needed on worker {self.address}")
+        return await self._run_batch(tasks, return_values, failed)
+
+    def _run_batch(self, tasks: list, return_values: int, failed: dict) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        result = loop.create_future()
+        runnable = [task for index, task in enumerate(tasks) if index not in failed] if failed else tasks
+        chunks = _split(runnable, self.ncores)
+        if not chunks:
+            result.set_result(self._batch_replies(tasks, [], failed, return_values))
+            return result
+        outcomes: list = [None] * len(chunks)
+        remaining = [len(chunks)]
+        self.executing += len(runnable)
+
+        def chunk_done(index: int, future: asyncio.Future) -> None:
+            remaining[0] -= 1
+            if future.cancelled():
+                outcomes[index] = [(False, ConnectionAbortedError("worker shutting down"), "", 0.0, 0.0)] * len(chunks[index])
+            elif future.exception() is not None:
+                outcomes[index] = [(False, future.exception(), "", 0.0, 0.0)] * len(chunks[index])
+            else:
+                outcomes[index] = future.result()
+            if remaining[0] == 0:
+                self.executing -= len(runnable)
+                if result.done():
+                    return
+                try:
+                    result.set_result(self._batch_replies(tasks, [e for chunk in outcomes for e in chunk], failed, return_values))
+                except Exception as exc:  # noqa: BLE001 - reply with the error rather than hang
+                    result.set_exception(exc)
+
+        data = self.data
+        for index, chunk in enumerate(chunks):
+            future = loop.run_in_executor(self.executor, _run_tasks, chunk, data)
+            future.add_done_callback(lambda f, i=index: chunk_done(i, f))
+        return result
+
+    def _batch_replies(self, tasks: list, outcomes: list, failed: dict, return_values: int) -> list:
+        flat = iter(outcomes)
         replies = []
         for index, task in enumerate(tasks):
             key = task[0]

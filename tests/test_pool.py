@@ -1,0 +1,260 @@
+"""Pool on a real cluster of subprocess workers."""
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import zdist
+from zdist import LostDataError, Pool, RemoteData, rpc
+
+from .conftest import make_cluster, wait_for
+
+
+def inc(x):
+    return x + 1
+
+
+def boom(x):
+    if x == 3:
+        raise ValueError(f"bad element {x}")
+    return x
+
+
+def slow_inc(x, delay=0.05):
+    time.sleep(delay)
+    return x + 1
+
+
+def center_keys(pool: Pool) -> int:
+    async def count() -> int:
+        async with rpc(pool.center_address, timeout=5) as center:
+            return len(await center.who_has())
+
+    return asyncio.run(count())
+
+
+@pytest.fixture
+def pool(cluster):
+    with Pool(cluster.center_address) as p:
+        yield p
+
+
+def test_seed_session(cluster):
+    pool = Pool(cluster.center_address)
+    try:
+        cores = pool.sync_center()
+        assert cores == pool.available_cores
+        assert sorted(cores) == sorted(cluster.worker_addresses)
+        assert all(n == 1 for n in cores.values())
+        A = pool.map(lambda x: x**2, range(10))
+        B = pool.map(lambda x: -x, A)
+        total = pool.apply(sum, [B])
+        assert total.get() == -285
+        assert pool.gather(A) == [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]
+        assert repr(total).startswith(f"RemoteData<center={cluster.center_address}, key=sum-")
+    finally:
+        pool.close()
+    pool.join()
+
+
+def test_apply_async_many_concurrent(pool):
+    handles = [pool.apply_async(slow_inc, (i,), {"delay": 0.005}) for i in range(200)]
+    assert all(isinstance(h, RemoteData) for h in handles)
+    assert [h.get(timeout=60) for h in handles] == list(range(1, 201))
+    assert all(h.ready() and h.successful() for h in handles)
+
+
+def test_ready_wait_successful(pool):
+    handle = pool.apply_async(slow_inc, (1,), {"delay": 0.3})
+    assert not handle.ready()
+    with pytest.raises(ValueError):
+        handle.successful()
+    handle.wait(timeout=30)
+    assert handle.ready() and handle.successful()
+    with pytest.raises(TimeoutError):
+        pool.apply_async(slow_inc, (1,), {"delay": 2}).get(timeout=0.1)
+
+
+def test_nested_remote_data_arguments(pool):
+    a, b, c = pool.scatter([1, 2, 3])
+    result = pool.apply(lambda d, t, l: d["x"] + t[0][1] + sum(l), ({"x": a}, ((0, b),), [c, c]))
+    assert result.get() == 1 + 2 + 6
+    kw = pool.apply(lambda x, y=0: x * y, (a,), {"y": c})
+    assert kw.get() == 3
+
+
+def test_map_with_an_exception(pool):
+    with pytest.raises(ValueError, match="bad element 3") as info:
+        pool.map(boom, range(6))
+    assert "Remote traceback" in str(info.value.__cause__) or "boom" in getattr(info.value, "remote_traceback", "")
+    handles = pool.map_async(boom, range(6))
+    for h in handles:
+        h.wait(30)
+    assert [h.successful() for h in handles] == [True, True, True, False, True, True]
+    assert [h.get() for i, h in enumerate(handles) if i != 3] == [0, 1, 2, 4, 5]
+    with pytest.raises(ValueError) as info:
+        handles[3].get()
+    assert "boom" in info.value.remote_traceback
+
+
+def test_starmap_and_kwargs(pool):
+    assert pool.gather(pool.starmap(lambda a, b: a * b, [(1, 2), (3, 4)])) == [2, 12]
+    assert pool.apply(slow_inc, (1,), {"delay": 0}).get() == 2
+
+
+def test_scatter_gather_across_workers(pool, cluster):
+    values = [np.arange(i, i + 5) for i in range(6)]
+    handles = pool.scatter(values)
+    holders = asyncio.run(_who_has(pool.center_address, [h.key for h in handles]))
+    assert {w for ws in holders.values() for w in ws} == set(cluster.worker_addresses)
+    gathered = pool.gather(handles)
+    assert all((g == v).all() for g, v in zip(gathered, values))
+    one = pool.scatter([b"abc"], workers=[cluster.worker_addresses[1]])[0]
+    holders = asyncio.run(_who_has(pool.center_address, [one.key]))
+    assert holders[one.key] == {cluster.worker_addresses[1]}
+
+
+async def _who_has(center_address, keys):
+    async with rpc(center_address, timeout=5) as center:
+        return await center.who_has(keys=keys)
+
+
+def test_values_released_when_handles_dropped(pool):
+    assert center_keys(pool) == 0
+    A = pool.map(inc, range(20))
+    B = pool.map(inc, A)
+    wait_for(lambda: center_keys(pool) == 40, message="40 keys on the cluster")
+    del A
+    gc.collect()
+    # A is still needed as lineage? No: B is finished, so A may go.
+    wait_for(lambda: center_keys(pool) == 20, message="A released")
+    assert pool.gather(B) == list(range(2, 22))
+    del B
+    gc.collect()
+    wait_for(lambda: center_keys(pool) == 0, message="everything released")
+
+
+def test_delete_and_close_release_everything(cluster):
+    pool = Pool(cluster.center_address)
+    A = pool.map(inc, range(10))
+    pool.delete(A[:5])
+    wait_for(lambda: center_keys(pool) == 5)
+    pool.scatter([1, 2, 3])
+    pool.close()
+
+    async def count():
+        async with rpc(cluster.center_address, timeout=5) as center:
+            return len(await center.who_has())
+
+    wait_for(lambda: asyncio.run(count()) == 0, message="pool.close() released all keys")
+    with pytest.raises(ValueError):
+        pool.map(inc, [1])
+
+
+def test_locality_map_over_remote_data_moves_nothing(pool, cluster):
+    A = pool.map(lambda x: np.ones(1000) * x, range(20))
+
+    async def fetched():
+        out = {}
+        for address in cluster.worker_addresses:
+            async with rpc(address, timeout=5) as w:
+                out[address] = await w.metrics()
+        return out
+
+    before = asyncio.run(fetched())
+    B = pool.map(lambda a: a.sum(), A)
+    assert pool.gather(B) == [1000.0 * x for x in range(20)]
+    after = asyncio.run(fetched())
+    for address in cluster.worker_addresses:
+        assert after[address]["bytes_fetched"] == before[address]["bytes_fetched"]
+        assert after[address]["ops_served"].get("get_data", 0) == before[address]["ops_served"].get("get_data", 0)
+
+
+def test_apply_runs_where_most_bytes_are(pool, cluster):
+    big = pool.scatter([np.ones(500_000)], workers=[cluster.worker_addresses[0]])[0]
+    small = pool.scatter([np.ones(10)], workers=[cluster.worker_addresses[1]])[0]
+    total = pool.apply(lambda a, b: a.sum() + b.sum(), (big, small))
+    assert total.get() == 500_010
+    holders = asyncio.run(_who_has(pool.center_address, [total.key]))
+    assert holders[total.key] == {cluster.worker_addresses[0]}
+
+
+def test_pool_without_address_starts_and_stops_its_cluster():
+    with Pool(processes=2) as pool:
+        assert len(pool.available_cores) == 2
+        assert pool.gather(pool.map(inc, range(5))) == [1, 2, 3, 4, 5]
+        cluster = pool._cluster
+        assert cluster is not None
+    assert cluster.status == "closed"
+
+
+def test_pool_inside_a_running_event_loop(cluster):
+    async def main():
+        with Pool(cluster.center_address) as pool:
+            return pool.apply(inc, (1,)).get()
+
+    assert asyncio.run(main()) == 2
+
+
+def test_worker_killed_during_map(cluster):
+    cluster.start_worker()  # three workers, so two survive
+    with Pool(cluster.center_address) as pool:
+        victim = cluster.worker_addresses[0]
+        killer = threading.Timer(0.4, cluster.kill_worker, (victim,))
+        killer.start()
+        try:
+            results = pool.map(slow_inc, range(60))
+            assert pool.gather(results) == list(range(1, 61))
+        finally:
+            killer.cancel()
+            killer.join()
+
+
+def test_scattered_value_lost_with_its_worker(cluster):
+    with Pool(cluster.center_address) as pool:
+        w0, w1 = cluster.worker_addresses
+        A = pool.scatter([10, 20], workers=[w1])
+        B = pool.map(inc, A)  # runs on w1, where A is
+        assert all(h == {w1} for h in asyncio.run(_who_has(pool.center_address, [b.key for b in B])).values())
+        cluster.kill_worker(w1)
+        wait_for(lambda: list(pool.sync_center()) == [w0], timeout=15)
+        with pytest.raises(LostDataError, match=r"scatter.*lost") as info:
+            A[0].get(timeout=30)
+        assert info.value.key == A[0].key and info.value.worker == w1
+        with pytest.raises(LostDataError):  # B's input is gone for good
+            B[0].get(timeout=30)
+        assert pool.apply(inc, (1,)).get() == 2  # the pool still works
+
+
+def test_lost_values_recomputed_on_demand(cluster):
+    with Pool(cluster.center_address) as pool:
+        w0, w1 = cluster.worker_addresses
+        B = pool.map(inc, range(10))
+        C = pool.map(inc, B)
+        where = asyncio.run(_who_has(pool.center_address, [c.key for c in C]))
+        assert any(w1 in h for h in where.values()), "work was spread over both workers"
+        cluster.kill_worker(w1)
+        wait_for(lambda: list(pool.sync_center()) == [w0], timeout=15)
+        assert pool.gather(C) == list(range(2, 12))  # rebuilt from lineage, recursively
+        assert pool.gather(B) == list(range(1, 11))
+        D = pool.map(inc, C)
+        assert pool.gather(D) == list(range(3, 13))
+
+
+def test_remote_data_cannot_be_pickled(pool):
+    import pickle
+
+    handle = pool.apply(inc, (1,))
+    with pytest.raises(TypeError, match="belongs to its Pool"):
+        pickle.dumps(handle)
+
+
+def test_unpicklable_result_gives_a_clear_error(pool):
+    handle = pool.apply(lambda: threading.Lock())
+    with pytest.raises(TypeError, match="cannot be serialized"):
+        handle.get()
