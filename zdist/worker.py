@@ -78,7 +78,7 @@ class Worker(Node):
     >>> async def demo():
     ...     async with Center() as center:
     ...         async with Worker(center.address) as worker:
-    ...             await worker.update_data(data={'x': 1, 'y': 2})
+    ...             worker.update_data(data={'x': 1, 'y': 2})
     ...             status, meta = await worker.compute(function=lambda a, b: a + b, keys=['x', 'y'], key='z')
     ...             return status, meta['key'], worker.data['z']
     >>> asyncio.run(demo())

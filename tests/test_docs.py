@@ -1,0 +1,36 @@
+"""Every Python example in README.md and docs/ runs and prints what it says."""
+from __future__ import annotations
+
+import doctest
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_document_examples_run(path):
+    result = doctest.testfile(str(path), module_relative=False, optionflags=FLAGS, verbose=False, raise_on_error=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {path.name} failed (see output above)"
+
+
+def test_demo_runs(capsys):
+    from zdist import demo
+
+    demo.main()
+    out = capsys.readouterr().out
+    assert "-285" in out and "[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]" in out
+
+
+MODULES = ["zdist.protocol.message", "zdist.protocol.serialize", "zdist.comm", "zdist.loop", "zdist.center", "zdist.worker", "zdist.rpc", "zdist.cluster", "zdist.pool"]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_docstring_examples_run(module):
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=FLAGS)
+    assert result.failed == 0
