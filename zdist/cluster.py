@@ -63,12 +63,12 @@ class LocalCluster:
         self.start_timeout = start_timeout
         self.worker_kwargs = worker_kwargs or {}
         self.security = security
-        self._owns_security_dir: str | None = None
+        self._owns_security = False
         if security is True:
             from .security import Security
 
             self.security = Security.temporary()
-            self._owns_security_dir = self.security.directory
+            self._owns_security = True
         self.center_address: str = ""
         self.worker_addresses: list[str] = []
         self.center_process: subprocess.Popen | None = None
@@ -119,8 +119,8 @@ class LocalCluster:
         if self.center_process is not None:
             _terminate(self.center_process)
             _wait_or_kill(self.center_process)
-        if self._owns_security_dir:
-            shutil.rmtree(self._owns_security_dir, ignore_errors=True)
+        if self._owns_security:
+            self.security.cleanup()
         shutil.rmtree(self._log_dir, ignore_errors=True)
 
     def __del__(self) -> None:

@@ -59,6 +59,13 @@ class Node:
     async def start(self) -> "Node":
         """Bind the ROUTER socket (port 0 picks a free port) and start serving."""
         curve = self.security.server_socket_setup if self.security else None
+        if self.security is None and not _is_loopback(self.host):
+            logger.warning(
+                "%s listening on %s without CURVE security: anyone who can reach this port can run code on this machine. "
+                "Create keys with `zdist-keys DIR` and start every node with `--key DIR/zdist.key_secret`.",
+                type(self).__name__,
+                self.host,
+            )
         sock = make_socket(zmq.ROUTER, max_message_size=self.max_message_size, curve=curve)
         try:
             if self.port:
@@ -70,6 +77,12 @@ class Node:
             raise OSError(f"cannot listen on {self.host}:{self.port}: {exc}. Is another node using that port?") from None
         self._done = asyncio.Event()
         self.stream = Stream(sock, self._on_message, max_message_size=self.max_message_size, on_oversize=self._on_oversize)
+        self._monitor: Stream | None = None
+        if self.security is not None:
+            self._monitor = Stream(
+                sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH),
+                self._on_monitor_event,
+            )
         self.status = "running"
         await self.on_start()
         return self
@@ -92,6 +105,8 @@ class Node:
                 task.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            if getattr(self, "_monitor", None) is not None:
+                self._monitor.close()
             if self.stream is not None:
                 self.stream.close()
             self.status = "closed"
@@ -120,6 +135,17 @@ class Node:
             await self.finished()
 
         asyncio.run(main())
+
+    def _on_monitor_event(self, frames: list) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        event = parse_monitor_message([f.bytes for f in frames])
+        endpoint = event.get("endpoint", b"")
+        logger.warning(
+            "%s refused a connection (%s): CURVE handshake failed, the peer has no authorized key",
+            self.address,
+            endpoint.decode(errors="replace") if isinstance(endpoint, bytes) else endpoint,
+        )
 
     # -------------------------------------------------------------- built-in ops
 
@@ -221,3 +247,15 @@ class Node:
             return ProtocolError(f"bad arguments for {request.op!r}: {bind_error}; it takes {inspect.signature(handler)}", request.id)
         return exc
 
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    if host in ("localhost", "::1"):
+        return True
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False

@@ -449,6 +449,8 @@ class _Engine:
         if info["generation"] == self.generation:
             return
         self.generation = info["generation"]
+        if self.pool.security is not None:
+            self.pool.security.learn(info["workers"])
         current = {address: w["ncores"] for address, w in info["workers"].items()}
         for gone in set(self.ncores) - set(current):
             self._worker_died(gone)

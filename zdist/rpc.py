@@ -86,7 +86,7 @@ class Connection:
     def __init__(self, address: str, *, timeout: float | None = DEFAULT_TIMEOUT, security: Any = None, max_message_size: int | None = None):
         self.address = normalize_address(address)
         self.timeout = timeout
-        curve = security.client_socket_setup if security else None
+        curve = (lambda s: security.client_socket_setup(s, self.address)) if security else None
         sock = make_socket(zmq.DEALER, curve=curve, max_message_size=max_message_size)
         sock.connect(tcp(self.address))
         self.loop = asyncio.get_running_loop()
@@ -142,7 +142,10 @@ class Connection:
         future = self.pending.pop(request_id, None)
         if future is not None and not future.done():
             future.set_exception(
-                RPCTimeoutError(f"{self.address} did not answer {op!r} within {timeout} s; is the node running and reachable?")
+                RPCTimeoutError(
+                    f"{self.address} did not answer {op!r} within {timeout} s; is the node running and reachable"
+                    " (and, where the cluster uses CURVE security, is your key authorized)?"
+                )
             )
 
     def fail_pending(self, exc: BaseException) -> None:

@@ -169,6 +169,7 @@ class Worker(Node):
                 "name": self.name,
                 "keys": dict(self.nbytes),
                 "pid": os.getpid(),
+                **({"public_key": self.security.public_key_text} if self.security else {}),
             },
             timeout=max(2.0, self.heartbeat_interval * 4),
         )
@@ -378,6 +379,9 @@ class Worker(Node):
 
     async def _fetch_from(self, address: str, keys: list) -> dict:
         """get_data from a peer; give up early if the Center drops that peer meanwhile."""
+        if self.security is not None and address not in self.security.server_keys and address not in self.peers.connections:
+            # The peer may have a key pair of its own: the Center knows its public key.
+            self.security.learn(await self.peers.get(self.center_address).request("workers", {}))
         request = self.peers.get(address).request("get_data", {"keys": keys})
         center = self.peers.get(self.center_address)
         while True:
