@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import defaultdict
 from typing import Any, Iterable
 
 from .comm import normalize_address
 from .node import Node
+from .rpc import ConnectionPool
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,9 @@ class Center(Node):
         self.removed_workers: list[tuple[float, str, str]] = []  # (when, address, why)
         self.generation = 0  # bumps whenever the set of workers changes
         self.started = time.time()
+        self.id = uuid.uuid4().hex  # tells clients that a Center restarted
+        self.replicas: dict[Any, int] = {}  # key → copies wanted (only keys asking for more than one)
+        self._peers: ConnectionPool | None = None
         self.handlers.update(
             {
                 "register": self.register,
@@ -57,16 +62,20 @@ class Center(Node):
                 "ncores": self.ncores,
                 "workers": self.workers,
                 "info": self.info,
+                "set_replicas": self.set_replicas,
             }
         )
         self._reaper: asyncio.Task | None = None
 
     async def on_start(self) -> None:
         self._reaper = asyncio.ensure_future(self._reap_dead_workers())
+        self._peers = ConnectionPool(timeout=10, security=self.security)
 
     async def on_stop(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
+        if self._peers is not None:
+            self._peers.close()
 
     async def _reap_dead_workers(self) -> None:
         interval = max(0.05, min(1.0, self.heartbeat_timeout / 4))
@@ -135,6 +144,39 @@ class Center(Node):
         if record:
             self.removed_workers.append((time.time(), address, why))
             del self.removed_workers[:-100]
+        if self.replicas and keys:
+            self._restore_replicas(keys)
+
+    def set_replicas(self, keys: dict) -> str:
+        """Keep ``{key: n}`` copies of each key: when a holder dies, another worker copies it."""
+        for key, n in keys.items():
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"replicas must be a positive integer, got {n!r} for {key!r}")
+            if n > 1:
+                self.replicas[key] = n
+            else:
+                self.replicas.pop(key, None)
+        self._restore_replicas(list(keys))
+        return "OK"
+
+    def _restore_replicas(self, keys: Iterable) -> None:
+        """Ask workers that lack a copy to fetch one from a surviving holder (peer to peer)."""
+        if self._peers is None:
+            return
+        wanted: dict[str, list] = defaultdict(list)
+        load = {address: info["nbytes"] for address, info in self.worker_info.items()}
+        for key in keys:
+            n = self.replicas.get(key)
+            holders = self.who_has_table.get(key)
+            if not n or not holders:
+                continue
+            candidates = sorted((a for a in self.worker_info if a not in holders), key=lambda a: load[a])
+            for address in candidates[: max(0, n - len(holders))]:
+                wanted[address].append(key)
+                load[address] += self.nbytes_table.get(key, 0)
+        for address, missing in wanted.items():
+            logger.info("asking %s to copy %d keys to restore their replicas", address, len(missing))
+            self._peers.get(address).send("fetch_keys", keys=missing)
 
     # -------------------------------------------------------------- keys
 
@@ -172,6 +214,7 @@ class Center(Node):
                 if not holders:
                     del self.who_has_table[key]
                     self.nbytes_table.pop(key, None)
+                    self.replicas.pop(key, None)
         return "OK"
 
     # -------------------------------------------------------------- queries
@@ -204,6 +247,7 @@ class Center(Node):
         """A summary for clients: workers, generation, recent removals."""
         return {
             "address": self.address,
+            "id": self.id,
             "workers": self.workers(),
             "generation": self.generation,
             "removed": [list(entry) for entry in self.removed_workers[-20:]],

@@ -239,6 +239,33 @@ class LocalCluster:
         self.wait_for_workers(len(self.live_worker_addresses()))
         return address
 
+    def kill_center(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the Center subprocess, as a crash would."""
+        self.center_process.send_signal(sig)
+        self.center_process.wait(10)
+        if self.center_process.stdout is not None:
+            self.center_process.stdout.close()
+
+    def restart_center(self) -> None:
+        """Start a new Center at the same address (after :meth:`kill_center`)."""
+        if self.center_process is not None and self.center_process.poll() is None:
+            self.kill_center()
+        host, port = self.center_address.rsplit(":", 1)
+        deadline = time.monotonic() + self.start_timeout
+        while True:  # the old socket may linger in the kernel for a moment
+            try:
+                process, _ = self._spawn(
+                    "center",
+                    [*CENTER_PROGRAM, "--host", host, "--port", port, "--heartbeat-timeout", str(self.heartbeat_timeout), *self._common_args()],
+                    "Start center at",
+                )
+                break
+            except ClusterStartError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.center_process = process
+
     def live_worker_addresses(self) -> list[str]:
         return [a for a, p in self.worker_processes.items() if p.poll() is None]
 

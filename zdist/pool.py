@@ -54,7 +54,7 @@ class _Task:
 
     __slots__ = (
         "key", "function", "args", "kwargs", "deps", "status", "holders", "nbytes", "value",
-        "error", "refcount", "waiting_on", "dependents", "worker", "deaths", "scattered", "lost_on",
+        "error", "refcount", "waiting_on", "dependents", "worker", "deaths", "scattered", "lost_on", "replicas",
     )
 
     def __init__(self, key: Any, function: Callable | None, args: tuple, kwargs: dict | None, deps: list):
@@ -75,6 +75,7 @@ class _Task:
         self.deaths = 0
         self.scattered = function is None
         self.lost_on: str | None = None
+        self.replicas = 1
 
 
 class RemoteData:
@@ -244,8 +245,15 @@ class Pool:
         self._wait([h._task for h in handles], None, raise_errors=True)
         return handles
 
-    def scatter(self, values: Iterable, workers: Iterable[str] | None = None) -> list[RemoteData]:
-        """Put local values on the cluster, spread over workers by their cores."""
+    def scatter(self, values: Iterable, workers: Iterable[str] | None = None, replicas: int = 1) -> list[RemoteData]:
+        """Put local values on the cluster, spread over workers by their cores.
+
+        With ``replicas=n`` each value lives on ``n`` workers, and the Center
+        restores that count when a holder dies: scattered data then survives
+        the loss of a worker.
+        """
+        if not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
         self._check_running()
         values = list(values)
         targets = [normalize_address(w) for w in workers] if workers is not None else None
@@ -256,6 +264,7 @@ class Pool:
                 key = f"scatter-{self._prefix}-{next(self._counter)}"
                 task = _Task(key, None, (), None, [])
                 task.value = value
+                task.replicas = replicas
                 self._tasks[key] = task
                 tasks.append(task)
                 handles.append(RemoteData(key, self, task))
@@ -422,6 +431,8 @@ class _Engine:
         self.connections = ConnectionPool(timeout=pool.timeout, security=pool.security)
         self.ncores: dict[str, int] = {}
         self.generation = -1
+        self.center_id: str | None = None
+        self.grace_until = 0.0  # after a Center restart, missing workers are not yet dead
         self.shared: deque[_Task] = deque()  # tasks that may run anywhere
         self.local: dict[str, deque] = defaultdict(deque)  # tasks that prefer a worker
         self.in_flight: dict[str, int] = defaultdict(int)  # batches per worker
@@ -446,12 +457,21 @@ class _Engine:
         return dict(self.ncores)
 
     def _update_workers(self, info: dict) -> None:
-        if info["generation"] == self.generation:
+        if info.get("id") != self.center_id:
+            if self.center_id is not None:
+                logger.warning("the center restarted; waiting for workers to register again")
+                self.grace_until = time.monotonic() + info.get("heartbeat_timeout", 5.0) + 2.0
+            self.center_id = info.get("id")
+            self.generation = -1
+        if info["generation"] == self.generation and time.monotonic() > self.grace_until:
             return
         self.generation = info["generation"]
         if self.pool.security is not None:
             self.pool.security.learn(info["workers"])
         current = {address: w["ncores"] for address, w in info["workers"].items()}
+        if time.monotonic() < self.grace_until:
+            # Workers re-register one by one with a restarted Center: keep the ones we knew.
+            current = {**self.ncores, **current}
         for gone in set(self.ncores) - set(current):
             self._worker_died(gone)
         self.ncores = current
@@ -497,6 +517,9 @@ class _Engine:
             if address in task.holders:
                 task.holders.discard(address)
                 if not task.holders and task.status == FINISHED:
+                    if task.replicas > 1:
+                        task.lost_on = address
+                        continue  # the Center restores copies; fetch asks it who holds them
                     task.status = LOST
                     task.lost_on = address
                     if task.dependents:
@@ -753,20 +776,39 @@ class _Engine:
         workers = targets or _spread(self.ncores)
         if not workers:
             raise NoWorkersError("the cluster has no workers to scatter to")
+        distinct = list(dict.fromkeys(workers))
         by_worker: dict[str, list[_Task]] = defaultdict(list)
-        for task, worker in zip(tasks, itertools.cycle(workers)):
+        for index, (task, worker) in enumerate(zip(tasks, itertools.cycle(workers))):
             by_worker[worker].append(task)
+            if task.replicas > 1:
+                if task.replicas > len(distinct):
+                    raise ValueError(f"replicas={task.replicas} but only {len(distinct)} workers to hold copies")
+                start = distinct.index(worker)
+                for extra in range(1, task.replicas):
+                    by_worker[distinct[(start + extra) % len(distinct)]].append(task)
         replies = await asyncio.gather(
             *(self.connections.get(w).request("update_data", {"data": {t.key: t.value for t in ts}}) for w, ts in by_worker.items())
         )
         for (worker, ts), (_, meta) in zip(by_worker.items(), replies):
             for task in ts:
                 task.status = FINISHED
-                task.holders = {worker}
+                task.holders.add(worker)
                 task.nbytes = meta["nbytes"][task.key]
+        replicated = {task.key: task.replicas for task in tasks if task.replicas > 1}
+        if replicated:
+            await self.center.request("set_replicas", {"keys": replicated})
+
+    async def _ask_center_holders(self, tasks: list[_Task]) -> None:
+        """Learn holders the pool does not know of (replicas the Center restored)."""
+        who_has = await self.center.request("who_has", {"keys": [t.key for t in tasks]})
+        for task in tasks:
+            task.holders.update(w for w in who_has.get(task.key, ()) if w in self.ncores)
 
     async def fetch(self, tasks: list[_Task]) -> bool:
         """Bring values here; recompute lost ones. True once all are here."""
+        unknown = [t for t in tasks if t.value is _NO_VALUE and t.scattered and not any(w in self.ncores for w in t.holders)]
+        if unknown:
+            await self._ask_center_holders(unknown)
         by_worker: dict[str, list[_Task]] = defaultdict(list)
         for task in tasks:
             if task.value is not _NO_VALUE:
@@ -811,11 +853,27 @@ class _Engine:
         for worker in holders:
             if worker in self.ncores:
                 self._delete_later(worker, task.key)
+        if task.replicas > 1:
+            self._spawn(self._delete_all_copies(task.key))
         for dep in task.deps:
             dep_task = self.tasks.get(dep)
             if dep_task is not None:
                 dep_task.dependents.discard(task.key)
                 self.maybe_forget(dep_task)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _delete_all_copies(self, key: Any) -> None:
+        try:
+            await self.center.request("set_replicas", {"keys": {key: 1}})
+            who_has = await self.center.request("who_has", {"keys": [key]})
+            for worker in who_has.get(key, ()):
+                self.connections.get(worker).send("delete_data", keys=[key])
+        except Exception as exc:
+            logger.info("could not delete every copy of %r: %s", key, exc)
 
     def _delete_later(self, worker: str, key: Any) -> None:
         """Batch deletions: one delete_data message per worker per loop turn."""
@@ -834,6 +892,9 @@ class _Engine:
                 logger.info("could not delete %d keys on %s: %s", len(keys), worker, exc)
 
     async def delete(self, tasks: list[_Task]) -> None:
+        replicated = [task for task in tasks if task.replicas > 1]
+        if replicated:
+            await self._ask_center_holders(replicated)
         by_worker: dict[str, list] = defaultdict(list)
         for task in tasks:
             for worker in task.holders:
@@ -852,6 +913,12 @@ class _Engine:
             self._watcher.cancel()
         if wait:
             by_worker: dict[str, list] = defaultdict(list)
+            replicated = [task for task in self.tasks.values() if task.replicas > 1]
+            if replicated:
+                try:
+                    await self._ask_center_holders(replicated)
+                except Exception as exc:
+                    logger.info("could not ask the center where replicas are: %s", exc)
             for task in self.tasks.values():
                 for worker in task.holders:
                     by_worker[worker].append(task.key)

@@ -131,6 +131,7 @@ class Worker(Node):
                 "keys": self.keys,
                 "metrics": self.metrics,
                 "get_task_log": self.get_task_log,
+                "fetch_keys": self.fetch_keys,
             }
         )
 
@@ -313,6 +314,23 @@ class Worker(Node):
 
     # -------------------------------------------------------------- peer to peer
 
+    async def fetch_keys(self, keys: Iterable) -> str:
+        """Copy keys here from the workers that hold them (to restore replicas)."""
+        await self.gather_deps(list(keys))
+        return "OK"
+
+    async def _ask_center(self, op: str, args: dict) -> Any:
+        """A request to the Center that waits out a Center restart (up to ``peer_timeout``)."""
+        deadline = time.monotonic() + self.peer_timeout
+        while True:
+            try:
+                return await self.peers.get(self.center_address).request(op, args, timeout=max(2.0, self.heartbeat_interval * 4))
+            except (RPCTimeoutError, CommClosedError) as exc:
+                if time.monotonic() > deadline:
+                    raise ConnectionError(f"center {self.center_address} did not answer {op!r} for {self.peer_timeout} s") from exc
+                self.peers.remove(self.center_address)
+                await asyncio.sleep(0.2)
+
     async def gather_deps(self, keys: Iterable) -> None:
         """Make sure every key is held here, fetching missing ones from peers."""
         missing = [key for key in dict.fromkeys(keys) if key not in self.data]
@@ -343,8 +361,7 @@ class Worker(Node):
             raise MissingDataError(still, f"fetched but then deleted on worker {self.address}")
 
     async def _fetch(self, keys: list) -> None:
-        center = self.peers.get(self.center_address)
-        who_has = await center.request("who_has", {"keys": keys})
+        who_has = await self._ask_center("who_has", {"keys": keys})
         tried: dict[Any, set] = {key: set() for key in keys}
         remaining = list(keys)
         for _attempt in range(3):
@@ -374,7 +391,7 @@ class Worker(Node):
                     self.bytes_fetched += nbytes
             if not remaining:
                 return
-            who_has = await center.request("who_has", {"keys": remaining})
+            who_has = await self._ask_center("who_has", {"keys": remaining})
         raise MissingDataError(remaining, f"every holder failed to send them to worker {self.address}")
 
     async def _fetch_from(self, address: str, keys: list) -> dict:
@@ -383,16 +400,19 @@ class Worker(Node):
             # The peer may have a key pair of its own: the Center knows its public key.
             self.security.learn(await self.peers.get(self.center_address).request("workers", {}))
         request = self.peers.get(address).request("get_data", {"keys": keys})
-        center = self.peers.get(self.center_address)
+        absent = 0
         while True:
             done, _ = await asyncio.wait({request}, timeout=max(1.0, self.heartbeat_interval * 2))
             if done:
                 return request.result()
             try:
-                workers = await center.request("ncores", {}, timeout=5.0)
+                workers = await self.peers.get(self.center_address).request("ncores", {}, timeout=5.0)
             except Exception:
                 continue
-            if address not in workers:
+            # Absent several times in a row: a restarted Center lists workers
+            # again only as they re-register.
+            absent = absent + 1 if address not in workers else 0
+            if absent >= 3:
                 request.cancel()
                 self.peers.remove(address)
                 raise ConnectionError(f"peer {address} died while sending {len(keys)} keys")
