@@ -258,3 +258,10 @@ def test_unpicklable_result_gives_a_clear_error(pool):
     handle = pool.apply(lambda: threading.Lock())
     with pytest.raises(TypeError, match="cannot be serialized"):
         handle.get()
+
+
+def test_map_progress_bar_reaches_total(pool, capsys):
+    handles = pool.map(slow_inc, range(30), progress=True)
+    assert len(handles) == 30
+    err = capsys.readouterr().err
+    assert "30/30" in err and "100%" in err

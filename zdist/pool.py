@@ -227,22 +227,24 @@ class Pool:
         """Like :meth:`map` but returns the list of :class:`RemoteData` at once."""
         return self._submit(func, [(item,) for item in iterable])
 
-    def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list[RemoteData]:
+    def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None, progress: bool = False) -> list[RemoteData]:
         """``[func(x) for x in iterable]`` on the cluster, results left there as RemoteData.
 
-        Returns once every task is done; raises the first task's exception if any failed.
+        Returns once every task is done; raises the first task's exception if
+        any failed. ``progress=True`` shows a tqdm progress bar (terminal or
+        Jupyter).
         """
         handles = self.map_async(func, iterable)
-        self._wait([h._task for h in handles], None, raise_errors=True)
+        self._wait([h._task for h in handles], None, raise_errors=True, progress=progress)
         return handles
 
     def starmap_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list[RemoteData]:
         return self._submit(func, [tuple(args) for args in iterable])
 
-    def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list[RemoteData]:
+    def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None, progress: bool = False) -> list[RemoteData]:
         """``[func(*args) for args in iterable]`` on the cluster."""
         handles = self.starmap_async(func, iterable)
-        self._wait([h._task for h in handles], None, raise_errors=True)
+        self._wait([h._task for h in handles], None, raise_errors=True, progress=progress)
         return handles
 
     def scatter(self, values: Iterable, workers: Iterable[str] | None = None, replicas: int = 1) -> list[RemoteData]:
@@ -307,10 +309,21 @@ class Pool:
             values.append(value)
         return values
 
-    def _wait(self, tasks: list[_Task], timeout: float | None, raise_errors: bool) -> None:
+    def _wait(self, tasks: list[_Task], timeout: float | None, raise_errors: bool, progress: Any = False) -> None:
+        bar = progress_bar(len(tasks), "tasks") if progress else None
+        try:
+            self._wait_for(tasks, timeout, raise_errors, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _wait_for(self, tasks: list[_Task], timeout: float | None, raise_errors: bool, bar: Any) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
             while True:
+                if bar is not None:
+                    done = sum(1 for task in tasks if task.status in (FINISHED, ERROR))
+                    bar.update(done - bar.n)
                 unfinished = False
                 lost = []
                 for task in tasks:
@@ -941,3 +954,10 @@ def _spread(ncores: dict[str, int]) -> list[str]:
                 slots.append(worker)
                 remaining[worker] -= 1
     return slots
+
+
+def progress_bar(total: int, unit: str) -> Any:
+    """A tqdm bar that suits where we run: a widget in Jupyter, text in a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, dynamic_ncols=True, mininterval=0.2)
