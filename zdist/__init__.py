@@ -10,11 +10,12 @@ from .errors import LostDataError, MissingDataError, NoWorkersError, WorkerDiedE
 from .pool import Pool, RemoteData
 from .protocol import ProtocolError
 from .rpc import RemoteError, RPCTimeoutError, rpc
+from .security import Security
 from .worker import Worker
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Center", "LocalCluster", "LostDataError", "MissingDataError", "NoWorkersError", "Pool", "ProtocolError", "RemoteData",
-    "RPCTimeoutError", "RemoteError", "Worker", "WorkerDiedError", "rpc",
+    "RPCTimeoutError", "RemoteError", "Security", "Worker", "WorkerDiedError", "rpc",
 ]
