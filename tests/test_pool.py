@@ -110,13 +110,12 @@ def test_starmap_and_kwargs(pool):
 def test_scatter_gather_across_workers(pool, cluster):
     values = [np.arange(i, i + 5) for i in range(6)]
     handles = pool.scatter(values)
-    holders = asyncio.run(_who_has(pool.center_address, [h.key for h in handles]))
-    assert {w for ws in holders.values() for w in ws} == set(cluster.worker_addresses)
+    wait_for(lambda: {w for ws in asyncio.run(_who_has(pool.center_address, [h.key for h in handles])).values() for w in ws}
+             == set(cluster.worker_addresses), message="values spread over both workers")
     gathered = pool.gather(handles)
     assert all((g == v).all() for g, v in zip(gathered, values))
     one = pool.scatter([b"abc"], workers=[cluster.worker_addresses[1]])[0]
-    holders = asyncio.run(_who_has(pool.center_address, [one.key]))
-    assert holders[one.key] == {cluster.worker_addresses[1]}
+    wait_for(lambda: asyncio.run(_who_has(pool.center_address, [one.key]))[one.key] == {cluster.worker_addresses[1]})
 
 
 async def _who_has(center_address, keys):
@@ -180,8 +179,7 @@ def test_apply_runs_where_most_bytes_are(pool, cluster):
     small = pool.scatter([np.ones(10)], workers=[cluster.worker_addresses[1]])[0]
     total = pool.apply(lambda a, b: a.sum() + b.sum(), (big, small))
     assert total.get() == 500_010
-    holders = asyncio.run(_who_has(pool.center_address, [total.key]))
-    assert holders[total.key] == {cluster.worker_addresses[0]}
+    wait_for(lambda: asyncio.run(_who_has(pool.center_address, [total.key]))[total.key] == {cluster.worker_addresses[0]})
 
 
 def test_pool_without_address_starts_and_stops_its_cluster():
@@ -220,7 +218,7 @@ def test_scattered_value_lost_with_its_worker(cluster):
         w0, w1 = cluster.worker_addresses
         A = pool.scatter([10, 20], workers=[w1])
         B = pool.map(inc, A)  # runs on w1, where A is
-        assert all(h == {w1} for h in asyncio.run(_who_has(pool.center_address, [b.key for b in B])).values())
+        wait_for(lambda: all(h == {w1} for h in asyncio.run(_who_has(pool.center_address, [b.key for b in B])).values()))
         cluster.kill_worker(w1)
         wait_for(lambda: list(pool.sync_center()) == [w0], timeout=15)
         with pytest.raises(LostDataError, match=r"scatter.*lost") as info:
@@ -236,8 +234,8 @@ def test_lost_values_recomputed_on_demand(cluster):
         w0, w1 = cluster.worker_addresses
         B = pool.map(inc, range(10))
         C = pool.map(inc, B)
-        where = asyncio.run(_who_has(pool.center_address, [c.key for c in C]))
-        assert any(w1 in h for h in where.values()), "work was spread over both workers"
+        wait_for(lambda: any(w1 in h for h in asyncio.run(_who_has(pool.center_address, [c.key for c in C])).values()),
+                 message="work was spread over both workers")
         cluster.kill_worker(w1)
         wait_for(lambda: list(pool.sync_center()) == [w0], timeout=15)
         assert pool.gather(C) == list(range(2, 12))  # rebuilt from lineage, recursively

@@ -41,6 +41,9 @@ SMALL_RESULT = 4096
 MAX_BATCH = 128
 #: Batches in flight per worker core: enough that a worker never waits for us.
 BATCHES_PER_CORE = 3
+#: Queued tasks per core a worker must have before an idle worker takes
+#: some of its data-local work (and moves their inputs).
+STEAL_THRESHOLD = 64
 #: How often the pool asks the Center whether workers came or went.
 WATCH_INTERVAL = 0.25
 
@@ -665,8 +668,9 @@ class _Engine:
             if task.status == PENDING:
                 batch.append(task)
         if not batch:
-            # Steal from the longest queue of another worker: its data moves, but no core idles.
-            others = [(len(q), w) for w, q in self.local.items() if w != worker and len(q) > 1]
+            # Steal from the longest queue of another worker, when it is long
+            # enough that an idle core is worth moving data for.
+            others = [(len(q), w) for w, q in self.local.items() if w != worker and len(q) > STEAL_THRESHOLD * self.ncores.get(w, 1)]
             if others:
                 _, victim = max(others)
                 queue = self.local[victim]
@@ -682,7 +686,9 @@ class _Engine:
             task.status = RUNNING
             task.worker = worker
             self.running[worker].add(task.key)
-            payload.append([task.key, task.function, task.args, task.kwargs or {}, task.deps])
+            # The top-level argument tuple goes as a msgpack list (cheaper than a
+            # tuple extension); the worker calls function(*args) either way.
+            payload.append([task.key, task.function, list(task.args), task.kwargs or {}, task.deps])
         self.in_flight[worker] += 1
         try:
             future = self.connections.get(worker).request("compute_batch", {"tasks": payload, "return_values": SMALL_RESULT}, timeout=None)

@@ -277,6 +277,8 @@ class Worker(Node):
             else:
                 self.data[key] = value
                 sizes[key] = self.nbytes[key] = sizeof(value)
+        if report:
+            self.flush_reports()  # tell the Center before the caller hears back
         return (b"OK", {"nbytes": sizes})
 
     def delete_data(self, keys: Iterable, report: bool = True) -> str:
@@ -538,11 +540,15 @@ class Worker(Node):
             self._store(key, value, extra)
             entry = [key, "ok", extra]
             if return_values and extra <= return_values:
-                try:
-                    entry.append(serialize(value))
-                except Exception:
-                    pass
+                if type(value) in _MSGPACK_NATIVE:
+                    entry.append(value)  # msgpack carries it as it is: no pickle either way
+                else:
+                    try:
+                        entry.append(serialize(value))
+                    except Exception:
+                        pass
             replies.append(entry)
+        self.flush_reports()  # tell the Center before the caller hears back
         return replies
 
 
@@ -563,6 +569,9 @@ class _ErrorWithTraceback:
             exc = RemoteError(f"{fields.get('type')}: {fields.get('message')}", fields.get("type", ""), fields.get("traceback", ""))
         exc.zdist_traceback = fields.get("traceback")
         return exc
+
+
+_MSGPACK_NATIVE = frozenset({int, float, str, bytes, bool, type(None)})
 
 
 def _split(tasks: list, n: int) -> list[list]:
