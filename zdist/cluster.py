@@ -53,6 +53,7 @@ class LocalCluster:
         security: Any = None,
         start_timeout: float = 30.0,
         worker_kwargs: dict | None = None,
+        dashboard: bool = False,
     ):
         self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
         self.threads_per_worker = threads_per_worker
@@ -62,6 +63,13 @@ class LocalCluster:
         self.heartbeat_interval = heartbeat_interval
         self.start_timeout = start_timeout
         self.worker_kwargs = worker_kwargs or {}
+        # The Center's web dashboard, on a free port (off by default: tests start many clusters).
+        self.dashboard = dashboard
+        self.dashboard_url: str | None = None
+        if dashboard:
+            from .dashboard import require_aiohttp
+
+            require_aiohttp()
         self.security = security
         self._owns_security = False
         if security is True:
@@ -148,7 +156,10 @@ class LocalCluster:
     # -------------------------------------------------------------- in-process nodes
 
     async def _start_in_process(self) -> None:
-        self.center = await Center(self.host, 0, heartbeat_timeout=self.heartbeat_timeout, security=self.security).start()
+        self.center = await Center(
+            self.host, 0, heartbeat_timeout=self.heartbeat_timeout, security=self.security, dashboard_port=0 if self.dashboard else None
+        ).start()
+        self.dashboard_url = self.center.dashboard.url if self.center.dashboard is not None else None
         self.center_address = self.center.address
         for i in range(self.n_workers):
             await self.start_worker_in_process(name=f"worker-{i}")
@@ -195,11 +206,12 @@ class LocalCluster:
     def _start_processes(self) -> None:
         process, line = self._spawn(
             "center",
-            [*CENTER_PROGRAM, "--host", self.host, "--port", "0", "--heartbeat-timeout", str(self.heartbeat_timeout), *self._common_args()],
+            [*CENTER_PROGRAM, "--host", self.host, "--port", "0", "--heartbeat-timeout", str(self.heartbeat_timeout), *self._common_args(), *self._dashboard_args()],
             "Start center at",
         )
         self.center_process = process
         self.center_address = line.split("Start center at", 1)[1].strip()
+        self._learn_dashboard_url()
         self.start_workers(self.n_workers)
 
     def _worker_args(self, name: str | None) -> list[str]:
@@ -256,7 +268,7 @@ class LocalCluster:
             try:
                 process, _ = self._spawn(
                     "center",
-                    [*CENTER_PROGRAM, "--host", host, "--port", port, "--heartbeat-timeout", str(self.heartbeat_timeout), *self._common_args()],
+                    [*CENTER_PROGRAM, "--host", host, "--port", port, "--heartbeat-timeout", str(self.heartbeat_timeout), *self._common_args(), *self._dashboard_args()],
                     "Start center at",
                 )
                 break
@@ -265,6 +277,21 @@ class LocalCluster:
                     raise
                 time.sleep(0.2)
         self.center_process = process
+        self._learn_dashboard_url()
+
+    def _dashboard_args(self) -> list[str]:
+        return ["--dashboard-port", "0"] if self.dashboard else ["--no-dashboard"]
+
+    def _learn_dashboard_url(self) -> None:
+        """Ask the Center subprocess where its dashboard listens (``info()['dashboard']``)."""
+        if not self.dashboard:
+            return
+
+        async def ask() -> Any:
+            async with rpc(self.center_address, timeout=self.start_timeout, security=self.security) as center:
+                return await center.info()
+
+        self.dashboard_url = _run_sync(ask()).get("dashboard")
 
     def live_worker_addresses(self) -> list[str]:
         return [a for a, p in self.worker_processes.items() if p.poll() is None]

@@ -1,0 +1,45 @@
+"""zdist: one command with subcommands (``zdist status``, ``zdist center``, ...).
+
+Each subcommand is the same program as its ``zdist-NAME`` script and takes
+the same arguments: ``zdist status 127.0.0.1:8787 --json`` is
+``zdist-status 127.0.0.1:8787 --json``.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+#: subcommand → (module in zdist_cli, one line of help)
+SUBCOMMANDS = {
+    "status": ("status", "show the workers of a running cluster and its totals (table or --json)"),
+    "center": ("center", "start the Center of a cluster"),
+    "worker": ("worker", "start a Worker and register it with a Center"),
+    "keys": ("keys", "make CURVE keys for a secure cluster"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: zdist COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "'zdist COMMAND --help' tells more about each."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"zdist: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"zdist_cli.{SUBCOMMANDS[name][0]}")
+    if name == "status":
+        parser = module.build_parser(prog="zdist status")
+        return module.run(parser.parse_args(rest), prog="zdist status")
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

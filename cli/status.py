@@ -1,0 +1,187 @@
+"""zdist status / zdist-status: the workers of a running cluster, as a table or as JSON.
+
+    $ zdist status 127.0.0.1:8787
+    Center 127.0.0.1:8787 · 2 workers · dashboard http://127.0.0.1:8790/
+    ADDRESS          NAME      CORES  KEYS  BYTES    MEMORY    RUNNING  DONE  LAST SEEN
+    127.0.0.1:40113  worker-0      1    10  1.2 KiB  71.3 MiB        0    10  0.2 s ago
+    ...
+    TOTAL            2 workers     2    20  2.4 KiB  142.6 MiB       0    20
+
+Exits 1, saying so, when the Center does not answer within ``--timeout`` seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+#: Seconds to wait for the Center by default.
+DEFAULT_TIMEOUT = 5.0
+
+
+def human_bytes(n: Any) -> str:
+    """``1536`` → ``'1.5 KiB'``; ``None`` → ``'-'``."""
+    if not isinstance(n, (int, float)) or isinstance(n, bool):
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} PiB"  # pragma: no cover - the loop returns at TiB
+
+
+def human_age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def _num(value: Any) -> float:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+async def fetch_info(address: str, timeout: float, security: Any = None) -> dict:
+    from zdist.rpc import rpc
+
+    async with rpc(address, timeout=timeout, security=security) as center:
+        return await center.info()
+
+
+def summarize(info: dict) -> dict:
+    """The Center's ``info()`` reply as the JSON ``zdist status --json`` prints."""
+    now = info.get("time") or time.time()  # the Center's clock, so ages are right across machines
+    workers = []
+    for address, w in sorted(info.get("workers", {}).items()):
+        last_seen = _num(w.get("last_seen")) or now
+        workers.append(
+            {
+                "address": address,
+                "name": str(w.get("name", address)),
+                "ncores": w.get("ncores"),
+                "nkeys": w.get("nkeys", 0),
+                "nbytes": w.get("nbytes", 0),
+                "memory": w.get("memory"),
+                "executing": w.get("executing", 0),
+                "tasks_done": w.get("tasks_done", 0),
+                "pid": w.get("pid"),
+                "last_seen": last_seen,
+                "last_seen_age": round(max(0.0, now - last_seen), 3),
+            }
+        )
+    totals = {
+        "workers": len(workers),
+        "ncores": sum(_num(w["ncores"]) for w in workers),
+        "nkeys": info.get("nkeys", sum(_num(w["nkeys"]) for w in workers)),  # distinct keys
+        "nkeys_held": sum(_num(w["nkeys"]) for w in workers),  # a key held twice counts twice
+        "nbytes": sum(_num(w["nbytes"]) for w in workers),
+        "memory": sum(_num(w["memory"]) for w in workers),
+        "executing": sum(_num(w["executing"]) for w in workers),
+        "tasks_done": sum(_num(w["tasks_done"]) for w in workers),
+    }
+    return {
+        "center": info.get("address"),
+        "dashboard": info.get("dashboard"),
+        "time": now,
+        "heartbeat_timeout": info.get("heartbeat_timeout"),
+        "workers": workers,
+        "totals": totals,
+    }
+
+
+def format_table(summary: dict) -> str:
+    """A plain-text table for a terminal."""
+    header = ["ADDRESS", "NAME", "CORES", "KEYS", "BYTES", "MEMORY", "RUNNING", "DONE", "LAST SEEN"]
+    right = {2, 3, 4, 5, 6, 7, 8}
+    rows = [
+        [
+            w["address"],
+            w["name"],
+            str(w["ncores"]),
+            str(w["nkeys"]),
+            human_bytes(w["nbytes"]),
+            human_bytes(w["memory"]),
+            str(w["executing"]),
+            str(w["tasks_done"]),
+            human_age(w["last_seen_age"]),
+        ]
+        for w in summary["workers"]
+    ]
+    t = summary["totals"]
+    total = [
+        "TOTAL",
+        f"{t['workers']} worker{'s' if t['workers'] != 1 else ''}",
+        str(t["ncores"]),
+        str(t["nkeys"]),
+        human_bytes(t["nbytes"]),
+        human_bytes(t["memory"]),
+        str(t["executing"]),
+        str(t["tasks_done"]),
+        "",
+    ]
+    table = [header, *rows, total]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        return "  ".join(cells).rstrip()
+
+    title = f"Center {summary['center']} · {t['workers']} worker{'s' if t['workers'] != 1 else ''} · {t['ncores']} cores"
+    if summary.get("dashboard"):
+        title += f" · dashboard {summary['dashboard']}"
+    out = [title, line(header)]
+    out += [line(row) for row in rows]
+    if not rows:
+        out.append("(no workers registered)")
+    out.append(line(total))
+    return "\n".join(out)
+
+
+def build_parser(prog: str = "zdist-status") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Show the workers of a running zdist cluster and its totals.")
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("center", metavar="CENTER_ADDRESS", help="the Center's HOST:PORT, e.g. 127.0.0.1:8787")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help=f"give up when the Center does not answer within this long (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--key", default=None, metavar="FILE", help="secret key file, for a cluster that uses CURVE (see zdist-keys)")
+    parser.add_argument("--authorized-keys", default=None, metavar="DIR", help="directory of the public keys to trust (default: the key file's directory)")
+
+
+def run(args: argparse.Namespace, prog: str = "zdist-status") -> int:
+    security = None
+    if args.key:
+        from zdist.security import Security
+
+        security = Security(key=args.key, authorized_keys=args.authorized_keys)
+    try:
+        info = asyncio.run(asyncio.wait_for(fetch_info(args.center, args.timeout, security), args.timeout + 1))
+    except (TimeoutError, asyncio.TimeoutError):
+        print(f"{prog}: the Center at {args.center} did not answer within {args.timeout:g} s; is it running, and is the address right?", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"{prog}: cannot ask the Center at {args.center}: {exc}", file=sys.stderr)
+        return 1
+    summary = summarize(info)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(format_table(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,311 @@
+"""The Center's web dashboard: its JSON API, the CLI switches, and the page in a real browser."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import selectors
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from zdist import Pool
+from zdist.center import Center
+
+from .conftest import make_cluster, wait_for
+
+aiohttp = pytest.importorskip("aiohttp", reason="the dashboard needs aiohttp (pip install zdist[dashboard])")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def inc(x):
+    return x + 1
+
+
+def gated(item):
+    """Wait (bounded) until the gate file exists, then take a moment: a task the test releases."""
+    gate, x = item
+    deadline = time.monotonic() + 60
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.03)
+    return x
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("application/json")
+        return json.loads(response.read())
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.headers["Content-Type"], response.read()
+
+
+def read_lines_until(process: subprocess.Popen, marker: str, timeout: float = 30.0) -> list[str]:
+    """Lines the process printed, up to the first that contains ``marker``."""
+    deadline = time.monotonic() + timeout
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    buffer = b""
+    try:
+        while True:
+            lines = buffer.decode(errors="replace").splitlines()
+            for i, line in enumerate(lines):
+                if marker in line:
+                    return lines[: i + 1]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {marker!r} within {timeout} s; got {lines!r}")
+            if selector.select(min(remaining, 0.1)):
+                chunk = os.read(process.stdout.fileno(), 4096)
+                if not chunk:
+                    raise AssertionError(f"exited with {process.wait()} before printing {marker!r}; got {lines!r}")
+                buffer += chunk
+    finally:
+        selector.close()
+
+
+def stop(process: subprocess.Popen) -> str:
+    """Terminate, wait (kill if needed), and return what it wrote on stderr."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        _, err = process.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        _, err = process.communicate()
+    return (err or b"").decode(errors="replace")
+
+
+def test_no_dashboard_unless_asked():
+    async def main():
+        async with Center() as center:
+            return center.dashboard, center.info()["dashboard"]
+
+    assert asyncio.run(main()) == (None, None)
+
+
+def test_json_api_of_an_in_process_cluster():
+    with make_cluster(2, processes=False, dashboard=True) as cluster:
+        url = cluster.dashboard_url
+        assert url and url.startswith("http://127.0.0.1:") and url.endswith("/")
+        assert cluster.center.info()["dashboard"] == url
+
+        status, content_type, body = get(url)
+        assert status == 200 and content_type.startswith("text/html")
+        assert b"zdist" in body and b"/static/uPlot.iife.min.js" in body and b"/static/dashboard.js" in body
+        for name in ("uPlot.iife.min.js", "uPlot.min.css", "dashboard.js", "dashboard.css"):
+            status, _, body = get(url + "static/" + name)
+            assert status == 200 and body
+
+        workers = get_json(url + "api/workers")
+        assert workers["center"] == cluster.center_address
+        assert sorted(w["address"] for w in workers["workers"]) == sorted(cluster.worker_addresses)
+        for w in workers["workers"]:
+            assert w["ncores"] == 1 and w["name"].startswith("worker-")
+            assert {"nkeys", "nbytes", "memory", "executing", "tasks_done", "task_rate", "last_seen", "last_seen_age"} <= set(w)
+        assert workers["totals"]["workers"] == 2 and workers["totals"]["ncores"] == 2
+
+        # Rates count from each worker's first heartbeat (which carries its metrics).
+        wait_for(lambda: all(w["memory"] is not None for w in get_json(url + "api/workers")["workers"]), message="first heartbeats")
+        with Pool(cluster.center_address) as pool:
+            results = pool.map(inc, range(40))
+            assert pool.gather(results) == list(range(1, 41))
+
+            # Keys and bytes per worker, and the totals.
+            keys = wait_for(lambda: (k := get_json(url + "api/keys"))["total"]["nkeys"] >= 40 and k, message="/api/keys counts the results")
+            assert set(keys["workers"]) == set(cluster.worker_addresses)
+            assert keys["total"]["nkeys_held"] == sum(w["nkeys"] for w in keys["workers"].values())
+            assert keys["total"]["nbytes"] == sum(w["nbytes"] for w in keys["workers"].values()) > 0
+
+            # Task rates come from the heartbeats' tasks_done deltas.
+            wait_for(lambda: get_json(url + "api/workers")["totals"]["tasks_done"] >= 40, message="heartbeats report tasks_done")
+            tasks = wait_for(lambda: (t := get_json(url + "api/tasks?window=60"))["tasks_done_total"] >= 40 and sum(t["done_per_s"]) > 0 and t,
+                             message="/api/tasks shows the work done")
+            assert len(tasks["times"]) == len(tasks["done_per_s"]) == len(tasks["running"]) >= 1
+            assert tasks["times"] == sorted(tasks["times"])
+
+            # The task stream: asking for it turns on the polling of the workers' task logs.
+            wanted = {r.key for r in results}
+
+            def streamed():
+                stream = get_json(url + "api/task-stream?limit=1000")
+                return wanted <= {t["key"] for t in stream["tasks"]} and stream
+
+            stream = wait_for(streamed, message="/api/task-stream lists every task")
+            assert stream["polling"] is True
+            entry = next(t for t in stream["tasks"] if t["key"] in wanted)
+            assert entry["worker"] in cluster.worker_addresses and entry["group"] == "inc" and entry["ok"] is True
+            assert entry["stop"] >= entry["start"] and entry["duration"] >= 0
+            newer = get_json(url + f"api/task-stream?after={stream['seq']}")
+            assert all(t["seq"] > stream["seq"] for t in newer["tasks"])
+            with pytest.raises(urllib.error.HTTPError) as info:
+                get(url + "api/task-stream?after=x")
+            assert info.value.code == 400
+    with pytest.raises(OSError):
+        get(url + "api/workers")  # stopped with its Center
+
+
+def test_center_cli_prints_the_dashboard_address():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zdist_cli.center", "--port", "0", "--dashboard-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    try:
+        lines = read_lines_until(process, "Dashboard at")
+        assert lines[-2].startswith("Start center at 127.0.0.1:")
+        url = lines[-1].split("Dashboard at", 1)[1].strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/")
+        assert get_json(url + "api/workers")["workers"] == []
+    finally:
+        stop(process)
+
+
+def test_center_cli_without_dashboard():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zdist_cli.center", "--port", "0", "--no-dashboard"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    try:
+        lines = read_lines_until(process, "Start center at")
+        assert not any("Dashboard" in line for line in lines)
+    finally:
+        stop(process)
+    assert process.returncode == 0
+
+
+def test_center_cli_runs_on_without_aiohttp():
+    code = "import sys; sys.modules['aiohttp'] = None; from zdist_cli.center import main; sys.exit(main(['--port', '0', '--dashboard-port', '0']))"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        lines = read_lines_until(process, "Start center at")
+        assert not any("Dashboard" in line for line in lines)
+    finally:
+        err = stop(process)
+    assert "pip install zdist[dashboard]" in err
+    assert len([line for line in err.splitlines() if "dashboard" in line]) == 1
+
+
+def test_missing_aiohttp_is_a_clear_import_error(monkeypatch):
+    import zdist.dashboard
+
+    monkeypatch.setattr(zdist.dashboard, "web", None)
+    with pytest.raises(ImportError, match=r"pip install zdist\[dashboard\]"):
+        Center(dashboard_port=0)
+
+
+def test_busy_dashboard_port_falls_back_to_a_free_one():
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+
+    async def main():
+        async with Center(dashboard_port=port) as center:
+            assert center.dashboard.port not in (0, port)
+            url = center.dashboard.url
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, get_json, url + "api/keys")
+
+    try:
+        keys = asyncio.run(asyncio.wait_for(main(), 30))
+    finally:
+        busy.close()
+    assert keys["total"] == {"nkeys": 0, "nkeys_held": 0, "nbytes": 0}
+
+
+# ------------------------------------------------------------------ the page in a browser
+
+
+def test_dashboard_page_in_headless_chromium(tmp_path):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; it is in the 'test' extra)")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}: run .ci/install-browser (apt-get install chromium) to run the browser test")
+
+    gate = tmp_path / "go"
+    n_tasks = 60
+    with make_cluster(2, dashboard=True) as cluster:
+        assert cluster.dashboard_url and cluster.dashboard_url.startswith("http://127.0.0.1:")
+        pool = Pool(cluster.center_address)
+        outcome: dict = {}
+
+        def job():
+            try:
+                results = pool.map(gated, [(str(gate), i) for i in range(n_tasks)])
+                outcome["values"] = pool.gather(results)
+            except BaseException as exc:  # noqa: BLE001 - reported by the test below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=job, name="pool-job", daemon=True)
+        thread.start()
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+                try:
+                    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                    page.goto(cluster.dashboard_url, wait_until="load", timeout=30_000)
+
+                    # The worker table lists every worker.
+                    page.wait_for_function("n => document.querySelectorAll('#workers tbody tr[data-address]').length === n", arg=2, timeout=30_000)
+                    listed = page.eval_on_selector_all("#workers tbody tr[data-address]", "rows => rows.map(r => r.dataset.address)")
+                    assert sorted(listed) == sorted(cluster.worker_addresses)
+                    table_text = page.inner_text("#workers")
+                    assert all(address in table_text for address in cluster.worker_addresses)
+
+                    # The job is under way but held at the gate: tasks are running, none done.
+                    page.wait_for_function("() => Number(document.getElementById('total-running').dataset.value) > 0", timeout=30_000)
+                    done_before = int(float(page.get_attribute("#total-done", "data-value")))
+                    assert done_before == 0
+
+                    # Release the tasks: the count of tasks done rises on the live page, up to all of them.
+                    gate.touch()
+                    page.wait_for_function(
+                        "n => Number(document.getElementById('total-done').dataset.value) > n", arg=done_before, timeout=30_000
+                    )
+                    page.wait_for_function(
+                        "n => Number(document.getElementById('total-done').dataset.value) >= n", arg=n_tasks, timeout=60_000
+                    )
+                    # The task stream shows which worker ran which key.
+                    page.wait_for_function("() => document.querySelectorAll('#recent tbody tr:not(.empty)').length > 0", timeout=30_000)
+                    recent = page.inner_text("#recent")
+                    assert "gated-" in recent
+                    assert page.inner_text("#live-text").startswith("live")
+
+                    shot = tmp_path / "dashboard.png"
+                    page.screenshot(path=str(shot), full_page=True)
+                    assert shot.stat().st_size > 10_000
+                    if os.environ.get("ZDIST_SCREENSHOT_DIR"):  # to look at it by hand
+                        shutil.copy(shot, os.environ["ZDIST_SCREENSHOT_DIR"])
+                finally:
+                    browser.close()
+        finally:
+            gate.touch()
+            thread.join(60)
+            pool.close()
+        assert not thread.is_alive()
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["values"] == list(range(n_tasks))

@@ -1,0 +1,427 @@
+"""The Center's web dashboard: a live page and JSON for scripts, beside the ZeroMQ port.
+
+``Center(..., dashboard_port=0)`` serves, on the same asyncio loop as the
+Center's ROUTER socket (aiohttp; ``pip install zdist[dashboard]``):
+
+- ``/`` — a page that polls the JSON below every second: the workers, the
+  totals, tasks running and done per second as a plot (uPlot, shipped in
+  ``zdist/static``, so the page needs no internet), and a task stream;
+- ``/api/workers`` — one entry per worker: address, name, cores, keys and
+  bytes held, process memory, tasks running and done, last heartbeat;
+- ``/api/keys`` — keys and bytes per worker, plus the cluster's totals;
+- ``/api/tasks`` — tasks done per second and tasks running, one point a
+  second over the last minutes (``?window=SECONDS``, at most 600);
+- ``/api/task-stream`` — which worker ran which key, when, for how long
+  (``?after=SEQ`` for only the entries newer than an earlier answer's ``seq``).
+
+What it costs the Center: task rates come from the heartbeats it receives
+anyway (the ``tasks_done`` counter's deltas, spread over the time between two
+heartbeats); a sampler wakes once a second to note the running count. Only
+while someone has looked at the page or at ``/api/task-stream`` in the last
+:data:`VIEW_TIMEOUT` seconds does it also ask each worker for its task log
+(``get_task_log(since=...)``), once a second, without waiting on the answer
+in anything the ZeroMQ side does. HTTP handlers only read the Center's tables.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+try:
+    from aiohttp import web
+except ImportError:  # pragma: no cover - exercised by hiding aiohttp in a test
+    web = None  # type: ignore[assignment]
+
+from dask.utils import key_split
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .center import Center
+
+logger = logging.getLogger(__name__)
+
+#: Where the page, its script and the vendored chart library live.
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+#: Seconds of task-rate history kept (and the most ``/api/tasks`` returns).
+HISTORY_SECONDS = 600
+#: The task logs are polled while the page was viewed within this many seconds.
+VIEW_TIMEOUT = 10.0
+#: How often the sampler and the task-log poller wake.
+INTERVAL = 1.0
+#: Most task-stream entries kept in the Center, and taken from one worker per poll.
+STREAM_LENGTH = 20_000
+STREAM_PER_POLL = 2_000
+#: How long the Center waits for a worker's task log.
+LOG_TIMEOUT = 2.0
+#: A worker's tasks/s in the table is averaged over its heartbeats of this many seconds.
+RATE_WINDOW = 5.0
+
+INSTALL_HINT = "the zdist dashboard needs aiohttp: pip install zdist[dashboard]  (or: pip install aiohttp)"
+
+
+def require_aiohttp() -> None:
+    """Raise a clear :class:`ImportError` if aiohttp, which serves the dashboard, is missing."""
+    if web is None:
+        raise ImportError(INSTALL_HINT)
+
+
+def key_text(key: Any) -> str:
+    """A key as the page shows it: str keys as they are, others as their repr."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bytes):
+        return key.decode(errors="replace")
+    return repr(key)
+
+
+def _number(value: Any, default: float = 0) -> float:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else default
+
+
+class Dashboard:
+    """Serves the dashboard of ``center`` on ``host:port`` (port 0 picks a free one).
+
+    Started and stopped by the Center's ``on_start``/``on_stop``; ``url`` is
+    known once started. A port already in use falls back to a free one, with a
+    warning, as dask's dashboard does.
+    """
+
+    def __init__(self, center: "Center", host: str | None = None, port: int = 0):
+        require_aiohttp()
+        self.center = center
+        self.host = host
+        self.port = port
+        self.runner: Any = None
+        self.started = time.time()
+        # Task rates: done counts spread into one-second bins; running sampled each second.
+        self._done_bins: dict[int, float] = {}
+        self._running: dict[int, int] = {}
+        self._heartbeats: dict[str, deque] = {}  # address -> (time, tasks_done) of its recent heartbeats
+        self.worker_rate: dict[str, float] = {}  # address -> tasks/s over its last RATE_WINDOW seconds
+        self.tasks_done_total = 0  # every delta seen since the dashboard started
+        # Task stream.
+        self.stream: deque = deque(maxlen=STREAM_LENGTH)  # dicts with a growing "seq"
+        self._seq = 0
+        self._log_since: dict[str, float] = {}  # address -> stop time of the newest entry taken
+        self._viewed = -math.inf  # monotonic time the page (or /api/task-stream) was last asked for
+        self._wake = asyncio.Event()  # binds to the loop on first use
+        self._tasks: list[asyncio.Task] = []
+        self._peers: Any = None
+        self._index_html = b""
+
+    # -------------------------------------------------------------- lifecycle
+
+    @property
+    def url(self) -> str | None:
+        """``http://HOST:PORT/`` once started, else None."""
+        if self.runner is None:
+            return None
+        host = self.host or self.center.host
+        return f"http://{host}:{self.port}/"
+
+    async def start(self) -> "Dashboard":
+        from .rpc import ConnectionPool
+
+        with open(os.path.join(STATIC_DIR, "dashboard.html"), "rb") as f:
+            self._index_html = f.read()
+        app = web.Application()
+        app.router.add_get("/", self.handle_index)
+        app.router.add_get("/api/workers", self.handle_workers)
+        app.router.add_get("/api/keys", self.handle_keys)
+        app.router.add_get("/api/tasks", self.handle_tasks)
+        app.router.add_get("/api/task-stream", self.handle_task_stream)
+        app.router.add_static("/static/", STATIC_DIR, show_index=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        host = self.host or self.center.host
+        try:
+            await web.TCPSite(runner, host, self.port).start()
+        except OSError as exc:
+            if not self.port:
+                await runner.cleanup()
+                raise
+            logger.warning("dashboard port %d on %s is not free (%s); serving the dashboard on a free port instead", self.port, host, exc.strerror or exc)
+            try:
+                await web.TCPSite(runner, host, 0).start()
+            except BaseException:
+                await runner.cleanup()
+                raise
+        self.runner = runner
+        self.port = runner.addresses[0][1]
+        self._peers = ConnectionPool(timeout=LOG_TIMEOUT, security=self.center.security)
+        self._tasks = [asyncio.ensure_future(self._sample_forever()), asyncio.ensure_future(self._poll_logs_forever())]
+        logger.info("dashboard at %s", self.url)
+        return self
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._peers is not None:
+            self._peers.close()
+            self._peers = None
+        if self.runner is not None:
+            runner, self.runner = self.runner, None
+            await runner.cleanup()
+
+    # -------------------------------------------------------------- bookkeeping (called by the Center)
+
+    def on_heartbeat(self, address: str, info: dict) -> None:
+        """A worker's heartbeat updated ``info``: turn its ``tasks_done`` delta into rates. O(1)."""
+        done = info.get("tasks_done")
+        if not isinstance(done, int):
+            return
+        now = time.time()
+        recent = self._heartbeats.get(address)
+        if recent is None:
+            self._heartbeats[address] = deque([(now, done)])
+            return  # the first heartbeat only sets the baseline
+        then, done_then = recent[-1]
+        if done < done_then:  # a smaller count: the worker restarted
+            recent.clear()
+            recent.append((then, 0))
+            done_then = 0
+        delta = done - done_then
+        elapsed = max(now - then, 1e-6)
+        recent.append((now, done))
+        while len(recent) > 2 and recent[1][0] <= now - RATE_WINDOW:
+            recent.popleft()
+        first_time, first_done = recent[0]
+        self.worker_rate[address] = (done - first_done) / max(now - first_time, 1e-6)
+        if delta <= 0:
+            return
+        self.tasks_done_total += delta
+        # Spread the delta evenly over [then, now] into one-second bins.
+        per_second = delta / elapsed
+        second = int(then)
+        while second < now:
+            overlap = min(now, second + 1) - max(then, second)
+            if overlap > 0:
+                self._done_bins[second] = self._done_bins.get(second, 0.0) + per_second * overlap
+            second += 1
+
+    def _sample(self) -> None:
+        now = time.time()
+        workers = self.center.worker_info
+        self._running[int(now)] = int(sum(_number(info.get("executing")) for info in workers.values()))
+        oldest = int(now) - HISTORY_SECONDS - 5
+        for table in (self._done_bins, self._running):
+            if table and min(table) < oldest:
+                for second in [s for s in table if s < oldest]:
+                    del table[second]
+        for table in (self._heartbeats, self.worker_rate, self._log_since):
+            for address in [a for a in table if a not in workers]:
+                del table[address]
+
+    async def _sample_forever(self) -> None:
+        while True:
+            try:
+                self._sample()
+            except Exception:  # noqa: BLE001 - never let the dashboard take the Center down
+                logger.exception("dashboard sampler failed")
+            await asyncio.sleep(INTERVAL)
+
+    # -------------------------------------------------------------- task stream
+
+    @property
+    def viewed(self) -> bool:
+        return time.monotonic() - self._viewed < VIEW_TIMEOUT
+
+    def _mark_viewed(self) -> None:
+        was = self.viewed
+        self._viewed = time.monotonic()
+        if not was:
+            self._wake.set()
+
+    async def _poll_logs_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if not self.viewed:
+                continue
+            try:
+                await self.poll_task_logs()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                logger.exception("dashboard could not poll the task logs")
+
+    async def poll_task_logs(self) -> int:
+        """Ask every worker for the tasks it finished since the last poll; return how many came."""
+        now = time.time()
+        addresses = list(self.center.worker_info)
+        requests = []
+        for address in addresses:
+            # After a pause (nobody looking), start from the last minute, not from where we left off.
+            since = max(self._log_since.get(address, 0.0), now - 60.0)
+            requests.append(self._peers.get(address).request("get_task_log", {"since": since}, timeout=LOG_TIMEOUT))
+        results = await asyncio.gather(*requests, return_exceptions=True)
+        added = 0
+        for address, result in zip(addresses, results):
+            if isinstance(result, BaseException):
+                logger.debug("task log of %s: %s", address, result)
+                if not isinstance(result, asyncio.TimeoutError):
+                    self._peers.remove(address)
+                continue
+            entries = [e for e in result if isinstance(e, (list, tuple)) and len(e) >= 4][-STREAM_PER_POLL:]
+            if not entries:
+                continue
+            name = self.center.worker_info.get(address, {}).get("name", address)
+            newest = self._log_since.get(address, 0.0)
+            entries.sort(key=lambda e: _number(e[2]))
+            for key, start, stop, ok, *_ in entries:
+                start, stop = _number(start), _number(stop)
+                self._seq += 1
+                self.stream.append(
+                    {
+                        "seq": self._seq,
+                        "worker": address,
+                        "name": name,
+                        "key": key_text(key),
+                        "group": key_split(key),
+                        "start": start,
+                        "stop": stop,
+                        "duration": max(0.0, stop - start),
+                        "ok": bool(ok),
+                    }
+                )
+                newest = max(newest, stop)
+                added += 1
+            # get_task_log answers entries with stop >= since: step past the newest one taken.
+            self._log_since[address] = newest + 1e-6
+        return added
+
+    # -------------------------------------------------------------- data for the API
+
+    def workers_data(self) -> dict:
+        now = time.time()
+        workers = []
+        for address, info in sorted(self.center.worker_info.items()):
+            last_seen = _number(info.get("last_seen"), now)
+            workers.append(
+                {
+                    "address": address,
+                    "name": str(info.get("name", address)),
+                    "ncores": info.get("ncores"),
+                    "nkeys": info.get("nkeys", 0),
+                    "nbytes": info.get("nbytes", 0),
+                    "memory": info.get("memory"),
+                    "executing": info.get("executing", 0),
+                    "tasks_done": info.get("tasks_done", 0),
+                    "task_rate": round(self.worker_rate.get(address, 0.0), 3),
+                    "pid": info.get("pid"),
+                    "last_seen": last_seen,
+                    "last_seen_age": round(max(0.0, now - last_seen), 3),
+                }
+            )
+        return {
+            "center": self.center.address,
+            "time": now,
+            "heartbeat_timeout": self.center.heartbeat_timeout,
+            "workers": workers,
+            "totals": self._totals(workers),
+        }
+
+    def _totals(self, workers: list[dict]) -> dict:
+        return {
+            "workers": len(workers),
+            "ncores": sum(_number(w["ncores"]) for w in workers),
+            "nkeys": len(self.center.who_has_table),  # distinct keys
+            "nkeys_held": sum(_number(w["nkeys"]) for w in workers),  # replicas counted once per holder
+            "nbytes": sum(_number(w["nbytes"]) for w in workers),  # bytes held, replicas included
+            "memory": sum(_number(w["memory"]) for w in workers),
+            "executing": sum(_number(w["executing"]) for w in workers),
+            "tasks_done": sum(_number(w["tasks_done"]) for w in workers),
+            "task_rate": round(sum(_number(w["task_rate"]) for w in workers), 3),
+        }
+
+    def keys_data(self) -> dict:
+        workers = {
+            address: {"name": str(info.get("name", address)), "nkeys": info.get("nkeys", 0), "nbytes": info.get("nbytes", 0)}
+            for address, info in sorted(self.center.worker_info.items())
+        }
+        return {
+            "time": time.time(),
+            "workers": workers,
+            "total": {
+                "nkeys": len(self.center.who_has_table),
+                "nkeys_held": sum(_number(w["nkeys"]) for w in workers.values()),
+                "nbytes": sum(_number(w["nbytes"]) for w in workers.values()),
+            },
+        }
+
+    def tasks_data(self, window: int = 300) -> dict:
+        now = time.time()
+        window = max(10, min(int(window), HISTORY_SECONDS))
+        # The newest second still gets counts from heartbeats on their way; stop a second short.
+        end = int(now - 1.0)
+        seconds = list(range(max(end - window + 1, int(self.started)), end + 1))
+        return {
+            "time": now,
+            "interval": INTERVAL,
+            "times": seconds,
+            "done_per_s": [round(self._done_bins.get(s, 0.0), 3) for s in seconds],
+            "running": [self._running.get(s) for s in seconds],
+            "tasks_done_total": self.tasks_done_total,
+        }
+
+    def task_stream_data(self, after: int | None = None, limit: int = 1000) -> dict:
+        limit = max(1, min(int(limit), STREAM_LENGTH))
+        if after is None:
+            entries = list(self.stream)[-limit:]
+        else:
+            entries = []
+            for entry in reversed(self.stream):  # newest first; stop at what the caller has
+                if entry["seq"] <= after or len(entries) >= limit:
+                    break
+                entries.append(entry)
+            entries.reverse()
+        return {"time": time.time(), "seq": self._seq, "polling": self.viewed, "tasks": entries}
+
+    # -------------------------------------------------------------- HTTP handlers
+
+    @staticmethod
+    def _json(data: Any) -> Any:
+        return web.json_response(data, dumps=_dumps, headers={"Cache-Control": "no-store"})
+
+    async def handle_index(self, request: Any) -> Any:
+        self._mark_viewed()
+        return web.Response(body=self._index_html, content_type="text/html", charset="utf-8", headers={"Cache-Control": "no-store"})
+
+    async def handle_workers(self, request: Any) -> Any:
+        return self._json(self.workers_data())
+
+    async def handle_keys(self, request: Any) -> Any:
+        return self._json(self.keys_data())
+
+    async def handle_tasks(self, request: Any) -> Any:
+        try:
+            window = int(request.query.get("window", 300))
+        except ValueError:
+            raise web.HTTPBadRequest(text="window must be an integer number of seconds") from None
+        return self._json(self.tasks_data(window))
+
+    async def handle_task_stream(self, request: Any) -> Any:
+        self._mark_viewed()
+        try:
+            after = request.query.get("after")
+            after = int(after) if after not in (None, "") else None
+            limit = int(request.query.get("limit", 1000))
+        except ValueError:
+            raise web.HTTPBadRequest(text="after and limit must be integers") from None
+        return self._json(self.task_stream_data(after, limit))
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, default=str, separators=(",", ":"))
+
