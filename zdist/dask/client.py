@@ -1,0 +1,148 @@
+"""``zdist.dask.get``: a dask scheduler that runs a graph on the workers of a zdist Center.
+
+The graph is prepared in the calling thread (conversion, culling,
+``dask.order``); the computation itself runs on a shared background event
+loop (:class:`~zdist.loop.LoopThread`), so ``get`` works the same from a
+script, from threads, and inside Jupyter's running loop.
+"""
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import threading
+from typing import Any, Iterable
+
+from ..comm import normalize_address
+from ..errors import MissingDataError
+from ..loop import LoopThread
+from ..rpc import ConnectionPool
+from .graph import convert_recording_literals, flatten_keys, nest_results, to_task_graph
+from .plan import Plan, make_plan
+from .scheduler import Computation
+
+__all__ = ["get", "close"]
+
+_lock = threading.Lock()
+_loop_thread: LoopThread | None = None
+
+
+def _shared_loop() -> LoopThread:
+    global _loop_thread
+    with _lock:
+        if _loop_thread is None or _loop_thread.loop.is_closed() or not _loop_thread.thread.is_alive():
+            _loop_thread = LoopThread("zdist-dask")
+        return _loop_thread
+
+
+def close() -> None:
+    """Stop the background loop ``get`` runs on; the next ``get`` starts a new one.
+
+    >>> close()
+    """
+    global _loop_thread
+    with _lock:
+        thread, _loop_thread = _loop_thread, None
+    if thread is not None:
+        thread.stop()
+
+
+atexit.register(close)
+
+
+def _parse_center(center: Any, args: tuple) -> tuple[str, tuple]:
+    # get('host:port', dsk, keys), get('host', port, dsk, keys), get(cluster, dsk, keys)
+    center = getattr(center, "center_address", center)
+    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+        center, args = f"{center}:{args[0]}", args[1:]
+    if len(args) != 2:
+        raise TypeError("call get(center, dsk, keys) or get(host, port, dsk, keys)")
+    return normalize_address(center), args
+
+
+async def _who_has(address: str, keys: Iterable, security: Any) -> dict:
+    pool = ConnectionPool(timeout=10.0, security=security)
+    try:
+        return await pool.get(address).request("who_has", {"keys": list(keys)})
+    finally:
+        pool.close()
+
+
+async def _compute(address: str, plan: Plan, external_who_has: dict, security: Any, options: dict) -> dict:
+    pool = ConnectionPool(security=security)
+    computation = Computation(plan, address, pool, external_who_has=external_who_has, **options)
+    return await computation.run()
+
+
+def get(
+    center: Any,
+    *args: Any,
+    max_worker_deaths: int = 3,
+    poll_interval: float = 0.3,
+    return_values: int = 2**20,
+    timeout: float | None = None,
+    security: Any = None,
+    validate: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """Compute ``keys`` of the dask graph ``dsk`` on the cluster of the Center at ``center``.
+
+    Call it as ``get('host:port', dsk, keys)`` or, as in the 2015 seed,
+    ``get('host', port, dsk, keys)``; ``center`` may also be a
+    :class:`~zdist.LocalCluster`. ``keys`` is one key or a (nested) list of
+    keys, and the result has the same structure (lists become tuples, as
+    with dask's own schedulers). ``dsk`` is a dict (tuple tasks or
+    ``dask._task_spec`` nodes) or whatever a dask collection hands a
+    scheduler, so ``functools.partial(get, address)`` is a dask scheduler::
+
+        x.sum().compute(scheduler=functools.partial(get, address))
+
+    Tasks run where their inputs are; intermediate values are deleted as soon
+    as nothing needs them, and nothing of the computation is left on the
+    cluster when ``get`` returns or raises. If a worker dies, what it held is
+    computed again on the others; a task that was running on
+    ``max_worker_deaths`` workers that died raises
+    :class:`~zdist.dask.scheduler.TaskKilledWorkersError`. A task that raises
+    makes ``get`` raise the same exception, with the remote traceback and the
+    task's key in its notes. Values of keys that the graph does not make but
+    the cluster holds (placed by ``update_data`` or a Pool) serve as inputs.
+
+    ``poll_interval`` is how often the Center is asked which workers live,
+    ``return_values`` the largest result (in bytes) that comes back with the
+    acknowledgement instead of a separate ``get_data``, ``timeout`` a limit
+    on the whole computation; ``validate=True`` checks the scheduler's state
+    after every step (slow, for tests). Other keyword arguments (dask passes
+    some) are ignored.
+
+    >>> from operator import add
+    >>> from zdist import LocalCluster
+    >>> with LocalCluster(n_workers=2) as cluster:
+    ...     get(cluster.center_address, {'a': 1, 'b': (add, 'a', 1)}, 'b')
+    2
+    """
+    address, (dsk, keys) = _parse_center(center, args)
+    thread = _shared_loop()
+    graph, candidates = convert_recording_literals(dsk)
+    if candidates:
+        # Literals that name values on the cluster are inputs, as in dask's `cache`.
+        held = thread.run(_who_has(address, candidates, security))
+        known = {key for key, holders in held.items() if holders}
+        if known:
+            graph = to_task_graph(dsk, known_keys=known)
+    plan = make_plan(graph, flatten_keys(keys))
+    external_who_has: dict = {}
+    if plan.external:
+        external_who_has = thread.run(_who_has(address, plan.external, security))
+        missing = [key for key in plan.external if not external_who_has.get(key)]
+        if missing:
+            raise MissingDataError(missing, "the graph needs them, but neither makes them nor finds them on the cluster")
+    options = {"max_worker_deaths": max_worker_deaths, "poll_interval": poll_interval, "return_values": return_values, "validate": validate}
+    future = thread.submit(_compute(address, plan, external_who_has, security, options))
+    try:
+        values = future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        future.cancel()  # the computation cleans the cluster up as it stops
+        raise TimeoutError(f"zdist.dask.get did not finish within {timeout} s") from None
+    except BaseException:
+        future.cancel()  # KeyboardInterrupt: stop the computation too
+        raise
+    return nest_results(keys, values)

@@ -1,0 +1,382 @@
+"""Graph logic of ``zdist.dask.get`` as pure functions: no sockets, no loop.
+
+What a scheduler needs to know about a dask graph, built on dask's own
+helpers (``convert_legacy_graph``, ``GraphNode.dependencies``,
+``reverse_dict``, ``dask.order``): which tasks are ready, where a task should
+run, which intermediates may be deleted, and what to compute again after a
+worker took some results with it.
+
+>>> from operator import add
+>>> graph = to_task_graph({'x': 1, 'y': (add, 'x', 10), 'z': (add, 'y', 'x')})
+>>> deps = dependencies_of(graph)
+>>> sorted(deps['z'])
+['x', 'y']
+>>> ready_keys(deps, available={'x'}, pending=['y', 'z'])
+['y']
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Collection, Hashable, Iterable
+
+from dask._task_spec import GraphNode, convert_legacy_graph
+from dask.core import flatten
+from dask.core import reverse_dict
+from dask.local import nested_get
+from dask.order import order
+
+__all__ = [
+    "check_invariants",
+    "choose_worker",
+    "cull",
+    "dependencies_of",
+    "dependents_of",
+    "external_keys",
+    "flatten_keys",
+    "is_legacy",
+    "convert_recording_literals",
+    "nest_results",
+    "priorities",
+    "ready_keys",
+    "releasable",
+    "worth_moving",
+    "to_recompute",
+    "to_task_graph",
+]
+
+#: What moving a byte between workers is taken to cost, for the choice between
+#: waiting for a busy worker that holds a task's inputs and moving them.
+BANDWIDTH = 500e6  # bytes per second
+#: The fixed cost of fetching inputs from a peer (ask the Center, round trip).
+FETCH_LATENCY = 1e-3  # seconds
+
+
+def _materialize(dsk: Any) -> Mapping:
+    # dask hands a scheduler an expression (``x.compute(scheduler=get)``), not a
+    # dict; dask.local.get_async does exactly this.
+    if not isinstance(dsk, Mapping):
+        dsk = dsk.__dask_graph__()
+    return dsk
+
+
+def is_legacy(dsk: Mapping) -> bool:
+    """True when some value of ``dsk`` is not a task-spec ``GraphNode`` (a tuple task or raw data).
+
+    >>> from dask._task_spec import DataNode
+    >>> is_legacy({'a': 1}), is_legacy({'a': DataNode('a', 1)})
+    (True, False)
+    """
+    return not all(isinstance(value, GraphNode) for value in dsk.values())
+
+
+class _RecordingKeys:
+    """The keys of a legacy graph, as a container that records the other literals it is asked about."""
+
+    __slots__ = ("keys", "asked")
+
+    def __init__(self, keys: Collection):
+        self.keys = keys
+        self.asked: set = set()
+
+    def __contains__(self, item: Any) -> bool:
+        if item in self.keys:
+            return True
+        self.asked.add(item)
+        return False
+
+
+def convert_recording_literals(dsk: Any) -> tuple[dict, set]:
+    """:func:`to_task_graph` of ``dsk``, and the literals that would be keys if something held them.
+
+    In ``{'y': (inc, 'x')}`` the string ``'x'`` is a key only if it names a
+    value; when ``'x'`` is not in the graph it may still name a value held on
+    the cluster (placed there by ``update_data`` or a Pool). A scheduler asks
+    the Center about these candidates and, if it holds some, converts again
+    with them as ``known_keys``. Task-spec graphs name their inputs
+    explicitly and have no candidates.
+
+    >>> from operator import add
+    >>> graph, candidates = convert_recording_literals({'y': (add, 'x', 1), 'z': (add, 'y', 'w')})
+    >>> sorted(map(str, candidates)), sorted(graph['z'].dependencies)
+    (['1', 'w', 'x'], ['y'])
+    """
+    dsk = _materialize(dsk)
+    if not is_legacy(dsk):
+        return convert_legacy_graph(dsk), set()
+    recorder = _RecordingKeys(set(dsk))
+    return convert_legacy_graph(dsk, all_keys=recorder), recorder.asked
+
+
+def to_task_graph(dsk: Any, known_keys: Iterable[Hashable] = ()) -> dict:
+    """Whatever dask hands a scheduler, as ``{key: GraphNode}``.
+
+    ``dsk`` is a dict (legacy tuple tasks, raw values or task-spec nodes) or a
+    dask expression. ``known_keys`` are keys that are not in the graph but
+    whose values exist elsewhere (on the cluster): a legacy task that mentions
+    one depends on it rather than taking the literal.
+
+    >>> from operator import add
+    >>> graph = to_task_graph({'y': (add, 'x', 1)}, known_keys=['x'])
+    >>> sorted(graph['y'].dependencies)
+    ['x']
+    >>> to_task_graph({'a': 1})['a']
+    DataNode(1)
+    """
+    dsk = _materialize(dsk)
+    known = set(known_keys)
+    if known:
+        return convert_legacy_graph(dsk, all_keys=set(dsk) | known)
+    return convert_legacy_graph(dsk)
+
+
+def flatten_keys(keys: Any) -> list:
+    """The keys of a (nested) list of keys, flat; a single key is a list of one.
+
+    >>> flatten_keys([['a', ('x', 0)], 'b'])
+    ['a', ('x', 0), 'b']
+    >>> flatten_keys(('x', 1))
+    [('x', 1)]
+    """
+    if isinstance(keys, list):
+        return list(flatten(keys))
+    return [keys]
+
+
+def nest_results(keys: Any, results: Mapping) -> Any:
+    """Results in the structure of ``keys``, as dask's own schedulers return them (lists become tuples).
+
+    >>> nest_results([['a', 'b'], 'a'], {'a': 1, 'b': 2})
+    ((1, 2), 1)
+    """
+    return nested_get(keys, results)
+
+
+def cull(graph: dict, keys: Iterable[Hashable]) -> dict:
+    """Only the tasks that ``keys`` need.
+
+    >>> from operator import add
+    >>> graph = to_task_graph({'a': 1, 'b': (add, 'a', 1), 'c': (add, 'a', 2)})
+    >>> sorted(cull(graph, ['b']))
+    ['a', 'b']
+    """
+    keys = list(keys)
+    if len(keys) == len(graph) and all(key in graph for key in keys):
+        return graph
+    # dask's own cull takes "as many keys as tasks" to mean "all of them",
+    # which is wrong when some requested keys are not in the graph.
+    culled: dict = {}
+    stack = [key for key in keys if key in graph]
+    while stack:
+        key = stack.pop()
+        if key in culled:
+            continue
+        culled[key] = node = graph[key]
+        stack.extend(dep for dep in node.dependencies if dep in graph and dep not in culled)
+    return culled
+
+
+def dependencies_of(graph: Mapping) -> dict:
+    """``{key: frozenset of keys it needs}``; a needed key may lie outside the graph.
+
+    >>> from operator import add
+    >>> dependencies_of(to_task_graph({'a': 1, 'b': (add, 'a', 1)}))['b']
+    frozenset({'a'})
+    """
+    return {key: node.dependencies for key, node in graph.items()}
+
+
+def external_keys(dependencies: Mapping) -> set:
+    """Keys that tasks need but the graph does not make (values held elsewhere).
+
+    >>> sorted(external_keys({'b': {'a'}, 'c': {'b', 'x'}}))
+    ['a', 'x']
+    """
+    needed: set = set()
+    for deps in dependencies.values():
+        needed.update(deps)
+    return needed.difference(dependencies)
+
+
+def dependents_of(dependencies: Mapping) -> dict:
+    """``{key: set of keys that need it}``, for every key named in ``dependencies``.
+
+    >>> dependents_of({'a': set(), 'b': {'a'}, 'c': {'a', 'b'}})['a'] == {'b', 'c'}
+    True
+    """
+    return reverse_dict(dependencies)
+
+
+def priorities(graph: Mapping) -> dict:
+    """``dask.order``'s priorities: lower runs first, keeping memory low.
+
+    >>> from operator import add
+    >>> priorities(to_task_graph({'a': 1, 'b': (add, 'a', 1)}))
+    {'a': 0, 'b': 1}
+    """
+    return order(graph)
+
+
+def ready_keys(dependencies: Mapping, available: Collection, pending: Iterable[Hashable]) -> list:
+    """The ``pending`` keys whose every dependency is ``available``, in ``pending``'s order.
+
+    >>> ready_keys({'a': set(), 'b': {'a'}, 'c': {'b'}}, available={'a'}, pending=['b', 'c'])
+    ['b']
+    """
+    return [key for key in pending if all(dep in available for dep in dependencies[key])]
+
+
+def choose_worker(
+    deps: Iterable[Hashable],
+    who_has: Mapping[Hashable, Collection[str]],
+    nbytes: Mapping[Hashable, int],
+    loads: Mapping[str, float],
+) -> str | None:
+    """Where a task should run: among the workers in ``loads``, the one holding the most bytes of ``deps``.
+
+    ``loads`` maps each eligible worker to its load (tasks in flight per
+    core). Ties go to the least loaded; a task whose inputs no eligible
+    worker holds goes to the least loaded. ``None`` when no worker is eligible.
+
+    >>> who_has = {'x': {'A'}, 'y': {'B'}, 'z': {'B'}}
+    >>> nbytes = {'x': 100, 'y': 60, 'z': 60}
+    >>> choose_worker(['x', 'y'], who_has, nbytes, {'A': 5.0, 'B': 0.0})
+    'A'
+    >>> choose_worker(['x', 'y', 'z'], who_has, nbytes, {'A': 0.0, 'B': 5.0})
+    'B'
+    >>> choose_worker([], who_has, nbytes, {'A': 2.0, 'B': 0.5})
+    'B'
+    """
+    if not loads:
+        return None
+    held: dict[str, int] = {}
+    for dep in deps:
+        holders = who_has.get(dep)
+        if holders:
+            size = nbytes.get(dep, 0) or 1  # a held value counts even if its size is unknown
+            for worker in holders:
+                if worker in loads:
+                    held[worker] = held.get(worker, 0) + size
+    if not held:
+        return min(loads, key=loads.__getitem__)
+    return max(held, key=lambda worker: (held[worker], -loads[worker]))
+
+
+def worth_moving(moved_bytes: int, queued: int, task_seconds: float, ncores: int) -> bool:
+    """Should a task run on a free worker, moving ``moved_bytes`` of inputs, rather than wait for a busy one?
+
+    Yes when waiting behind ``queued`` tasks of ``task_seconds`` each on the
+    busy worker's ``ncores`` is expected to take longer than twice the move.
+
+    >>> worth_moving(10_000_000, queued=2, task_seconds=0.001, ncores=1)
+    False
+    >>> worth_moving(10_000_000, queued=100, task_seconds=0.01, ncores=1)
+    True
+    """
+    move = moved_bytes / BANDWIDTH + FETCH_LATENCY
+    wait = queued * task_seconds / max(1, ncores)
+    return wait > 2 * move
+
+
+def releasable(key: Hashable, dependents: Mapping, done: Collection, outputs: Collection) -> bool:
+    """May the value of ``key`` be deleted: every task that needs it is done and nobody asked for it?
+
+    >>> dependents = {'a': {'b', 'c'}, 'b': set(), 'c': set()}
+    >>> releasable('a', dependents, done={'a', 'b'}, outputs={'c'})
+    False
+    >>> releasable('a', dependents, done={'a', 'b', 'c'}, outputs={'c'})
+    True
+    >>> releasable('c', dependents, done={'a', 'b', 'c'}, outputs={'c'})
+    False
+    """
+    if key in outputs:
+        return False
+    return all(dependent in done for dependent in dependents.get(key, ()))
+
+
+def to_recompute(
+    lost: Iterable[Hashable],
+    dependencies: Mapping,
+    dependents: Mapping,
+    done: Collection,
+    available: Collection,
+    outputs: Collection,
+) -> set:
+    """What to compute again after the values of ``lost`` keys vanished with a worker.
+
+    A lost key is still needed when a task that needs it is not done yet, or
+    when it is an output not yet delivered (``outputs``). Each needed lost
+    key is recomputed, and so, recursively, is every input of a recomputed
+    key that was computed once (``done``) but is no longer ``available``
+    (deleted as no longer needed, or lost too). Keys that ``dependencies``
+    does not describe come back too: they cannot be recomputed, and the
+    caller must say so.
+
+    >>> deps = {'a': set(), 'b': {'a'}, 'c': {'b'}, 'd': {'c'}}
+    >>> dependents = dependents_of(deps)
+    >>> # 'a' was deleted once 'b' finished; then 'b' and 'c' were lost with their worker
+    >>> sorted(to_recompute(['b', 'c'], deps, dependents, done={'a', 'b', 'c'}, available=set(), outputs={'d'}))
+    ['a', 'b', 'c']
+    >>> # 'd' is done and delivered: nothing lost is needed any more
+    >>> to_recompute(['b', 'c'], deps, dependents, done={'a', 'b', 'c', 'd'}, available=set(), outputs=set())
+    set()
+    """
+    redo: set = set()
+    stack = [key for key in lost if _needed(key, dependents, done, outputs)]
+    while stack:
+        key = stack.pop()
+        if key in redo:
+            continue
+        redo.add(key)
+        for dep in dependencies.get(key, ()):
+            if dep not in available and (dep in done or dep not in dependencies) and dep not in redo:
+                stack.append(dep)
+    return redo
+
+
+def _needed(key: Hashable, dependents: Mapping, done: Collection, outputs: Collection) -> bool:
+    if key in outputs:
+        return True
+    return any(dependent not in done for dependent in dependents.get(key, ()))
+
+
+def check_invariants(
+    state: Mapping[Hashable, str],
+    dependencies: Mapping,
+    dependents: Mapping,
+    holders: Mapping[Hashable, Collection[str]],
+    outputs: Collection,
+) -> list[str]:
+    """What is inconsistent in a scheduler's state; an empty list when all is well.
+
+    ``state`` maps each key to ``'waiting'``, ``'ready'``, ``'processing'``,
+    ``'memory'`` or ``'released'``; ``outputs`` are the requested keys not
+    delivered yet. Used by tests and by ``get(..., validate=True)``.
+
+    >>> deps = {'a': set(), 'b': {'a'}}
+    >>> check_invariants({'a': 'memory', 'b': 'ready'}, deps, dependents_of(deps), {'a': {'W'}}, {'b'})
+    []
+    >>> check_invariants({'a': 'released', 'b': 'ready'}, deps, dependents_of(deps), {}, {'b'})[0]
+    "'a' was released while still needed"
+    """
+    problems = []
+    done = {key for key, st in state.items() if st in ("memory", "released")}
+    for key, st in state.items():
+        deps = [dep for dep in dependencies.get(key, ()) if dep in state]
+        if st == "ready":
+            for dep in deps:
+                if state[dep] != "memory":
+                    problems.append(f"{key!r} is ready but its input {dep!r} is not in memory")
+        elif st == "memory":
+            if not holders.get(key):
+                problems.append(f"{key!r} is in memory but no worker holds it")
+        elif st == "released":
+            if holders.get(key):
+                problems.append(f"{key!r} was released but workers still hold it")
+            if not releasable(key, dependents, done, outputs):
+                problems.append(f"{key!r} was released while still needed")
+        if st in ("waiting", "ready", "processing"):
+            for dep in deps:
+                if state[dep] == "released":
+                    problems.append(f"{key!r} is {st} but its input {dep!r} was released")
+    return problems
+

@@ -1,0 +1,98 @@
+"""What a worker runs for ``zdist.dask.get``: dask tasks shipped in batches.
+
+The scheduler sends each dask task as one ``compute_batch`` task
+``[cluster_key, run_task_spec, [batch, index, Ref(dep), ...], {}, [dep, ...]]``.
+All tasks of a message share one :class:`TaskBatch`: their dask
+``GraphNode``s pickled together (a function or constant used by many tasks
+is pickled once), and unpickled by the first of them to run, in the worker's
+thread pool. Unpickling there rather than on the worker's event loop matters:
+the first task of a kind imports its modules (``dask.array`` takes a second
+or more), and an event loop busy importing misses its heartbeats.
+
+This module is imported on workers: keep it free of heavy imports.
+
+>>> from dask._task_spec import Task, TaskRef
+>>> from operator import add
+>>> batch = TaskBatch.pack([Task('z', add, TaskRef('x'), 10)], [('x',)])
+>>> run_task_spec(batch, 0, 32)
+42
+"""
+from __future__ import annotations
+
+import pickle
+import threading
+from typing import Any, Sequence
+
+import cloudpickle
+
+__all__ = ["TaskBatch", "run_task_spec"]
+
+#: Buffers at least this large travel as frames of their own (zero-copy).
+OUT_OF_BAND = 2**16
+
+
+class TaskBatch:
+    """The pickled dask nodes of one message and, for each, the keys of its inputs in ``Ref`` order.
+
+    Not a list or tuple on purpose: the worker replaces ``Ref``s inside
+    lists, tuples and dicts of every task's arguments, and must not walk
+    through the whole batch once per task.
+    """
+
+    __slots__ = ("blob", "buffers", "_tasks", "_lock")
+
+    def __init__(self, blob: bytes, buffers: Sequence[Any] = ()):
+        self.blob = blob
+        self.buffers = list(buffers)
+        self._tasks: tuple | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def pack(cls, nodes: Sequence[Any], dep_keys: Sequence[tuple]) -> "TaskBatch":
+        """Pickle ``nodes`` and their input keys; large buffers (NumPy data) stay out of band."""
+        payload = (list(nodes), list(dep_keys))
+        buffers: list = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            if buffer.raw().nbytes < OUT_OF_BAND:
+                return True
+            buffers.append(buffer)
+            return False
+
+        try:
+            blob = pickle.dumps(payload, protocol=5, buffer_callback=out_of_band)
+        except Exception:
+            blob = None
+        if blob is None or b"__main__" in blob:
+            # Lambdas, closures and __main__ functions need cloudpickle.
+            buffers = []
+            blob = cloudpickle.dumps(payload, protocol=5, buffer_callback=out_of_band)
+        return cls(blob, buffers)
+
+    def tasks(self) -> tuple[list, list]:
+        """``(nodes, dep_keys)``, unpickled on first use (by whichever thread gets here first)."""
+        tasks = self._tasks
+        if tasks is None:
+            with self._lock:
+                tasks = self._tasks
+                if tasks is None:
+                    tasks = self._tasks = pickle.loads(self.blob, buffers=self.buffers)
+        return tasks
+
+    def __reduce__(self):
+        return (TaskBatch, (self.blob, self.buffers))
+
+    def __len__(self) -> int:
+        return len(self.tasks()[0])
+
+    def __repr__(self) -> str:
+        return f"<TaskBatch of {len(self.blob)} bytes>"
+
+
+def run_task_spec(batch: TaskBatch, index: int, *values: Any) -> Any:
+    """Run task ``index`` of ``batch``; ``values`` are its inputs' values, in input-key order."""
+    nodes, dep_keys = batch.tasks()
+    keys = dep_keys[index]
+    if keys:
+        return nodes[index](dict(zip(keys, values)))
+    return nodes[index]({})
