@@ -59,17 +59,17 @@ def _parse_center(center: Any, args: tuple) -> tuple[str, tuple]:
     return normalize_address(center), args
 
 
-async def _who_has(address: str, keys: Iterable, security: Any) -> dict:
+async def _ask_center(address: str, op: str, keys: Iterable, security: Any) -> dict:
     pool = ConnectionPool(timeout=10.0, security=security)
     try:
-        return await pool.get(address).request("who_has", {"keys": list(keys)})
+        return await pool.get(address).request(op, {"keys": list(keys)})
     finally:
         pool.close()
 
 
-async def _compute(address: str, plan: Plan, external_who_has: dict, security: Any, options: dict) -> dict:
+async def _compute(address: str, plan: Plan, external: dict, security: Any, options: dict) -> dict:
     pool = ConnectionPool(security=security)
-    computation = Computation(plan, address, pool, external_who_has=external_who_has, **options)
+    computation = Computation(plan, address, pool, external=external, **options)
     return await computation.run()
 
 
@@ -124,19 +124,21 @@ def get(
     graph, candidates = convert_recording_literals(dsk)
     if candidates:
         # Literals that name values on the cluster are inputs, as in dask's `cache`.
-        held = thread.run(_who_has(address, candidates, security))
+        held = thread.run(_ask_center(address, "who_has", candidates, security))
         known = {key for key, holders in held.items() if holders}
         if known:
             graph = to_task_graph(dsk, known_keys=known)
     plan = make_plan(graph, flatten_keys(keys))
-    external_who_has: dict = {}
+    external: dict = {}
     if plan.external:
-        external_who_has = thread.run(_who_has(address, plan.external, security))
-        missing = [key for key in plan.external if not external_who_has.get(key)]
+        who_has = thread.run(_ask_center(address, "who_has", plan.external, security))
+        missing = [key for key in plan.external if not who_has.get(key)]
         if missing:
             raise MissingDataError(missing, "the graph needs them, but neither makes them nor finds them on the cluster")
+        nbytes = thread.run(_ask_center(address, "nbytes", plan.external, security))
+        external = {key: (set(who_has[key]), nbytes.get(key, 0)) for key in plan.external}
     options = {"max_worker_deaths": max_worker_deaths, "poll_interval": poll_interval, "return_values": return_values, "validate": validate}
-    future = thread.submit(_compute(address, plan, external_who_has, security, options))
+    future = thread.submit(_compute(address, plan, external, security, options))
     try:
         values = future.result(timeout)
     except concurrent.futures.TimeoutError:

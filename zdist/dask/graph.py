@@ -261,20 +261,24 @@ def choose_worker(
     return max(held, key=lambda worker: (held[worker], -loads[worker]))
 
 
-def worth_moving(moved_bytes: int, queued: int, task_seconds: float, ncores: int) -> bool:
+def worth_moving(moved_bytes: int, queued: int, task_seconds: float, ncores: int, min_wait: float = 0.0) -> bool:
     """Should a task run on a free worker, moving ``moved_bytes`` of inputs, rather than wait for a busy one?
 
     Yes when waiting behind ``queued`` tasks of ``task_seconds`` each on the
-    busy worker's ``ncores`` is expected to take longer than twice the move.
+    busy worker's ``ncores`` is expected to take longer than twice the move,
+    and longer than ``min_wait`` (task times measured from round trips are
+    rough: a margin keeps data in place when the gain is unsure).
 
     >>> worth_moving(10_000_000, queued=2, task_seconds=0.001, ncores=1)
     False
     >>> worth_moving(10_000_000, queued=100, task_seconds=0.01, ncores=1)
     True
+    >>> worth_moving(10_000_000, queued=100, task_seconds=0.01, ncores=1, min_wait=2.0)
+    False
     """
     move = moved_bytes / BANDWIDTH + FETCH_LATENCY
     wait = queued * task_seconds / max(1, ncores)
-    return wait > 2 * move
+    return wait > 2 * move and wait > min_wait
 
 
 def releasable(key: Hashable, dependents: Mapping, done: Collection, outputs: Collection) -> bool:

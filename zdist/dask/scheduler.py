@@ -8,9 +8,10 @@ Center:
   of the loop, each worker holding at most ``limit`` tasks in flight: a few
   per core for slow or bulky tasks, up to :data:`MAX_TASKS_PER_CORE` for tiny
   ones (measured per worker from the batches' round trips and result sizes);
-* a task runs on the worker holding most bytes of its inputs, unless that
-  worker is busy and moving the inputs is cheaper than waiting for it
-  (:func:`~zdist.dask.graph.worth_moving`);
+* a task runs on the worker holding most bytes of its inputs; when that
+  worker is busy, a task with small inputs goes to a free worker, others
+  wait for it, unless an idle worker would otherwise wait much longer than
+  moving them takes (:func:`~zdist.dask.graph.worth_moving`);
 * a value is deleted from every worker holding it as soon as every task that
   needs it is done, and the requested values are fetched (small ones come
   back with the acknowledgement);
@@ -53,7 +54,12 @@ MAX_TASKS_PER_CORE = 128
 SECONDS_IN_FLIGHT = 0.02
 #: Bytes of results in flight per core: bulky tasks are sent a few at a time
 #: so that a long reduction never holds more than a few chunks per core.
-BYTES_IN_FLIGHT = 32 * 2**20
+BYTES_IN_FLIGHT = 24 * 2**20
+#: Inputs this small move to a free worker rather than wait for a busy one that holds them.
+SMALL_INPUTS = 256 * 2**10
+#: An idle worker takes a task held for a busy one (moving its inputs) only
+#: when the wait it saves is expected to be at least this long.
+STEAL_MIN_WAIT = 0.5
 #: A task's time before any was measured.
 DEFAULT_TASK_SECONDS = 0.001
 #: How often a task failing with MissingDataError is retried while the
@@ -90,7 +96,7 @@ class _Worker:
 
     __slots__ = (
         "address", "ncores", "pid", "conn", "inflight", "batches", "limit", "task_seconds", "recent",
-        "avg_nbytes", "busy_since", "held", "isolated", "alive",
+        "recent_nbytes", "busy_since", "held", "isolated", "alive",
     )
 
     def __init__(self, address: str, ncores: int, pid: Any, conn: Any):
@@ -104,7 +110,7 @@ class _Worker:
         self.task_seconds = 0.0  # 0: not measured yet
         self.recent: list[float] = []
         self.busy_since: float | None = None  # when the worker last replied while still having work
-        self.avg_nbytes = 0.0
+        self.recent_nbytes: list[int] = []
         self.held: list[int] = []  # heap of tasks waiting for this worker's inputs
         self.isolated = False  # running a suspect task alone
         self.alive = True
@@ -115,7 +121,7 @@ class _Worker:
     def load(self) -> float:
         return self.inflight / self.ncores
 
-    def measured(self, ntasks: int, sent: float, now: float, nbytes: float) -> None:
+    def measured(self, ntasks: int, sent: float, now: float, max_nbytes: int) -> None:
         """Fold one batch's timing and result sizes into the in-flight limit.
 
         A task's time is bounded above by the batch's round trip, and, when
@@ -123,6 +129,9 @@ class _Worker:
         between the two replies (which leaves the network out). The median of
         recent bounds is taken: it ignores the odd slow batch (the first task
         of a kind imports its modules) and replies that came back together.
+        Results are sized by the largest of recent batches: a reduction
+        mixes bulky chunks with tiny partial results, and the chunks are
+        what fills memory.
         """
         bound = now - sent
         if self.busy_since is not None:
@@ -134,10 +143,12 @@ class _Worker:
         if len(recent) > 8:
             del recent[0]
         self.task_seconds = sorted(recent)[len(recent) // 2]
-        per_bytes = nbytes / ntasks
-        self.avg_nbytes = per_bytes if not self.avg_nbytes else 0.7 * self.avg_nbytes + 0.3 * per_bytes
+        sizes = self.recent_nbytes
+        sizes.append(max_nbytes)
+        if len(sizes) > 8:
+            del sizes[0]
         by_time = SECONDS_IN_FLIGHT / max(self.task_seconds, 1e-6)
-        by_memory = BYTES_IN_FLIGHT / max(self.avg_nbytes, 1.0)
+        by_memory = BYTES_IN_FLIGHT / max(max(sizes), 1.0)
         # Bulky results bound the count first (memory); then the time the
         # queued work takes (load balance) within [MIN, MAX].
         per_core = max(1, min(by_memory, max(MIN_TASKS_PER_CORE, min(MAX_TASKS_PER_CORE, by_time))))
@@ -159,7 +170,7 @@ class Computation:
         center_address: str,
         pool: ConnectionPool,
         *,
-        external_who_has: dict | None = None,
+        external: dict | None = None,
         max_worker_deaths: int = 3,
         poll_interval: float = 0.3,
         return_values: int = 2**20,
@@ -191,7 +202,9 @@ class Computation:
         self.deferred: list[int] = []  # tasks waiting for the next poll of the Center
         self.pending_outputs = set(plan.output_ids.values())
         self.values: dict = {}
-        self.ext_holders: dict[Any, set[str]] = {key: set(holders) for key, holders in (external_who_has or {}).items()}
+        # Inputs from outside the graph: key -> (addresses holding it, bytes)
+        self.ext_holders: dict[Any, set[str]] = {key: set(holders) for key, (holders, _) in (external or {}).items()}
+        self.ext_nbytes: dict[Any, int] = {key: nbytes for key, (_, nbytes) in (external or {}).items()}
         self.ext_copies: dict[str, set] = {}
         self.workers: dict[str, _Worker] = {}
         self.deletes: dict[_Worker, list] = {}
@@ -656,26 +669,28 @@ class Computation:
         sizes = {dep: self.nbytes.get(dep, 0) for dep in deps}
         for key in ext:
             who[("external", key)] = {by_address[a] for a in self.ext_holders.get(key, ()) if a in by_address}
-            sizes[("external", key)] = 1
+            sizes[("external", key)] = self.ext_nbytes.get(key) or 1
         return list(who), who, sizes
 
     def _place(self, t: int, free: list[_Worker]) -> _Worker | None:
         deps, who, sizes = self._who_has(t)
         loads = {w: w.load() for w in self.workers.values()}
         best = choose_worker(deps, who, sizes, loads)
-        if best is None or best.free() > 0:
+        if best is None or best in free:
             return best
         alternative = choose_worker(deps, who, sizes, {w: loads[w] for w in free})
         moved = sum(sizes.get(dep, 0) for dep in deps if alternative not in who.get(dep, ()))
-        if worth_moving(moved, len(best.held) + best.inflight, best.task_seconds or DEFAULT_TASK_SECONDS, best.ncores):
+        if moved <= SMALL_INPUTS:
             return alternative
-        heapq.heappush(best.held, t)
+        heapq.heappush(best.held, t)  # wait for the worker that holds the inputs
         return None
 
     def _steal(self, free: list[_Worker], assign: Any) -> None:
-        """Idle workers take tasks held for busy ones when waiting would cost more than moving."""
+        """Idle workers take tasks held for busy ones when waiting would cost clearly more than moving."""
         state = self.state
         for worker in free:
+            if worker.inflight:
+                continue
             for victim in sorted(self.workers.values(), key=lambda w: -len(w.held)):
                 if victim is worker or not victim.held:
                     continue
@@ -686,7 +701,7 @@ class Computation:
                         continue
                     deps, who, sizes = self._who_has(t)
                     moved = sum(sizes.get(dep, 0) for dep in deps if worker not in who.get(dep, ()))
-                    if not worth_moving(moved, len(victim.held), victim.task_seconds or DEFAULT_TASK_SECONDS, victim.ncores):
+                    if not worth_moving(moved, len(victim.held), victim.task_seconds or DEFAULT_TASK_SECONDS, victim.ncores, STEAL_MIN_WAIT):
                         break
                     heapq.heappop(victim.held)
                     assign(t, worker)
@@ -759,15 +774,17 @@ class Computation:
             self._schedule_flush()
             return
         replies = future.result()
-        nbytes = 0
+        largest = 0
         done = self._task_done
         for t, reply in zip(ids, replies):
             if reply[1] == "ok":
-                nbytes += reply[2]
-                done(t, worker, reply[2], reply[3] if len(reply) > 3 else _NOTHING)
+                nbytes = reply[2]
+                if nbytes > largest:
+                    largest = nbytes
+                done(t, worker, nbytes, reply[3] if len(reply) > 3 else _NOTHING)
             elif not self.closing:
                 self._task_erred(t, worker, reply[2])
-        worker.measured(len(ids), sent, time.monotonic(), nbytes)
+        worker.measured(len(ids), sent, time.monotonic(), largest)
         self._schedule_flush()
 
     def _batch_failed(self, worker: _Worker, ids: list[int], exc: BaseException) -> None:
