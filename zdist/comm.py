@@ -93,6 +93,11 @@ class Stream:
         self._check_scheduled = False
         self._closed = False
         self._fd = sock.FD
+        # A ROUTER's send fails with EAGAIN only when that one peer's queue is
+        # full (it does not read its replies): queueing behind it would stall
+        # the replies to every other peer and grow without bound, so drop.
+        self._router = sock.type == zmq.ROUTER
+        self.dropped = 0
         self.loop.add_reader(self._fd, self._on_ready)
         self._schedule_check()
 
@@ -111,6 +116,11 @@ class Stream:
             self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
+            if self._router:
+                self.dropped += 1
+                if self.dropped % 10_000 == 1:
+                    logger.warning("dropped a reply to a peer that does not read its replies (%d dropped so far)", self.dropped)
+                return True
             self._outbox.append(frames)
             return False
         except zmq.ZMQError as exc:

@@ -316,11 +316,13 @@ def _decode_header(frames: Sequence[Any]) -> tuple[dict, _Decoder]:
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
     request_id = header.get("id")
-    if request_id is not None and (type(request_id) is not int):
-        raise ProtocolError(f"request id must be an integer or nil, got {type(request_id).__name__}")
+    if request_id is not None and (type(request_id) is not int or not -(2**63) <= request_id < 2**64):
+        # Beyond 64 bits an id could not even be echoed back in the error reply.
+        raise ProtocolError(f"request id must be a 64-bit integer or nil, got {type(request_id).__name__}")
     nframes = header.get("frames", 0)
-    if nframes != len(frames) - 1:
-        raise ProtocolError(f"header announces {nframes!r} buffer frames but {len(frames) - 1} arrived", request_id)
+    if type(nframes) is not int or nframes != len(frames) - 1:  # not ``!=`` alone: a NumPy array's is no bool
+        shown = nframes if type(nframes) is int else type(nframes).__name__
+        raise ProtocolError(f"header announces {shown!r} buffer frames but {len(frames) - 1} arrived", request_id)
     if decoder.errors:
         raise ProtocolError("; ".join(decoder.errors), request_id)
     return header, decoder
@@ -347,8 +349,9 @@ def parse_reply(frames: Sequence[Any]) -> Reply:
     """Decode a reply (ok or error); raise :class:`ProtocolError` if malformed."""
     header, _ = _decode_header(frames)
     status = header.get("status")
-    if status == OK:
+    if type(status) is str and status == OK:  # a pickled NumPy array's ``==`` is no bool
         return Reply(header.get("id"), OK, result=header.get("result"))
-    if status == ERROR:
+    if type(status) is str and status == ERROR:
         return Reply(header.get("id"), ERROR, error=header)
-    raise ProtocolError(f"reply status must be 'ok' or 'error', got {status!r}", header.get("id"))
+    shown = status if type(status) in (str, bytes, int, float, type(None)) else type(status).__name__
+    raise ProtocolError(f"reply status must be 'ok' or 'error', got {shown!r}", header.get("id"))
