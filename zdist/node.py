@@ -14,6 +14,7 @@ import logging
 import signal
 from typing import Any, Callable
 
+import msgpack
 import zmq
 
 from .comm import Stream, make_socket, normalize_address
@@ -159,7 +160,7 @@ class Node:
 
     def _on_oversize(self, head: list) -> None:
         error = ProtocolError(f"message larger than this node's limit of {self.max_message_size} bytes; dropped")
-        self._send(head[:1], encode_error(None, error, tb=""))
+        self._send(head[:1], encode_error(_peek_request_id(head[1:2]), error, tb=""))
 
     def _send(self, identity: list, frames: list) -> None:
         if self.stream is not None and self.status in ("running", "closing"):
@@ -259,3 +260,21 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
     except (OSError, ValueError):
         return False
+
+
+def _peek_request_id(header_frames: list) -> int | None:
+    """The id in a request header, read without deserializing any value in it.
+
+    Lets the error reply to an oversized message reach the request waiting for it.
+    """
+    if not header_frames:
+        return None
+    frame = header_frames[0]
+    try:
+        header = msgpack.unpackb(getattr(frame, "buffer", frame), raw=False, strict_map_key=False)
+    except Exception:
+        return None
+    request_id = header.get("id") if isinstance(header, dict) else None
+    if type(request_id) is int and -(2**63) <= request_id < 2**64:
+        return request_id
+    return None

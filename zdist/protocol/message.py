@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
-from .serialize import Serialized, deserialize, serialize
+from .serialize import OUT_OF_BAND_THRESHOLD, Serialized, deserialize, serialize
 
 #: Buffers larger than this are split into frames of this size: many
 #: mid-sized zero-copy frames move faster than one huge one (the receiver
@@ -42,6 +42,8 @@ EXT_PICKLED = 4  # [kind, blob, [[first_frame, nframes, nbytes], ...]]
 EXT_MEMO = 5  # the n-th pickled value of this message again
 EXT_REF = 6  # Ref(key): "the value the worker holds under key"
 EXT_BIGINT = 7  # an int beyond 64 bits, as decimal text
+
+_BUFFER_OR_CONTAINER = frozenset({list, dict, bytes, bytearray, memoryview})
 
 OK = "ok"
 ERROR = "error"
@@ -119,20 +121,59 @@ class Reply:
 class _Encoder:
     """Packs one message; collects the buffer frames its values need."""
 
-    __slots__ = ("frames", "memo", "nserialized")
+    __slots__ = ("frames", "memo", "nserialized", "keep")
 
     def __init__(self):
         self.frames: list = []
         self.memo: dict[int, int] = {}
         self.nserialized = 0
+        self.keep: list = []  # temporaries whose ids are in ``memo``
 
     def pack(self, obj: Any) -> bytes:
         return msgpack.packb(obj, default=self.default, use_bin_type=True, strict_types=True)
 
+    def buffers_out_of_band(self, obj: Any) -> Any:
+        """``obj`` with bytearray, memoryview and large bytes values made :class:`Serialized`.
+
+        msgpack packs every bytes-like value into the header itself, without
+        calling ``default``: a large one would be copied there, and a
+        bytearray or memoryview would come back as bytes. Tuples reach this
+        through ``default``; dict keys are left alone (they are hashable).
+        """
+        cls = type(obj)
+        if cls is list:
+            if _BUFFER_OR_CONTAINER.isdisjoint(map(type, obj)):
+                return obj
+            out = None
+            for index, item in enumerate(obj):
+                new = self.buffers_out_of_band(item)
+                if new is not item:
+                    if out is None:
+                        out = list(obj)  # copied only when something changes
+                    out[index] = new
+            return obj if out is None else out
+        if cls is dict:
+            if _BUFFER_OR_CONTAINER.isdisjoint(map(type, obj.values())):
+                return obj
+            changed = {}
+            for key, value in obj.items():
+                new = self.buffers_out_of_band(value)
+                if new is not value:
+                    changed[key] = new
+            return {**obj, **changed} if changed else obj
+        if cls is bytearray or cls is memoryview or (cls is bytes and len(obj) >= OUT_OF_BAND_THRESHOLD):
+            serialized = serialize(obj)
+            self.keep.append(serialized)
+            return serialized
+        return obj
+
     def default(self, obj: Any) -> msgpack.ExtType:
         cls = type(obj)
         if cls is tuple:
-            return msgpack.ExtType(EXT_TUPLE, self.pack(list(obj)))
+            items = list(obj)
+            if not _BUFFER_OR_CONTAINER.isdisjoint(map(type, items)):
+                items = self.buffers_out_of_band(items)
+            return msgpack.ExtType(EXT_TUPLE, self.pack(items))
         if cls is Ref:
             return msgpack.ExtType(EXT_REF, self.pack(obj.key))
         if cls is set:
@@ -179,7 +220,7 @@ def _pack_plain(obj: Any) -> bytes:
 def encode_request(op: str, id: int | None, args: dict) -> list:
     """Frames of a request: ``[header, *buffers]``."""
     encoder = _Encoder()
-    packed_args = encoder.pack(args)
+    packed_args = encoder.pack(encoder.buffers_out_of_band(args))
     header = _fixmap(
         [
             ("op", _pack_plain(op)),
@@ -194,7 +235,7 @@ def encode_request(op: str, id: int | None, args: dict) -> list:
 def encode_reply(id: int | None, result: Any) -> list:
     """Frames of a successful reply. Raises if ``result`` cannot be serialized."""
     encoder = _Encoder()
-    packed = encoder.pack(result)
+    packed = encoder.pack(encoder.buffers_out_of_band(result))
     header = _fixmap(
         [
             ("id", _pack_plain(id)),
@@ -216,9 +257,13 @@ def error_fields(exc: BaseException, tb: str | None = None) -> dict:
         deserialize(pickled.kind, pickled.blob, pickled.buffers)
     except Exception:
         pickled = None
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ itself fails
+        message = f"<str() of this {type(exc).__name__} failed>"
     return {
         "type": type(exc).__name__,
-        "message": str(exc),
+        "message": message,
         "traceback": tb,
         "exception": pickled,
     }
