@@ -16,10 +16,15 @@ from typing import Any, Callable
 
 import zmq
 
+from .protocol import FRAME_SIZE
+
 logger = logging.getLogger(__name__)
 
 #: How many messages one wake-up handles before yielding to other callbacks.
 DRAIN_BATCH = 256
+
+#: The smallest per-frame cap libzmq enforces on a node's ROUTER socket.
+ROUTER_FRAME_CAP = FRAME_SIZE + 2**20
 
 _context: zmq.Context | None = None
 
@@ -39,6 +44,13 @@ def make_socket(kind: int, *, max_message_size: int | None = None, hwm: int = 10
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
     if max_message_size:
+        if kind == zmq.ROUTER:
+            # libzmq drops a peer whose single frame exceeds MAXMSGSIZE without
+            # a word (the sender would wait for its timeout). A node's Stream
+            # checks the size of whole messages itself and answers with an
+            # error, so let through any one frame a zdist peer sends (buffers
+            # are split at FRAME_SIZE); libzmq still cuts off anything larger.
+            max_message_size = max(max_message_size, ROUTER_FRAME_CAP)
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # replying to a vanished peer raises
@@ -184,11 +196,13 @@ class Stream:
             frame = sock.recv(copy=False)  # the rest of a multipart message is already here
             total += len(frame)
             if limit is not None and total > limit:
-                # Drain and drop the rest of this message, keeping its head to reply to.
+                # Drain and drop the rest of this message, keeping its head
+                # (identity and header, even when the header is what is too big).
+                head = [*frames, frame][:2]
                 while sock.getsockopt(zmq.RCVMORE):
                     sock.recv(copy=False)
                 if self.on_oversize is not None:
-                    self.on_oversize(frames[:2])
+                    self.on_oversize(head)
                 return None
             frames.append(frame)
         return frames
