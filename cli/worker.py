@@ -4,10 +4,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 
+from zdist.cluster import node_environment
 from zdist.worker import Worker
 
 from .common import add_common_arguments, node_kwargs, say, setup_logging
+
+
+def _with_huge_pages(argv: list[str] | None) -> None:
+    """Start again with glibc's huge-page tunable on (see zdist.cluster.node_environment)."""
+    env = node_environment()
+    if argv is None and env.get("GLIBC_TUNABLES") != os.environ.get("GLIBC_TUNABLES"):
+        os.execve(sys.executable, [sys.executable, "-m", "zdist_cli.worker", *sys.argv[1:]], env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-dir", default=None, metavar="DIR", help="directory for the worker's files")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5, metavar="SECONDS", help="how often to tell the Center this worker lives")
     args = parser.parse_args(argv)
+    _with_huge_pages(argv)
     setup_logging(args.log_level)
     try:
         worker = Worker(

@@ -231,12 +231,16 @@ def test_medium_numpy_array_travels_as_its_own_frame():
         np.testing.assert_array_equal(out, x)
 
 
-def test_numpy_array_bigger_than_frame_size_is_split_and_joined():
-    x = np.arange((FRAME_SIZE * 2 + 12345) // 8, dtype="int64")  # not a multiple of FRAME_SIZE
+def test_numpy_array_bigger_than_frame_size_is_split_and_joined(monkeypatch):
+    import importlib
+
+    split = 4 * 2**20  # the default FRAME_SIZE is 1 GiB: test the splitting with a small one
+    monkeypatch.setattr(importlib.import_module("zdist.protocol.message"), "FRAME_SIZE", split)
+    x = np.arange((split * 2 + 12345) // 8, dtype="int64")  # not a multiple of the frame size
     frames = encode_request("op", 1, {"x": x})
     buffers = frames[1:]
     assert len(buffers) == 3
-    assert all(memoryview(f).nbytes <= FRAME_SIZE for f in buffers)
+    assert all(memoryview(f).nbytes <= split for f in buffers)
     assert sum(memoryview(f).nbytes for f in buffers) == x.nbytes
     for out in both_round_trips(x):
         assert out.dtype == x.dtype and out.shape == x.shape

@@ -25,7 +25,9 @@ rpc_module = importlib.import_module("zdist.rpc")
 
 MEDIUM = 2**17  # float64 elements: 1 MiB, between 64 KiB and FRAME_SIZE
 assert 64 * 2**10 < MEDIUM * 8 < FRAME_SIZE
-BIG = (2 * FRAME_SIZE + 4096 + 8) // 8  # spans three frames, the last one partial
+SPLIT = 4 * 2**20  # a frame size small enough to test splitting with (the default is 1 GiB)
+BIG = (2 * SPLIT + 4096 + 8) // 8  # spans three frames of SPLIT bytes, the last one partial
+message_module = importlib.import_module("zdist.protocol.message")
 
 
 def identity(x):
@@ -184,12 +186,13 @@ def test_encoded_message_points_at_the_array(encode):
     assert shares_memory_with(frames[1], x)  # the frame is the array's memory itself
 
 
-def test_big_array_is_split_into_views_of_itself():
+def test_big_array_is_split_into_views_of_itself(monkeypatch):
+    monkeypatch.setattr(message_module, "FRAME_SIZE", SPLIT)
     x = np.arange(BIG, dtype="float64")
     frames = encode_request("update_data", 1, {"data": {"x": x}})
     buffers = frames[1:]
     assert len(buffers) == 3
-    assert all(memoryview(b).nbytes <= FRAME_SIZE for b in buffers)
+    assert all(memoryview(b).nbytes <= SPLIT for b in buffers)
     assert sum(memoryview(b).nbytes for b in buffers) == x.nbytes
     assert all(shares_memory_with(b, x) for b in buffers)
     assert len(frames[0]) < 1000
@@ -248,9 +251,10 @@ def test_no_big_pickle_or_header_during_a_round_trip(monkeypatch):
 # ---------------------------------------------------------------- big arrays
 
 
-def test_big_array_arrives_split_and_joined_into_one_writable_array(shared):
+def test_big_array_arrives_as_one_zero_copy_frame(shared):
+    """Below FRAME_SIZE (1 GiB) even a big array is one frame, received without a copy."""
     x = np.random.default_rng(4).random(BIG)
-    assert x.nbytes > FRAME_SIZE
+    assert SPLIT < x.nbytes < FRAME_SIZE
 
     async def main():
         async with rpc(shared.worker_addresses[1], timeout=60) as w:
@@ -262,10 +266,19 @@ def test_big_array_arrives_split_and_joined_into_one_writable_array(shared):
             return first, second
 
     first, second = run(main())
-    assert first.flags.writeable
     assert first.shape == x.shape and first.dtype == x.dtype
-    assert frame_behind(first) is None  # joined into memory of its own, not a frame
+    assert frame_behind(first) is not None  # built on the received frame
     assert (first[:10] == -1.0).all()
     np.testing.assert_array_equal(first[10:], x[10:])
     np.testing.assert_array_equal(second, x)
     assert not np.shares_memory(first, second)
+
+
+def test_split_array_is_joined_into_one_writable_array(monkeypatch):
+    monkeypatch.setattr(message_module, "FRAME_SIZE", SPLIT)
+    x = np.random.default_rng(5).random(BIG)
+    frames = encode_reply(1, {"x": x})
+    assert len(frames) == 4
+    out = parse_reply([bytes(f) if not isinstance(f, bytes) else f for f in frames]).result["x"]
+    assert out.flags.writeable and frame_behind(out) is None
+    np.testing.assert_array_equal(out, x)

@@ -20,11 +20,18 @@ from .protocol import FRAME_SIZE
 
 logger = logging.getLogger(__name__)
 
+# Plain ints: zmq's flags are enums, and enum arithmetic runs in Python.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_RCVMORE = int(zmq.RCVMORE)
+
 #: How many messages one wake-up handles before yielding to other callbacks.
 DRAIN_BATCH = 256
 
-#: The smallest per-frame cap libzmq enforces on a node's ROUTER socket.
-ROUTER_FRAME_CAP = FRAME_SIZE + 2**20
+#: Slack above a node's message limit for libzmq's per-frame cap: a frame a
+#: little too big still reaches the Stream, which answers it with an error.
+ROUTER_FRAME_SLACK = 2**20
 
 _context: zmq.Context | None = None
 
@@ -48,9 +55,9 @@ def make_socket(kind: int, *, max_message_size: int | None = None, hwm: int = 10
             # libzmq drops a peer whose single frame exceeds MAXMSGSIZE without
             # a word (the sender would wait for its timeout). A node's Stream
             # checks the size of whole messages itself and answers with an
-            # error, so let through any one frame a zdist peer sends (buffers
-            # are split at FRAME_SIZE); libzmq still cuts off anything larger.
-            max_message_size = max(max_message_size, ROUTER_FRAME_CAP)
+            # error, so let a frame somewhat over the limit through to it;
+            # libzmq still cuts off anything larger.
+            max_message_size = min(max_message_size, FRAME_SIZE) + ROUTER_FRAME_SLACK
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # replying to a vanished peer raises
@@ -110,6 +117,7 @@ class Stream:
         # the replies to every other peer and grow without bound, so drop.
         self._router = sock.type == zmq.ROUTER
         self.dropped = 0
+        self._draining = False
         self.loop.add_reader(self._fd, self._on_ready)
         self._schedule_check()
 
@@ -121,7 +129,8 @@ class Stream:
             self._outbox.append(frames)
         else:
             self._send_now(frames)
-        self._schedule_check()
+        if not self._draining:  # _on_ready looks at the socket's events again anyway
+            self._schedule_check()
 
     def _send_now(self, frames: list) -> bool:
         try:
@@ -164,14 +173,16 @@ class Stream:
             return
         sock = self.sock
         handled = 0
+        self._draining = True
         try:
             while True:
-                events = sock.getsockopt(zmq.EVENTS)
-                if events & zmq.POLLOUT and self._outbox:
+                events = sock.getsockopt(_EVENTS)
+                if events & _POLLOUT and self._outbox:
                     self._flush()
-                if not events & zmq.POLLIN:
+                if not events & _POLLIN:
                     return
                 if handled >= DRAIN_BATCH:
+                    self._draining = False
                     self._schedule_check()  # let other callbacks run, then continue
                     return
                 frames = self._recv_message()
@@ -186,20 +197,22 @@ class Stream:
         except zmq.ZMQError as exc:
             if not self._closed:
                 logger.warning("socket error: %s", exc)
+        finally:
+            self._draining = False
 
     def _recv_message(self) -> list | None:
         sock = self.sock
         frames = [sock.recv(zmq.NOBLOCK, copy=False)]
         limit = self.max_message_size
         total = len(frames[0])
-        while sock.getsockopt(zmq.RCVMORE):
+        while sock.getsockopt(_RCVMORE):
             frame = sock.recv(copy=False)  # the rest of a multipart message is already here
             total += len(frame)
             if limit is not None and total > limit:
                 # Drain and drop the rest of this message, keeping its head
                 # (identity and header, even when the header is what is too big).
                 head = [*frames, frame][:2]
-                while sock.getsockopt(zmq.RCVMORE):
+                while sock.getsockopt(_RCVMORE):
                     sock.recv(copy=False)
                 if self.on_oversize is not None:
                     self.on_oversize(head)
