@@ -8,10 +8,10 @@ Center:
   of the loop, each worker holding at most ``limit`` tasks in flight: a few
   per core for slow or bulky tasks, up to :data:`MAX_TASKS_PER_CORE` for tiny
   ones (measured per worker from the batches' round trips and result sizes);
-* a task runs on the worker holding most bytes of its inputs; when that
-  worker is busy, a task with small inputs goes to a free worker, others
-  wait for it, unless an idle worker would otherwise wait much longer than
-  moving them takes (:func:`~zdist.dask.graph.worth_moving`);
+* a task runs on the worker holding most bytes of its inputs, waiting for
+  it if it is busy; a worker with nothing else to do takes such a task if
+  its inputs are small, or if waiting would take much longer than moving
+  them (:func:`~zdist.dask.graph.worth_moving`);
 * a value is deleted from every worker holding it as soon as every task that
   needs it is done, and the requested values are fetched (small ones come
   back with the acknowledgement);
@@ -51,11 +51,12 @@ MIN_TASKS_PER_CORE = 2
 MAX_TASKS_PER_CORE = 128
 #: Work queued per core, in seconds of measured task time: enough that a
 #: worker never waits for the client's next message.
-SECONDS_IN_FLIGHT = 0.02
+SECONDS_IN_FLIGHT = 0.1
 #: Bytes of results in flight per core: bulky tasks are sent a few at a time
 #: so that a long reduction never holds more than a few chunks per core.
 BYTES_IN_FLIGHT = 24 * 2**20
-#: Inputs this small move to a free worker rather than wait for a busy one that holds them.
+#: Inputs this small move to a worker with nothing else to do rather than
+#: wait for the busy one that holds them.
 SMALL_INPUTS = 256 * 2**10
 #: An idle worker takes a task held for a busy one (moving its inputs) only
 #: when the wait it saves is expected to be at least this long.
@@ -66,6 +67,11 @@ DEFAULT_TASK_SECONDS = 0.001
 #: scheduler still believes a live worker holds the missing values (the
 #: Center can lag behind a worker's report by a moment).
 MISSING_DATA_RETRIES = 5
+#: Released values are deleted from a worker in bulk: once they free this
+#: many bytes, number this many keys, or have waited this long.
+DELETE_BYTES = 4 * 2**20
+DELETE_KEYS = 1000
+DELETE_DELAY = 0.05
 #: How long cleanup waits for batches still running before leaving their
 #: deletion to a background task.
 CLEANUP_WAIT = 5.0
@@ -207,7 +213,8 @@ class Computation:
         self.ext_nbytes: dict[Any, int] = {key: nbytes for key, (_, nbytes) in (external or {}).items()}
         self.ext_copies: dict[str, set] = {}
         self.workers: dict[str, _Worker] = {}
-        self.deletes: dict[_Worker, list] = {}
+        self.deletes: dict[_Worker, list] = {}  # worker -> [keys, bytes, since]
+        self._delete_timer: asyncio.TimerHandle | None = None
         self.fetching: dict[int, asyncio.Future] = {}
         self.dirty = False  # something failed: sweep every worker at the end
         self.error: BaseException | None = None
@@ -409,13 +416,19 @@ class Computation:
 
     def _release(self, t: int) -> None:
         self.state[t] = RELEASED
-        self.nbytes.pop(t, None)
+        nbytes = self.nbytes.pop(t, 0)
         holders = self.holders.pop(t, None)
         if holders:
-            key = self.ckeys[t]
             for worker in holders:
                 if worker.alive:
-                    self.deletes.setdefault(worker, []).append(key)
+                    self._delete_later(worker, self.ckeys[t], nbytes)
+
+    def _delete_later(self, worker: _Worker, key: str, nbytes: int) -> None:
+        pending = self.deletes.get(worker)
+        if pending is None:
+            pending = self.deletes[worker] = [[], 0, self.loop.time()]
+        pending[0].append(key)
+        pending[1] += nbytes
 
     def _task_done(self, t: int, worker: _Worker, nbytes: int, value: Any) -> None:
         state = self.state
@@ -500,7 +513,7 @@ class Computation:
                 for m in believed:
                     for worker in self.holders.pop(m, ()):
                         if worker.alive:
-                            self.deletes.setdefault(worker, []).append(self.ckeys[m])
+                            self._delete_later(worker, self.ckeys[m], 0)
                 self._recover(believed)
                 self._requeue(t)
                 return
@@ -576,14 +589,30 @@ class Computation:
         if self.validate and not self.closing:
             self._validate()
 
-    def _send_deletes(self) -> None:
-        deletes, self.deletes = self.deletes, {}
-        for worker, keys in deletes.items():
-            if worker.alive and keys:
+    def _send_deletes(self, force: bool = False) -> None:
+        """Tell workers to drop released values: in bulk, since every message costs a worker (and its report to the Center) more than the keys in it.
+
+        A worker's deletions go out once they free :data:`DELETE_BYTES` or
+        number :data:`DELETE_KEYS`, or have waited :data:`DELETE_DELAY`.
+        """
+        now = self.loop.time()
+        waiting = None
+        for worker, (keys, nbytes, since) in list(self.deletes.items()):
+            if not (force or nbytes >= DELETE_BYTES or len(keys) >= DELETE_KEYS or now - since >= DELETE_DELAY):
+                waiting = since if waiting is None else min(waiting, since)
+                continue
+            del self.deletes[worker]
+            if worker.alive:
                 try:
                     worker.conn.send("delete_data", keys=keys)
                 except Exception:  # noqa: BLE001 - a closed connection: the final sweep covers it
                     self.dirty = True
+        if waiting is not None and self._delete_timer is None:
+            self._delete_timer = self.loop.call_at(waiting + DELETE_DELAY, self._deletes_due)
+
+    def _deletes_due(self) -> None:
+        self._delete_timer = None
+        self._send_deletes()
 
     def _dispatch(self) -> None:
         free = [w for w in self.workers.values() if w.free() > 0]
@@ -678,19 +707,17 @@ class Computation:
         best = choose_worker(deps, who, sizes, loads)
         if best is None or best in free:
             return best
-        alternative = choose_worker(deps, who, sizes, {w: loads[w] for w in free})
-        moved = sum(sizes.get(dep, 0) for dep in deps if alternative not in who.get(dep, ()))
-        if moved <= SMALL_INPUTS:
-            return alternative
-        heapq.heappush(best.held, t)  # wait for the worker that holds the inputs
+        heapq.heappush(best.held, t)  # wait for the worker that holds the inputs (or a thief)
         return None
 
     def _steal(self, free: list[_Worker], assign: Any) -> None:
-        """Idle workers take tasks held for busy ones when waiting would cost clearly more than moving."""
+        """Workers with nothing else to do take tasks held for busy ones.
+
+        A task with small inputs moves at once; one with large inputs only to
+        an idle worker, and when the wait saved is clearly longer than the move.
+        """
         state = self.state
         for worker in free:
-            if worker.inflight:
-                continue
             for victim in sorted(self.workers.values(), key=lambda w: -len(w.held)):
                 if victim is worker or not victim.held:
                     continue
@@ -701,7 +728,10 @@ class Computation:
                         continue
                     deps, who, sizes = self._who_has(t)
                     moved = sum(sizes.get(dep, 0) for dep in deps if worker not in who.get(dep, ()))
-                    if not worth_moving(moved, len(victim.held), victim.task_seconds or DEFAULT_TASK_SECONDS, victim.ncores, STEAL_MIN_WAIT):
+                    if moved > SMALL_INPUTS and (
+                        worker.inflight
+                        or not worth_moving(moved, len(victim.held), victim.task_seconds or DEFAULT_TASK_SECONDS, victim.ncores, STEAL_MIN_WAIT)
+                    ):
                         break
                     heapq.heappop(victim.held)
                     assign(t, worker)
@@ -849,7 +879,10 @@ class Computation:
             self.pool.close()
 
     async def _delete_everything(self) -> None:
-        self._send_deletes()
+        if self._delete_timer is not None:
+            self._delete_timer.cancel()
+            self._delete_timer = None
+        self._send_deletes(force=True)
         by_worker: dict[_Worker, set] = {}
         for t, holders in self.holders.items():
             for worker in holders:
