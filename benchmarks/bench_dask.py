@@ -7,11 +7,13 @@
 (b) ``da.ones((2000, 2000), chunks=(20, 20)).sum()``, 10,000+ tiny tasks, in
     tasks per second.
 
-Each scheduler gets the same materialized graph (what ``x.compute()`` hands
-a scheduler, converted once), so the figures measure scheduling and
-execution, not dask's graph construction; each is the median of
-``--repeat`` runs. zdist and dask.distributed both run 2 worker processes
-with 1 thread each on 127.0.0.1. Ratios are printed at the end.
+Each scheduler gets materialized graphs (what ``x.compute()`` hands a
+scheduler, converted before the clock starts), so the figures measure
+scheduling and execution, not dask's graph construction; every run gets a
+graph of its own (fresh keys: dask.distributed would otherwise reuse results
+it still holds), and each figure is the median of ``--repeat`` runs. zdist
+and dask.distributed both run 2 worker processes with 1 thread each on
+127.0.0.1. Ratios are printed at the end.
 ``--profile`` runs zdist's (b) once more under cProfile (the client's loop
 thread) and prints the top functions.
 """
@@ -23,6 +25,7 @@ import functools
 import pstats
 import statistics
 import time
+import uuid
 import warnings
 
 import dask
@@ -45,38 +48,38 @@ def materialize(collection):
     return convert_legacy_graph(dict(dsk)), captured["keys"], expected
 
 
-def median_time(repeat, function):
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def workload_a():
+    x = da.random.random((4000, 4000), chunks=(500, 500))
+    return (x + x.T).sum()
 
 
-def workloads(only):
-    out = {}
-    if only in (None, "a"):
-        x = da.random.random((4000, 4000), chunks=(500, 500))
-        out["a"] = materialize((x + x.T).sum())
-    if only in (None, "b"):
-        out["b"] = materialize(da.ones((2000, 2000), chunks=(20, 20)).sum())
-    return out
+def workload_b():
+    return da.ones((2000, 2000), chunks=(20, 20), name=f"ones-{uuid.uuid4().hex}").sum()
+
+
+WORKLOADS = {"a": workload_a, "b": workload_b}
 
 
 def check(result, expected):
     value = result[0] if isinstance(result, (tuple, list)) else result
-    want = expected
-    assert abs(float(value) - float(want)) <= 1e-6 * max(1.0, abs(float(want))), (value, want)
+    assert abs(float(value) - float(expected)) <= 1e-6 * max(1.0, abs(float(expected))), (value, expected)
 
 
-def bench(name, get, graphs, repeat):
+def bench(name, get, labels, repeat):
+    """Median seconds per workload; ``repeat`` runs after a warm-up, each on a fresh graph."""
     results = {}
-    for label, (dsk, keys, expected) in graphs.items():
-        check(get(dsk, keys), expected)  # warm up: imports on the workers
-        seconds = median_time(repeat, lambda: check(get(dsk, keys), expected))
-        results[label] = seconds
-        print(f"  {name:<22} ({label}) {seconds:8.3f} s   {len(dsk) / seconds:10.0f} tasks/s", flush=True)
+    for label in labels:
+        times = []
+        for run in range(repeat + 1):
+            dsk, keys, expected = materialize(WORKLOADS[label]())
+            start = time.perf_counter()
+            result = get(dsk, keys)
+            if run:  # the first run warms up: imports on the workers
+                times.append(time.perf_counter() - start)
+            check(result, expected)
+        results[label] = (statistics.median(times), len(dsk))
+        seconds, ntasks = results[label]
+        print(f"  {name:<22} ({label}) {seconds:8.3f} s   {ntasks / seconds:10.0f} tasks/s", flush=True)
     return results
 
 
@@ -88,9 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
-    graphs = workloads(args.only)
-    for label, (dsk, _, _) in graphs.items():
-        print(f"({label}) {len(dsk)} tasks")
+    labels = [args.only] if args.only else ["a", "b"]
     figures: dict[str, dict] = {}
 
     from zdist import LocalCluster
@@ -99,9 +100,9 @@ def main() -> None:
 
     with LocalCluster(n_workers=2, threads_per_worker=1) as cluster:
         zget = functools.partial(get, cluster.center_address)
-        figures["zdist"] = bench("zdist.dask.get", zget, graphs, args.repeat)
-        if args.profile and "b" in graphs:
-            dsk, keys, _ = graphs["b"]
+        figures["zdist"] = bench("zdist.dask.get", zget, labels, args.repeat)
+        if args.profile and "b" in labels:
+            dsk, keys, _ = materialize(workload_b())
             profile = cProfile.Profile()
             loop = zclient._shared_loop()
             loop.call(profile.enable)
@@ -120,19 +121,16 @@ def main() -> None:
     from distributed import LocalCluster as DaskCluster
 
     with DaskCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as dcluster, Client(dcluster) as dclient:
-        figures["dask.distributed"] = bench("dask.distributed", dclient.get, graphs, args.repeat)
+        figures["dask.distributed"] = bench("dask.distributed", dclient.get, labels, args.repeat)
 
-    figures["threaded"] = bench("dask threaded", dask.threaded.get, graphs, args.repeat)
+    figures["threaded"] = bench("dask threaded", dask.threaded.get, labels, args.repeat)
 
     print()
-    for label in graphs:
-        z = figures["zdist"][label]
-        d = figures["dask.distributed"][label]
-        t = figures["threaded"][label]
+    for label in labels:
+        (z, n), (d, _), (t, _) = figures["zdist"][label], figures["dask.distributed"][label], figures["threaded"][label]
         if label == "a":
             print(f"(a) zdist {z:.3f} s; dask.distributed {d:.3f} s ({d / z:.2f}x zdist's time); threaded {t:.3f} s ({t / z:.2f}x)")
         else:
-            n = len(graphs[label][0])
             print(
                 f"(b) zdist {n / z:,.0f} tasks/s; dask.distributed {n / d:,.0f} tasks/s "
                 f"(zdist {d / z:.1f}x); threaded {n / t:,.0f} tasks/s (zdist {t / z:.2f}x)"
