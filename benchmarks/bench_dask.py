@@ -15,7 +15,8 @@ it still holds), and each figure is the median of ``--repeat`` runs. zdist
 and dask.distributed both run 2 worker processes with 1 thread each on
 127.0.0.1. Ratios are printed at the end.
 ``--profile`` runs zdist's (b) once more under cProfile (the client's loop
-thread) and prints the top functions.
+thread and the calling thread), prints the top functions, and skips the
+other schedulers.
 """
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ def main() -> None:
             print("--- zdist (b): calling thread (graph preparation) ---")
             pstats.Stats(main_profile).sort_stats("cumtime").print_stats(12)
     zclient.close()
+    if args.profile:
+        return  # profiling zdist only
 
     from distributed import Client
     from distributed import LocalCluster as DaskCluster
