@@ -7,7 +7,6 @@ from operator import add
 import dask
 import dask.array as da
 import numpy as np
-import pytest
 from dask._task_spec import Alias, DataNode, Task, TaskRef
 
 from zdist.dask.graph import (
