@@ -21,6 +21,7 @@ import zdist
 import zdist.dask
 from zdist import rpc
 from zdist.dask import TaskKilledWorkersError, get
+from zdist.dask.scheduler import Computation
 
 from .conftest import make_cluster, wait_for
 
@@ -359,14 +360,6 @@ def _big_graph(width=300, depth=4, delay=0.002):
     return dsk
 
 
-def _tasks_done(cluster) -> int:
-    async def info():
-        async with rpc(cluster.center_address, timeout=5) as center:
-            return await center.info()
-
-    return sum(w.get("tasks_done", 0) for w in run(info())["workers"].values())
-
-
 KILL_AT = [0.02, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 FAST_KILLS = {0.1, 0.4, 0.7}
 
@@ -374,30 +367,32 @@ FAST_KILLS = {0.1, 0.4, 0.7}
 @pytest.mark.parametrize(
     "fraction", [f if f in FAST_KILLS else pytest.param(f, marks=pytest.mark.slow) for f in KILL_AT]
 )
-def test_worker_killed_mid_computation(cluster3, fraction):
+def test_worker_killed_mid_computation(cluster3, fraction, monkeypatch):
+    """SIGKILL a worker once a given fraction of the tasks finished; the result must not change."""
     dsk = _big_graph()
     expected = dask.get({k: (inc, v[1]) if isinstance(v, tuple) and v[0] is slowinc else v for k, v in dsk.items()}, "total")
-    ntasks = len(dsk)
     victim = cluster3.worker_addresses[1]
-    killed = threading.Event()
-    stop = threading.Event()
+    trigger = int(fraction * len(dsk))
+    finished = [0]
+    killer: list[threading.Thread] = []
+    task_done = Computation._task_done
 
-    def kill_when_progressed():
-        deadline = time.monotonic() + 60
-        while not stop.is_set() and time.monotonic() < deadline:
-            if _tasks_done(cluster3) >= fraction * ntasks:
-                cluster3.kill_worker(victim)
-                killed.set()
-                return
-            time.sleep(0.05)
+    def counting_task_done(self, *args):
+        # Count completions as the scheduler sees them: the kill moment is a
+        # point in the computation, not a time that a loaded machine may miss.
+        finished[0] += 1
+        if finished[0] == trigger:
+            killer.append(threading.Thread(target=cluster3.kill_worker, args=(victim,)))
+            killer[0].start()
+        return task_done(self, *args)
 
-    watcher = threading.Thread(target=kill_when_progressed)
-    watcher.start()
+    monkeypatch.setattr(Computation, "_task_done", counting_task_done)
     try:
         assert get(cluster3, dsk, "total", validate=fraction == 0.4) == expected
     finally:
-        stop.set()
-        watcher.join(10)
+        for thread in killer:
+            thread.join(15)
+    assert killer and victim not in cluster3.live_worker_addresses()
     assert_cluster_clean(cluster3)
 
 
