@@ -449,6 +449,7 @@ class _Engine:
         self.generation = -1
         self.center_id: str | None = None
         self.grace_until = 0.0  # after a Center restart, missing workers are not yet dead
+        self.grace_pending = False  # one full look at the workers is still due after the grace period
         self.shared: deque[_Task] = deque()  # tasks that may run anywhere
         self.local: dict[str, deque] = defaultdict(deque)  # tasks that prefer a worker
         self.in_flight: dict[str, int] = defaultdict(int)  # batches per worker
@@ -479,13 +480,20 @@ class _Engine:
                 self.grace_until = time.monotonic() + info.get("heartbeat_timeout", 5.0) + 2.0
             self.center_id = info.get("id")
             self.generation = -1
-        if info["generation"] == self.generation and time.monotonic() > self.grace_until:
+        if info["generation"] == self.generation and time.monotonic() > self.grace_until and not self.grace_pending:
             return
         self.generation = info["generation"]
         if self.pool.security is not None:
             self.pool.security.learn(info["workers"])
         current = {address: w["ncores"] for address, w in info["workers"].items()}
-        if time.monotonic() < self.grace_until:
+        if not current and self.ncores and self._has_work() and not self.grace_pending and time.monotonic() > self.grace_until:
+            # Every worker dropped at once is more often a stall (a slow import
+            # on their loops missed heartbeats) than a massacre: give them the
+            # time to register again, as after a Center restart.
+            logger.warning("the center lists no workers; waiting for them to register again")
+            self.grace_until = time.monotonic() + info.get("heartbeat_timeout", 5.0) + 2.0
+        self.grace_pending = time.monotonic() < self.grace_until
+        if self.grace_pending:
             # Workers re-register one by one with a restarted Center: keep the ones we knew.
             current = {**self.ncores, **current}
         for gone in set(self.ncores) - set(current):

@@ -44,7 +44,12 @@ def substitute(obj: Any, data: dict) -> Any:
     """``obj`` with every :class:`Ref` replaced by the value it names (any depth)."""
     cls = type(obj)
     if cls is Ref:
-        return data[obj.key]
+        try:
+            return data[obj.key]
+        except KeyError:
+            # Deleted between the batch's check and this thread running it: missing
+            # data (which a scheduler recovers from), not the user's KeyError.
+            raise MissingDataError([obj.key], "deleted on this worker before the task that needs it ran") from None
     if cls is tuple or cls is list:
         return cls(substitute(item, data) for item in obj)
     if cls is dict:

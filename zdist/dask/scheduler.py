@@ -234,6 +234,7 @@ class Computation:
         poller = None
         try:
             info = await self.center.request("info", {}, timeout=10.0)
+            self.center_id, self.grace_until = info.get("id"), 0.0
             if not info["workers"]:
                 raise NoWorkersError(f"no workers are registered with the Center at {self.center_address}; start some with `zdist-worker {self.center_address}`")
             self._update_workers(info["workers"])
@@ -305,7 +306,15 @@ class Computation:
                 self.pool.remove(self.center_address)
                 continue
             silent_since = None
-            self._update_workers(info["workers"])
+            workers = info["workers"]
+            if info.get("id") != self.center_id:
+                logger.warning("the Center at %s restarted; waiting for workers to register again", self.center_address)
+                self.center_id = info.get("id")
+                self.grace_until = time.monotonic() + info.get("heartbeat_timeout", 5.0) + 2.0
+            if time.monotonic() < self.grace_until:
+                # A restarted Center lists workers only as they register again: keep the ones we knew.
+                workers = {**{a: {"ncores": w.ncores, "pid": w.pid} for a, w in self.workers.items()}, **workers}
+            self._update_workers(workers)
             if self.deferred:
                 deferred, self.deferred = self.deferred, []
                 for t in deferred:
