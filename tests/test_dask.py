@@ -409,3 +409,15 @@ def test_all_workers_gone(cluster):
     dsk = {"a": 1, "deadly": (kill_my_worker, "a")}
     with pytest.raises(zdist.NoWorkersError, match="every worker"):
         get(cluster, dsk, "deadly", max_worker_deaths=10)
+
+
+def test_progress_bar_reaches_total(cluster, capsys):
+    import dask.array as da
+    from functools import partial
+
+    from zdist.dask import get
+
+    x = da.ones((100, 100), chunks=(10, 10))
+    assert int(x.sum().compute(scheduler=partial(get, cluster.center_address, progress=True))) == 10_000
+    err = capsys.readouterr().err
+    assert "100%" in err and "tasks" in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import threading
+import time
 from typing import Any, Iterable
 
 from ..comm import normalize_address
@@ -67,10 +68,31 @@ async def _ask_center(address: str, op: str, keys: Iterable, security: Any) -> d
         pool.close()
 
 
-async def _compute(address: str, plan: Plan, external: dict, security: Any, options: dict) -> dict:
+async def _compute(address: str, plan: Plan, external: dict, security: Any, options: dict, seen: list | None = None) -> dict:
     pool = ConnectionPool(security=security)
     computation = Computation(plan, address, pool, external=external, **options)
+    if seen is not None:
+        seen.append(computation)  # lets the caller's thread read its progress
     return await computation.run()
+
+
+def _wait_with_progress(future: concurrent.futures.Future, seen: list, total: int, timeout: float | None) -> Any:
+    from tqdm.auto import tqdm
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with tqdm(total=total, unit="tasks", dynamic_ncols=True, mininterval=0.2) as bar:
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise concurrent.futures.TimeoutError()
+            try:
+                values = future.result(0.2 if remaining is None else min(0.2, remaining))
+            except concurrent.futures.TimeoutError:
+                if seen:
+                    bar.update(min(total, seen[0].ntasks_done) - bar.n)
+                continue
+            bar.update(total - bar.n)
+            return values
 
 
 def get(
@@ -82,6 +104,7 @@ def get(
     timeout: float | None = None,
     security: Any = None,
     validate: bool = False,
+    progress: bool = False,
     **kwargs: Any,
 ) -> Any:
     """Compute ``keys`` of the dask graph ``dsk`` on the cluster of the Center at ``center``.
@@ -109,7 +132,8 @@ def get(
     ``poll_interval`` is how often the Center is asked which workers live,
     ``return_values`` the largest result (in bytes) that comes back with the
     acknowledgement instead of a separate ``get_data``, ``timeout`` a limit
-    on the whole computation; ``validate=True`` checks the scheduler's state
+    on the whole computation; ``progress=True`` shows a tqdm progress bar
+    of tasks done (a widget in Jupyter); ``validate=True`` checks the scheduler's state
     after every step (slow, for tests). Other keyword arguments (dask passes
     some) are ignored.
 
@@ -138,9 +162,10 @@ def get(
         nbytes = thread.run(_ask_center(address, "nbytes", plan.external, security))
         external = {key: (set(who_has[key]), nbytes.get(key, 0)) for key in plan.external}
     options = {"max_worker_deaths": max_worker_deaths, "poll_interval": poll_interval, "return_values": return_values, "validate": validate}
-    future = thread.submit(_compute(address, plan, external, security, options))
+    seen: list = []
+    future = thread.submit(_compute(address, plan, external, security, options, seen))
     try:
-        values = future.result(timeout)
+        values = _wait_with_progress(future, seen, len(plan), timeout) if progress else future.result(timeout)
     except concurrent.futures.TimeoutError:
         future.cancel()  # the computation cleans the cluster up as it stops
         raise TimeoutError(f"zdist.dask.get did not finish within {timeout} s") from None

@@ -226,6 +226,7 @@ class Computation:
         self._dep_ckeys: list = [None] * n
         self._dep_keys: list = [None] * n
         self.ntasks_sent = 0
+        self.ntasks_done = 0  # for progress bars: recomputed tasks count again
 
     # ------------------------------------------------------------------ running
 
@@ -461,6 +462,7 @@ class Computation:
             self._release(t)
             return
         state[t] = MEMORY
+        self.ntasks_done += 1
         self.where[t] = None
         self.nbytes[t] = nbytes
         for d in self.dependents[t]:
