@@ -497,6 +497,11 @@ def test_unpicklable_exception_still_gives_a_readable_error(kind):
     assert reply.error["type"] == type_name
     assert reply.error["message"] == message
     assert "Traceback" in reply.error["traceback"]
+    if kind == "does-not-unpickle" and reply.error["exception"] is not None:
+        # Once distributed is imported, tblib's pickling support rebuilds
+        # exceptions without calling __init__: then it comes back as itself.
+        assert type(reply.error["exception"]) is TwoArgError and message in str(reply.error["exception"])
+        return
     assert reply.error["exception"] is None
     rebuilt = rebuild_exception(reply.error, "127.0.0.1:9")
     assert isinstance(rebuilt, RemoteError)
