@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable
 from .errors import MissingDataError
 from .node import Node
 from .protocol import Ref, error_fields, serialize
-from .rpc import ConnectionPool, RPCTimeoutError, CommClosedError, RemoteError
+from .rpc import CommClosedError, ConnectionPool, RPCTimeoutError, rebuild_exception, unwrap_value
 from .comm import normalize_address
 
 logger = logging.getLogger(__name__)
@@ -448,7 +448,10 @@ class Worker(Node):
         task = [key, function, tuple(Ref(k) for k in keys) + tuple(args), kwargs or {}, keys]
         result = (await self.compute_batch([task], return_values=return_value))[0]
         if result[1] == "error":
-            raise _ErrorWithTraceback.wrap(result[2])
+            fields = result[2]
+            error = rebuild_exception({**fields, "exception": unwrap_value(fields.get("exception"))})
+            error.zdist_traceback = fields.get("traceback")  # the node replies with the task's traceback
+            raise error
         meta = {"key": key, "nbytes": result[2]}
         if len(result) > 3:
             meta["value"] = result[3]
@@ -555,25 +558,6 @@ class Worker(Node):
             replies.append(entry)
         self.flush_reports()  # tell the Center before the caller hears back
         return replies
-
-
-class _ErrorWithTraceback:
-    """Re-raise a task's exception in the handler with its original traceback text."""
-
-    @staticmethod
-    def wrap(fields: dict) -> BaseException:
-        exc = fields.get("exception")
-        if exc is not None:
-            from .protocol import deserialize
-
-            try:
-                exc = deserialize(exc.kind, exc.blob, exc.buffers)
-            except Exception:
-                exc = None
-        if not isinstance(exc, BaseException):
-            exc = RemoteError(f"{fields.get('type')}: {fields.get('message')}", fields.get("type", ""), fields.get("traceback", ""))
-        exc.zdist_traceback = fields.get("traceback")
-        return exc
 
 
 _MSGPACK_NATIVE = frozenset({int, float, str, bytes, bool, type(None)})
