@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pathlib
+import site
 import subprocess
 import sys
 import zipfile
@@ -24,8 +25,15 @@ def test_wheel_and_sdist_build_and_install(tmp_path):
     for program in ["zdist-center", "zdist-worker", "zdist-keys"]:
         assert program in entry_points
     # Install it (offline: dependencies come from this environment) and run its programs.
+    # ``--system-site-packages`` would see the base interpreter's packages, not
+    # this (virtual) environment's; a .pth file lends the new venv ours instead.
+    # Lines of a .pth file only extend sys.path: our editable install of zdist
+    # (a finder registered by a .pth in our site-packages) does not come along.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    (pathlib.Path(purelib) / "zdist-test-dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                          capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr
