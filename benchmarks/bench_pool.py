@@ -1,13 +1,21 @@
 """Pool throughput and latency, side by side with multiprocessing and dask.distributed.
 
-    python benchmarks/bench_pool.py [--tasks 10000] [--repeat 3]
+    python benchmarks/bench_pool.py [--tasks 10000] [--repeat 5] [--latency-samples 2000] [--no-dask]
 
 Prints tasks/s for ``pool.map(inc, range(N))`` + ``gather`` against
 ``multiprocessing.Pool(2).map`` (chunksize=1 and default) and dask.distributed's
 ``client.map`` + ``client.gather`` on a 2-worker LocalCluster, and the
 single-task round trip ``pool.apply(inc, (1,)).get()`` against
 ``apply_async(...).get()`` and ``client.submit(inc, 1).result()``. All on
-127.0.0.1, each measured in this one run; the best of ``--repeat`` runs.
+127.0.0.1, each measured in this one run.
+
+The zdist Pool (a Center and two worker processes) and the multiprocessing
+pool are both started first and then measured *interleaved*, round after
+round, so that a burst of load from elsewhere on a shared machine (or a
+VM's CPU steal) hits them alike: throughput is the best of ``--repeat``
+rounds, a round trip the median of all its samples, taken in chunks that
+alternate between the two. dask.distributed, about 100x slower per task,
+runs on its own afterwards.
 """
 from __future__ import annotations
 
@@ -21,51 +29,62 @@ def inc(x):
     return x + 1
 
 
-def best_of(repeat, function):
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
 
 
-def latency(n, function):
-    function()  # warm up
+def round_trips(n: int, function) -> list[float]:
     samples = []
     for _ in range(n):
         start = time.perf_counter()
         function()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return samples
 
 
-def bench_zdist(n, repeat, n_latency):
+def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int) -> dict:
     from zdist import Pool
 
-    with Pool(processes=2) as pool:
-        pool.gather(pool.map(inc, range(100)))  # warm up: functions cached on workers
+    times: dict[str, list[float]] = {"zdist": [], "mp1": [], "mpdefault": []}
+    rtts: dict[str, list[float]] = {"zdist": [], "mp": []}
+    with Pool(processes=2) as pool, multiprocessing.Pool(2) as mp_pool:
 
-        def run():
+        def zdist_run():
             results = pool.map(inc, range(n))
             values = pool.gather(results)
             assert values[-1] == n
 
-        throughput = n / best_of(repeat, run)
-        rtt = latency(n_latency, lambda: pool.apply(inc, (1,)).get())
-    return throughput, rtt
+        def zdist_rtt():
+            assert pool.apply(inc, (1,)).get() == 2
+
+        def mp_rtt():
+            assert mp_pool.apply_async(inc, (1,)).get() == 2
+
+        # Warm up: functions cached on the workers, code paths taken once.
+        pool.gather(pool.map(inc, range(100)))
+        mp_pool.map(inc, range(100))
+        round_trips(50, zdist_rtt)
+        round_trips(50, mp_rtt)
+        for _ in range(repeat):
+            times["zdist"].append(timed(zdist_run))
+            times["mp1"].append(timed(lambda: mp_pool.map(inc, range(n), chunksize=1)))
+            times["mpdefault"].append(timed(lambda: mp_pool.map(inc, range(n))))
+        chunk = max(1, n_latency // 10)
+        for _ in range(10):
+            rtts["zdist"] += round_trips(chunk, zdist_rtt)
+            rtts["mp"] += round_trips(chunk, mp_rtt)
+    return {
+        "zdist_tp": n / min(times["zdist"]),
+        "mp1_tp": n / min(times["mp1"]),
+        "mpdefault_tp": n / min(times["mpdefault"]),
+        "zdist_rtt": statistics.median(rtts["zdist"]),
+        "mp_rtt": statistics.median(rtts["mp"]),
+    }
 
 
-def bench_multiprocessing(n, repeat, n_latency):
-    with multiprocessing.Pool(2) as pool:
-        pool.map(inc, range(100))
-        chunk1 = n / best_of(repeat, lambda: pool.map(inc, range(n), chunksize=1))
-        default = n / best_of(repeat, lambda: pool.map(inc, range(n)))
-        rtt = latency(n_latency, lambda: pool.apply_async(inc, (1,)).get())
-    return chunk1, default, rtt
-
-
-def bench_dask(n, repeat, n_latency):
+def bench_dask(n: int, repeat: int, n_latency: int) -> tuple[float, float]:
     import logging
 
     from distributed import Client, LocalCluster
@@ -80,41 +99,41 @@ def bench_dask(n, repeat, n_latency):
             client.gather(futures)
             del futures
 
-        throughput = n / best_of(repeat, run)
-        rtt = latency(min(n_latency, 100), lambda: client.submit(inc, 1, pure=False).result())
+        throughput = n / min(timed(run) for _ in range(repeat))
+        client.submit(inc, 1, pure=False).result()
+        rtt = statistics.median(round_trips(min(n_latency, 100), lambda: client.submit(inc, 1, pure=False).result()))
     return throughput, rtt
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=10_000)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--latency-samples", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--latency-samples", type=int, default=2000)
     parser.add_argument("--no-dask", action="store_true", help="skip dask.distributed")
     args = parser.parse_args()
 
-    z_tp, z_rtt = bench_zdist(args.tasks, args.repeat, args.latency_samples)
-    mp_c1, mp_default, mp_rtt = bench_multiprocessing(args.tasks, args.repeat, args.latency_samples)
+    r = bench_zdist_and_multiprocessing(args.tasks, args.repeat, args.latency_samples)
     print(f"{'':44}{'tasks/s':>12}")
-    print(f"{'zdist Pool.map + gather':44}{z_tp:12,.0f}")
-    print(f"{'multiprocessing.Pool(2).map chunksize=1':44}{mp_c1:12,.0f}")
-    print(f"{'multiprocessing.Pool(2).map default chunks':44}{mp_default:12,.0f}")
+    print(f"{'zdist Pool.map + gather':44}{r['zdist_tp']:12,.0f}")
+    print(f"{'multiprocessing.Pool(2).map chunksize=1':44}{r['mp1_tp']:12,.0f}")
+    print(f"{'multiprocessing.Pool(2).map default chunks':44}{r['mpdefault_tp']:12,.0f}")
     if not args.no_dask:
         d_tp, d_rtt = bench_dask(args.tasks, args.repeat, args.latency_samples)
         print(f"{'dask.distributed client.map + gather':44}{d_tp:12,.0f}")
     print()
-    print(f"{'single task round trip':44}{'ms':>12}")
-    print(f"{'zdist pool.apply(inc, (1,)).get()':44}{z_rtt * 1e3:12.3f}")
-    print(f"{'multiprocessing apply_async(...).get()':44}{mp_rtt * 1e3:12.3f}")
+    print(f"{'single task round trip (median)':44}{'ms':>12}")
+    print(f"{'zdist pool.apply(inc, (1,)).get()':44}{r['zdist_rtt'] * 1e3:12.3f}")
+    print(f"{'multiprocessing apply_async(...).get()':44}{r['mp_rtt'] * 1e3:12.3f}")
     if not args.no_dask:
         print(f"{'dask.distributed submit(...).result()':44}{d_rtt * 1e3:12.3f}")
     print()
-    print(f"throughput: zdist / multiprocessing(chunksize=1) = {z_tp / mp_c1:.2f}x   (target >= 1)")
+    print(f"throughput: zdist / multiprocessing(chunksize=1) = {r['zdist_tp'] / r['mp1_tp']:.2f}x   (target >= 1)")
     if not args.no_dask:
-        print(f"throughput: zdist / dask.distributed          = {z_tp / d_tp:.0f}x")
-    print(f"round trip: zdist / multiprocessing            = {z_rtt / mp_rtt:.2f}x   (target <= 2)")
+        print(f"throughput: zdist / dask.distributed          = {r['zdist_tp'] / d_tp:.0f}x")
+    print(f"round trip: zdist / multiprocessing            = {r['zdist_rtt'] / r['mp_rtt']:.2f}x   (target <= 2)")
     if not args.no_dask:
-        print(f"round trip: dask.distributed / zdist           = {d_rtt / z_rtt:.0f}x")
+        print(f"round trip: dask.distributed / zdist           = {d_rtt / r['zdist_rtt']:.0f}x")
 
 
 if __name__ == "__main__":
