@@ -44,6 +44,8 @@ BATCHES_PER_CORE = 3
 #: Queued tasks per core a worker must have before an idle worker takes
 #: some of its data-local work (and moves their inputs).
 STEAL_THRESHOLD = 64
+#: Released values are deleted from the workers in batches this often.
+DELETE_DELAY = 0.02
 #: How often the pool asks the Center whether workers came or went.
 WATCH_INTERVAL = 0.25
 
@@ -458,6 +460,8 @@ class _Engine:
         self._watcher: asyncio.Task | None = None
         self._pump_scheduled = False
         self._background: set = set()
+        self._deletions: dict | None = None  # worker -> keys released, sent together
+        self._deletion_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         self._watcher = asyncio.ensure_future(self._watch())
@@ -690,6 +694,8 @@ class _Engine:
 
     def _send_batch(self, worker: str, batch: list[_Task]) -> None:
         payload = []
+        who_has = {}
+        tasks = self.tasks
         for task in batch:
             task.status = RUNNING
             task.worker = worker
@@ -697,9 +703,16 @@ class _Engine:
             # The top-level argument tuple goes as a msgpack list (cheaper than a
             # tuple extension); the worker calls function(*args) either way.
             payload.append([task.key, task.function, list(task.args), task.kwargs or {}, task.deps])
+            for dep in task.deps:
+                dep_task = tasks.get(dep)
+                if dep_task is not None and worker not in dep_task.holders and dep_task.holders:
+                    who_has[dep] = list(dep_task.holders)  # the worker need not ask the Center
+        args = {"tasks": payload, "return_values": SMALL_RESULT, "inline": True}
+        if who_has:
+            args["who_has"] = who_has
         self.in_flight[worker] += 1
         try:
-            future = self.connections.get(worker).request("compute_batch", {"tasks": payload, "return_values": SMALL_RESULT}, timeout=None)
+            future = self.connections.get(worker).request("compute_batch", args, timeout=None)
         except Exception as exc:
             self._batch_failed(worker, batch, exc)
             return
@@ -903,16 +916,27 @@ class _Engine:
             logger.info("could not delete every copy of %r: %s", key, exc)
 
     def _delete_later(self, worker: str, key: Any) -> None:
-        """Batch deletions: one delete_data message per worker per loop turn."""
-        pending = getattr(self, "_deletions", None)
+        """Batch deletions: one delete_data message per worker every :data:`DELETE_DELAY`.
+
+        Released values are not urgent, and a message per released handle
+        would wake a worker (and, through its report, the Center) in the
+        middle of the next task's round trip.
+        """
+        pending = self._deletions
         if pending is None:
             pending = self._deletions = defaultdict(list)
-            asyncio.get_running_loop().call_soon(self._flush_deletions)
+            self._deletion_timer = asyncio.get_running_loop().call_later(DELETE_DELAY, self._flush_deletions)
         pending[worker].append(key)
 
-    def _flush_deletions(self) -> None:
+    def _take_deletions(self) -> dict:
         pending, self._deletions = self._deletions, None
-        for worker, keys in pending.items():
+        if self._deletion_timer is not None:
+            self._deletion_timer.cancel()
+            self._deletion_timer = None
+        return pending or {}
+
+    def _flush_deletions(self) -> None:
+        for worker, keys in self._take_deletions().items():
             try:
                 self.connections.get(worker).send("delete_data", keys=keys)
             except Exception as exc:
@@ -949,6 +973,8 @@ class _Engine:
             for task in self.tasks.values():
                 for worker in task.holders:
                     by_worker[worker].append(task.key)
+            for worker, keys in self._take_deletions().items():
+                by_worker[worker].extend(keys)
             await asyncio.gather(
                 *(self.connections.get(w).request("delete_data", {"keys": keys}, timeout=5) for w, keys in by_worker.items() if w in self.ncores),
                 return_exceptions=True,

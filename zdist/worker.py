@@ -57,10 +57,16 @@ def substitute(obj: Any, data: dict) -> Any:
     return obj
 
 
-def _run_tasks(tasks: list, data: dict) -> list:
-    """Run a batch in one thread-pool job: [(ok, value_or_error, nbytes, start, stop)]."""
+def _run_tasks(tasks: list, data: dict, deadline: float | None = None) -> list:
+    """Run a batch in one thread-pool job: [(ok, value_or_error, nbytes, start, stop)].
+
+    With a ``deadline`` (a ``time.time()``), stop once it has passed: the
+    results then cover only the first tasks (at least one).
+    """
     results = []
     for key, function, args, kwargs, deps in tasks:
+        if deadline is not None and results and results[-1][4] > deadline:
+            break
         start = time.time()
         try:
             if deps:
@@ -122,9 +128,10 @@ class Worker(Node):
         self.bytes_served = 0
         self.task_log: deque = deque(maxlen=10_000)  # (key, start, stop, ok)
         self._fetching: dict[Any, asyncio.Future] = {}
+        self._fast_runs: dict[Any, int] = {}  # function -> fast runs seen (-1: seen slow)
         self._report_add: dict[Any, int] = {}
         self._report_remove: set = set()
-        self._report_scheduled = False
+        self._report_timer: asyncio.TimerHandle | None = None
         self._background: list[asyncio.Task] = []
         self.handlers.update(
             {
@@ -229,13 +236,18 @@ class Worker(Node):
         self._schedule_report()
 
     def _schedule_report(self) -> None:
-        if not self._report_scheduled:
-            self._report_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush_reports)
+        # Batched on a short timer: one message for however many keys changed
+        # meanwhile, and the Center (one more process on the same cores) is
+        # not woken in the middle of every task's round trip. Ops whose
+        # callers may ask the Center right away flush before replying.
+        if self._report_timer is None:
+            self._report_timer = asyncio.get_running_loop().call_later(REPORT_DELAY, self.flush_reports)
 
     def flush_reports(self) -> None:
         """Send the keys gained and dropped since the last report, as one message each."""
-        self._report_scheduled = False
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
         if not self.registered.is_set() or self.peers is None:
             return  # registration sends every key we hold
         center = self.peers.get(self.center_address)
@@ -338,8 +350,12 @@ class Worker(Node):
                 self.peers.remove(self.center_address)
                 await asyncio.sleep(0.2)
 
-    async def gather_deps(self, keys: Iterable) -> None:
-        """Make sure every key is held here, fetching missing ones from peers."""
+    async def gather_deps(self, keys: Iterable, who_has: dict | None = None) -> None:
+        """Make sure every key is held here, fetching missing ones from peers.
+
+        ``who_has`` (key → worker addresses), where the caller knows, saves
+        asking the Center; the Center is asked when those holders fail.
+        """
         missing = [key for key in dict.fromkeys(keys) if key not in self.data]
         if not missing:
             return
@@ -351,7 +367,7 @@ class Worker(Node):
             for key in to_fetch:
                 self._fetching[key] = future
             try:
-                await self._fetch(to_fetch)
+                await self._fetch(to_fetch, who_has)
                 future.set_result(None)
             except BaseException as exc:
                 future.set_exception(exc)
@@ -367,8 +383,16 @@ class Worker(Node):
         if still:
             raise MissingDataError(still, f"fetched but then deleted on worker {self.address}")
 
-    async def _fetch(self, keys: list) -> None:
-        who_has = await self._ask_center("who_has", {"keys": keys})
+    async def _fetch(self, keys: list, hints: dict | None = None) -> None:
+        who_has: dict = {}
+        if hints:
+            for key in keys:
+                holders = hints.get(key)
+                if holders:
+                    who_has[key] = holders
+        unknown = [key for key in keys if key not in who_has]
+        if unknown:
+            who_has.update(await self._ask_center("who_has", {"keys": unknown}))
         tried: dict[Any, set] = {key: set() for key in keys}
         remaining = list(keys)
         for _attempt in range(3):
@@ -446,7 +470,11 @@ class Worker(Node):
         if key is None:
             key = f"{getattr(function, '__name__', 'result')}-{uuid.uuid4().hex}"
         task = [key, function, tuple(Ref(k) for k in keys) + tuple(args), kwargs or {}, keys]
-        result = (await self.compute_batch([task], return_values=return_value))[0]
+        # Reported to the Center before the reply: a caller may ask it right away.
+        replies = self._start_batch([task], return_value, False, None, report_now=True)
+        if isinstance(replies, asyncio.Future) or asyncio.iscoroutine(replies):
+            replies = await replies
+        result = replies[0]
         if result[1] == "error":
             fields = result[2]
             error = rebuild_exception({**fields, "exception": unwrap_value(fields.get("exception"))})
@@ -457,7 +485,7 @@ class Worker(Node):
             meta["value"] = result[3]
         return (b"OK", meta)
 
-    def compute_batch(self, tasks: list, return_values: int = 0) -> Any:
+    def compute_batch(self, tasks: list, return_values: int = 0, inline: bool = False, who_has: dict | None = None) -> Any:
         """Run many tasks ``[key, function, args, kwargs, deps]``; ``Ref(k)`` in args is ``data[k]``.
 
         Answers one entry per task: ``[key, 'ok', nbytes]`` (plus the value if
@@ -465,7 +493,18 @@ class Worker(Node):
         ``[key, 'error', {type, message, traceback, exception}]``. Missing
         inputs are fetched from peers first; a task whose inputs cannot be
         found fails with :class:`MissingDataError`.
+
+        With ``inline=True`` the caller allows functions this worker has seen
+        to be tiny to run on its event loop rather than in its thread pool
+        (see :meth:`_runs_inline`). ``who_has`` tells where inputs are, as
+        in :meth:`gather_deps`. The Center hears of the new keys within
+        :data:`REPORT_DELAY`, not before the reply: a scheduler that sends
+        this knows where they are, and passes ``who_has`` on.
         """
+        return self._start_batch(tasks, return_values, inline, who_has, report_now=False)
+
+    def _start_batch(self, tasks: list, return_values: int, inline: bool, who_has: dict | None, report_now: bool) -> Any:
+        """The replies to a batch, or a future or coroutine of them."""
         if not isinstance(tasks, list):
             raise TypeError("compute_batch needs a list of [key, function, args, kwargs, deps] tasks")
         data = self.data
@@ -477,33 +516,75 @@ class Worker(Node):
                 if dep not in data:
                     needed.append(dep)
         if needed:
-            return self._fetch_then_run(tasks, return_values, needed)
-        # The common case, all inputs here: no coroutine, no task, just callbacks.
-        return self._run_batch(tasks, return_values, {})
+            return self._fetch_then_run(tasks, return_values, needed, inline, who_has, report_now)
+        # The common case, all inputs here: no coroutine, no task; the replies
+        # themselves when every task ran on the loop, else a future of them.
+        return self._run_batch(tasks, return_values, {}, inline, report_now)
 
-    async def _fetch_then_run(self, tasks: list, return_values: int, needed: list) -> list:
+    async def _fetch_then_run(self, tasks: list, return_values: int, needed: list, inline: bool, who_has: dict | None, report_now: bool) -> list:
         failed: dict[int, BaseException] = {}
         try:
-            await self.gather_deps(needed)
+            await self.gather_deps(needed, who_has)
         except MissingDataError:
             # Run what we can; tasks whose inputs are gone report which.
             for index, task in enumerate(tasks):
                 absent = [dep for dep in task[4] if dep not in self.data]
                 if absent:
                     failed[index] = MissingDataError(absent, f"needed on worker {self.address}")
-        return await self._run_batch(tasks, return_values, failed)
+        replies = self._run_batch(tasks, return_values, failed, inline, report_now)
+        return (await replies) if isinstance(replies, asyncio.Future) else replies
 
-    def _run_batch(self, tasks: list, return_values: int, failed: dict) -> asyncio.Future:
+    def _runs_inline(self, tasks: list) -> bool:
+        """Whether every task's function is one seen to be tiny, so the batch may run on the loop.
+
+        Handing a task to the thread pool and back costs two thread wake-ups
+        (and the GIL handed over twice): on a VM that is most of a small
+        task's round trip. A function runs on the loop only after it ran
+        :data:`INLINE_AFTER` times, each within :data:`INLINE_TASK_SECONDS`,
+        and never slower; one slow run sends it back to the pool for good.
+        """
+        fast = self._fast_runs
+        for task in tasks:
+            try:
+                if fast.get(task[1], 0) < INLINE_AFTER:
+                    return False
+            except TypeError:  # an unhashable callable: never inline
+                return False
+        return True
+
+    def _learn_durations(self, tasks: list, outcomes: list) -> None:
+        fast = self._fast_runs
+        if len(fast) > 4096:
+            fast.clear()  # bounded: functions are cheap to learn again
+        for task, outcome in zip(tasks, outcomes):
+            function = task[1]
+            try:
+                runs = fast.get(function, 0)
+            except TypeError:
+                continue
+            if runs < 0:
+                continue
+            if outcome[4] - outcome[3] > INLINE_TASK_SECONDS:
+                fast[function] = -1  # seen slow: never on the loop
+            elif runs < INLINE_AFTER:
+                fast[function] = runs + 1
+
+    def _run_batch(self, tasks: list, return_values: int, failed: dict, inline: bool, report_now: bool) -> list | asyncio.Future:
+        runnable = [task for index, task in enumerate(tasks) if index not in failed] if failed else tasks
+        done_here: list = []
+        if inline and runnable and self._runs_inline(runnable):
+            # On the loop, for at most a slice of time; the rest goes to the pool.
+            done_here = _run_tasks(runnable, self.data, time.time() + INLINE_SLICE_SECONDS)
+            self._learn_durations(runnable, done_here)
+        rest = runnable[len(done_here):] if done_here else runnable
+        chunks = _split(rest, self.ncores)
+        if not chunks:
+            return self._batch_replies(tasks, done_here, failed, return_values, report_now)
         loop = asyncio.get_running_loop()
         result = loop.create_future()
-        runnable = [task for index, task in enumerate(tasks) if index not in failed] if failed else tasks
-        chunks = _split(runnable, self.ncores)
-        if not chunks:
-            result.set_result(self._batch_replies(tasks, [], failed, return_values))
-            return result
         outcomes: list = [None] * len(chunks)
         remaining = [len(chunks)]
-        self.executing += len(runnable)
+        self.executing += len(rest)
 
         def chunk_done(index: int, future: asyncio.Future) -> None:
             remaining[0] -= 1
@@ -514,11 +595,14 @@ class Worker(Node):
             else:
                 outcomes[index] = future.result()
             if remaining[0] == 0:
-                self.executing -= len(runnable)
+                self.executing -= len(rest)
                 if result.done():
                     return
                 try:
-                    result.set_result(self._batch_replies(tasks, [e for chunk in outcomes for e in chunk], failed, return_values))
+                    pooled = [e for chunk in outcomes for e in chunk]
+                    if inline:
+                        self._learn_durations(rest, pooled)
+                    result.set_result(self._batch_replies(tasks, done_here + pooled, failed, return_values, report_now))
                 except Exception as exc:  # noqa: BLE001 - reply with the error rather than hang
                     result.set_exception(exc)
 
@@ -528,7 +612,7 @@ class Worker(Node):
             future.add_done_callback(lambda f, i=index: chunk_done(i, f))
         return result
 
-    def _batch_replies(self, tasks: list, outcomes: list, failed: dict, return_values: int) -> list:
+    def _batch_replies(self, tasks: list, outcomes: list, failed: dict, return_values: int, report_now: bool) -> list:
         flat = iter(outcomes)
         replies = []
         for index, task in enumerate(tasks):
@@ -556,9 +640,20 @@ class Worker(Node):
                     except Exception:
                         pass
             replies.append(entry)
-        self.flush_reports()  # tell the Center before the caller hears back
+        if report_now:
+            self.flush_reports()  # tell the Center before the caller hears back
         return replies
 
+
+#: How long a worker gathers key changes before telling the Center (one message).
+REPORT_DELAY = 0.005
+
+#: A function runs on the worker's event loop (see ``Worker._runs_inline``)
+#: once it ran this many times, each within INLINE_TASK_SECONDS.
+INLINE_AFTER = 2
+INLINE_TASK_SECONDS = 0.0005
+#: At most this long on the loop per batch; the rest of it goes to the pool.
+INLINE_SLICE_SECONDS = 0.005
 
 _MSGPACK_NATIVE = frozenset({int, float, str, bytes, bool, type(None)})
 

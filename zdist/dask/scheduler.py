@@ -784,10 +784,14 @@ class Computation:
                 tasks.append([ckeys[t], run_task_spec, [batch, j, *map(Ref, dep_ckeys)], {}, dep_ckeys])
             else:
                 tasks.append([ckeys[t], run_task_spec, [batch, j], {}, dep_ckeys])
+        args = {"tasks": tasks, "return_values": return_values}
+        who_has = self._who_has_elsewhere(worker, ids)
+        if who_has:
+            args["who_has"] = who_has  # the worker fetches them without asking the Center
         self._batch_ids += 1
         batch_id = self._batch_ids
         try:
-            future = worker.conn.request("compute_batch", {"tasks": tasks, "return_values": return_values}, timeout=None)
+            future = worker.conn.request("compute_batch", args, timeout=None)
         except Exception as exc:
             note = f"while sending tasks {[self.plan.keys[t] for t in ids][:5]} to worker {worker.address} (zdist.dask.get)"
             if hasattr(exc, "add_note"):
@@ -796,6 +800,21 @@ class Computation:
         worker.batches[batch_id] = (ids, time.monotonic(), future)
         self.ntasks_sent += len(ids)
         future.add_done_callback(partial(self._batch_done, worker, batch_id))
+
+    def _who_has_elsewhere(self, worker: _Worker, ids: list[int]) -> dict:
+        """``{cluster key: addresses}`` of the inputs of ``ids`` that ``worker`` lacks."""
+        who_has = {}
+        ckeys = self.ckeys
+        for t in ids:
+            for d in self.deps[t]:
+                holders = self.holders.get(d)
+                if holders and worker not in holders:
+                    who_has[ckeys[d]] = [w.address for w in holders if w.alive]
+            for key in self.ext_deps[t]:
+                holders = self.ext_holders.get(key)
+                if holders and worker.address not in holders:
+                    who_has[key] = list(holders)
+        return who_has
 
     def _batch_done(self, worker: _Worker, batch_id: int, future: asyncio.Future) -> None:
         entry = worker.batches.pop(batch_id, None)
