@@ -163,6 +163,8 @@ class Pool:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._state = "running"
+        self._released: list[_Task] = []  # tasks whose last handle was dropped
+        self._release_scheduled = False
         self._loop = LoopThread("zdist-pool")
         self._engine: _Engine = self._loop.run(self._make_engine(), timeout)
         self.available_cores: dict[str, int] = {}
@@ -323,28 +325,42 @@ class Pool:
                 bar.close()
 
     def _wait_for(self, tasks: list[_Task], timeout: float | None, raise_errors: bool, bar: Any) -> None:
+        """Wait until every task is done; raise the first failure (in order) once all before it are done.
+
+        The engine wakes us once per batch: each wake looks only past the
+        tasks already seen done (they finish roughly in order), and at the
+        whole list only when a worker has died since the last look (to have
+        lost values recomputed).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        count = len(tasks)
+        done = 0  # tasks[:done] are finished
+        deaths_seen = -1
         with self._changed:
             while True:
-                if bar is not None:
-                    done = sum(1 for task in tasks if task.status in (FINISHED, ERROR))
-                    bar.update(done - bar.n)
-                unfinished = False
-                lost = []
-                for task in tasks:
+                while done < count:
+                    task = tasks[done]
                     status = task.status
-                    if status == ERROR and raise_errors:
-                        raise task.error
-                    if status == LOST:
+                    if status == FINISHED:
+                        done += 1
+                    elif status == ERROR:
+                        if raise_errors:
+                            raise task.error
+                        done += 1
+                    else:
+                        break
+                if bar is not None:
+                    bar.update(sum(1 for task in tasks if task.status in (FINISHED, ERROR)) - bar.n)
+                if done == count:
+                    return
+                if deaths_seen != self._engine.deaths:
+                    deaths_seen = self._engine.deaths
+                    lost = [task for task in tasks[done:] if task.status == LOST]
+                    for task in lost:
                         if task.scattered:
                             raise LostDataError(task.key, task.lost_on)
-                        lost.append(task)
-                    if status not in (FINISHED, ERROR):
-                        unfinished = True
-                if lost:
-                    self._loop.loop.call_soon_threadsafe(self._engine.recompute_many, lost)
-                if not unfinished:
-                    return
+                    if lost:
+                        self._loop.loop.call_soon_threadsafe(self._engine.recompute_many, lost)
                 if self._state != "running":
                     raise RuntimeError("the Pool was closed while waiting for results")
                 if self._engine.fatal is not None:
@@ -362,8 +378,14 @@ class Pool:
 
     def _release_handle(self, task: _Task) -> None:
         task.refcount -= 1
-        if task.refcount <= 0 and self._state == "running" and not self._loop.loop.is_closed():
-            self._loop.loop.call_soon_threadsafe(self._engine.maybe_forget, task)
+        if task.refcount <= 0 and self._state == "running":
+            # Handed to the engine in bulk: a loop wake-up per dropped handle
+            # cost more than a trivial task itself. (list.append is atomic;
+            # the engine clears the flag before it takes the list.)
+            self._released.append(task)
+            if not self._release_scheduled and not self._loop.loop.is_closed():
+                self._release_scheduled = True
+                self._loop.loop.call_soon_threadsafe(self._engine.forget_released)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -425,6 +447,9 @@ class Pool:
         return f"<Pool center={self.center_address} workers={len(self.available_cores)} cores={sum(self.available_cores.values())}>"
 
 
+_PLAIN_ITEMS = frozenset({int, float, str, bytes, bool, type(None), complex})
+
+
 def _to_refs(obj: Any, deps: list) -> Any:
     """Replace every RemoteData (any depth of lists, tuples, dicts) with a Ref."""
     cls = type(obj)
@@ -432,9 +457,9 @@ def _to_refs(obj: Any, deps: list) -> Any:
         deps.append(obj.key)
         return Ref(obj.key)
     if cls is tuple or cls is list:
-        if not obj:
-            return obj
-        return cls(_to_refs(item, deps) for item in obj)
+        if _PLAIN_ITEMS.issuperset(map(type, obj)):
+            return obj  # the common case, plain values: nothing to replace
+        return cls([_to_refs(item, deps) for item in obj])
     if cls is dict:
         return {key: _to_refs(value, deps) for key, value in obj.items()}
     return obj
@@ -457,6 +482,7 @@ class _Engine:
         self.in_flight: dict[str, int] = defaultdict(int)  # batches per worker
         self.running: dict[str, set] = defaultdict(set)  # task keys per worker
         self.fatal: BaseException | None = None
+        self.deaths = 0  # workers seen to die
         self._watcher: asyncio.Task | None = None
         self._pump_scheduled = False
         self._background: set = set()
@@ -530,6 +556,7 @@ class _Engine:
 
     def _worker_died(self, address: str) -> None:
         logger.warning("worker %s is gone; rescheduling its work", address)
+        self.deaths += 1  # waiters look for values lost with it
         self.connections.remove(address, WorkerDiedError(f"worker {address} died"))
         # Work queued for it may run elsewhere.
         queued = self.local.pop(address, deque())
@@ -878,6 +905,13 @@ class _Engine:
             for task in ts:
                 task.value = result[task.key]
         return complete and all(t.value is not _NO_VALUE for t in tasks)
+
+    def forget_released(self) -> None:
+        pool = self.pool
+        pool._release_scheduled = False
+        released, pool._released = pool._released, []
+        for task in released:
+            self.maybe_forget(task)
 
     def maybe_forget(self, task: _Task) -> None:
         """Delete a value nobody can reach any more: no handle, no waiting dependent."""
