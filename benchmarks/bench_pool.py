@@ -71,8 +71,8 @@ def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int) -> dict
             times["zdist"].append(timed(zdist_run))
             times["mp1"].append(timed(lambda: mp_pool.map(inc, range(n), chunksize=1)))
             times["mpdefault"].append(timed(lambda: mp_pool.map(inc, range(n))))
-        chunk = max(1, n_latency // 10)
-        for _ in range(10):
+        chunk = 20
+        for _ in range(max(1, n_latency // chunk)):
             rtts["zdist"] += round_trips(chunk, zdist_rtt)
             rtts["mp"] += round_trips(chunk, mp_rtt)
     return {

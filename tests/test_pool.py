@@ -263,3 +263,96 @@ def test_map_progress_bar_reaches_total(pool, capsys):
     assert len(handles) == 30
     err = capsys.readouterr().err
     assert "30/30" in err and "100%" in err
+
+
+# ---------------------------------------------------------------- apply() from the calling thread
+
+
+def pid_then_value(path, value, delay):
+    import os
+
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(delay)
+    return value
+
+
+def test_apply_from_many_threads_at_once(pool):
+    results = {}
+
+    def caller(i):
+        results[i] = [pool.apply(inc, (i * 100 + j,)).get() for j in range(20)]
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {i: [i * 100 + j + 1 for j in range(20)] for i in range(6)}
+
+
+def test_apply_errors_come_back_with_type_and_remote_traceback(pool):
+    with pytest.raises(ValueError, match="bad element 3") as info:
+        pool.apply(boom, (3,))
+    assert "boom" in info.value.remote_traceback
+    with pytest.raises(TypeError, match="callable"):
+        pool.apply(42)
+    with pytest.raises(TypeError):
+        pool.apply(lambda: threading.Lock()).get()  # unpicklable result: a clear error
+    assert pool.apply(inc, (1,)).get() == 2  # and the pool goes on
+
+
+def test_apply_big_result_stays_on_the_cluster_and_is_released(pool):
+    before = center_keys(pool)
+    handle = pool.apply(np.ones, (100_000,))
+    assert handle.get().sum() == 100_000  # not sent with the answer: fetched from its worker
+    wait_for(lambda: center_keys(pool) == before + 1)
+    del handle
+    gc.collect()
+    wait_for(lambda: center_keys(pool) == before, message="the value of a dropped apply() handle is deleted")
+
+
+def test_apply_as_input_to_later_work(pool):
+    x = pool.apply(np.arange, (1000,))
+    y = pool.apply(lambda a: a * 2, (x,))  # has a RemoteData input: the engine places it
+    assert pool.apply(np.sum, (y,)).get() == 999_000
+
+
+def test_apply_rerun_when_its_worker_is_killed(cluster, tmp_path):
+    path = tmp_path / "pids"
+    with Pool(cluster.center_address) as pool:
+        workers = {cluster.worker_processes[a].pid: a for a in cluster.worker_addresses}
+
+        def kill_first():
+            wait_for(lambda: path.exists() and path.read_text().strip(), timeout=30)
+            cluster.kill_worker(workers[int(path.read_text().split()[0])])
+
+        killer = threading.Thread(target=kill_first)
+        killer.start()
+        try:
+            handle = pool.apply(pid_then_value, (str(path), 42, 1.5))
+            assert handle.get(timeout=60) == 42
+        finally:
+            killer.join(60)
+        assert len(path.read_text().split()) == 2  # ran twice: on the victim, then on the survivor
+
+
+def test_close_while_another_thread_waits_in_apply(cluster):
+    pool = Pool(cluster.center_address)
+    outcome = []
+
+    def caller():
+        try:
+            pool.apply(slow_inc, (1, 5.0))
+            outcome.append("returned")
+        except RuntimeError as exc:
+            outcome.append(str(exc))
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    wait_for(lambda: pool._tasks, message="the task was submitted")
+    time.sleep(0.2)
+    pool.terminate()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert outcome and "closed" in outcome[0]
