@@ -159,3 +159,24 @@ def test_compute_still_reports_before_it_replies():
                     assert (await c.who_has(keys=[f"c{i}"]))[f"c{i}"] == {worker.address}
 
     run(main())
+
+
+def runs_its_own_loop(x):
+    async def double():
+        return 2 * x
+
+    return asyncio.run(double())
+
+
+def test_a_function_that_runs_its_own_event_loop_is_sent_back_to_the_pool(monkeypatch):
+    monkeypatch.setattr(worker_module, "INLINE_TASK_SECONDS", 0.5)  # asyncio.run counts as tiny here
+
+    async def main():
+        async with local_nodes(("solo",)) as (_, (worker,)):
+            for i in range(5):
+                replies = await batch(worker, [one(f"a{i}", thread_name, i), one(f"t{i}", runs_its_own_loop, i)], inline=True, return_values=1000)
+                assert [reply[1] for reply in replies] == ["ok", "ok"], replies
+                assert replies[1][3] == 2 * i
+            assert worker._fast_runs[runs_its_own_loop] == -1
+
+    run(main())

@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 import uuid
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
@@ -60,8 +61,11 @@ def substitute(obj: Any, data: dict) -> Any:
 def _run_tasks(tasks: list, data: dict, deadline: float | None = None) -> list:
     """Run a batch in one thread-pool job: [(ok, value_or_error, nbytes, start, stop)].
 
-    With a ``deadline`` (a ``time.time()``), stop once it has passed: the
-    results then cover only the first tasks (at least one).
+    With a ``deadline`` (a ``time.time()``: the batch runs on the event
+    loop), stop once it has passed: the results then cover only the first
+    tasks (at least one). Also stop *before* a task that failed only because
+    it runs on a loop's thread (``asyncio.run`` inside it): the caller runs
+    it again in the thread pool.
     """
     results = []
     for key, function, args, kwargs, deps in tasks:
@@ -74,11 +78,22 @@ def _run_tasks(tasks: list, data: dict, deadline: float | None = None) -> list:
                 kwargs = substitute(kwargs, data) if kwargs else kwargs
             value = function(*args, **kwargs) if kwargs else function(*args)
         except Exception as exc:  # noqa: BLE001 - the user's function failed; report it
+            if deadline is not None and _refuses_running_loop(exc):
+                with warnings.catch_warnings():  # its coroutine, never awaited here, is awaited in the pool
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    exc.__traceback__ = None
+                    del exc
+                break
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None))
             results.append((False, exc, tb, start, time.time()))
             continue
         results.append((True, value, sizeof(value), start, time.time()))
     return results
+
+
+def _refuses_running_loop(exc: BaseException) -> bool:
+    """asyncio's error for ``asyncio.run`` (or ``run_until_complete``) on a thread whose loop runs."""
+    return isinstance(exc, RuntimeError) and ("running event loop" in str(exc) or "loop is already running" in str(exc))
 
 
 class Worker(Node):
@@ -574,8 +589,11 @@ class Worker(Node):
         done_here: list = []
         if inline and runnable and self._runs_inline(runnable):
             # On the loop, for at most a slice of time; the rest goes to the pool.
-            done_here = _run_tasks(runnable, self.data, time.time() + INLINE_SLICE_SECONDS)
+            deadline = time.time() + INLINE_SLICE_SECONDS
+            done_here = _run_tasks(runnable, self.data, deadline)
             self._learn_durations(runnable, done_here)
+            if len(done_here) < len(runnable) and not (done_here and done_here[-1][4] > deadline):
+                self._fast_runs[runnable[len(done_here)][1]] = -1  # it needs a thread of its own
         rest = runnable[len(done_here):] if done_here else runnable
         chunks = _split(rest, self.ncores)
         if not chunks:
