@@ -15,7 +15,46 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from typing import Any, Awaitable
+from typing import Any, Awaitable, Callable
+
+
+class Later:
+    """Call ``function`` once, ``delay`` seconds after the first :meth:`schedule` since it last ran.
+
+    For work gathered in batches (reports, deletions): however often
+    ``schedule()`` is called meanwhile, one call follows. Whoever runs the
+    batch early calls :meth:`cancel` first.
+
+    >>> async def demo():
+    ...     calls = []
+    ...     later = Later(0.01, lambda: calls.append('flush'))
+    ...     later.schedule(); later.schedule()
+    ...     await asyncio.sleep(0.05)
+    ...     return calls
+    >>> asyncio.run(demo())
+    ['flush']
+    """
+
+    __slots__ = ("delay", "function", "_handle")
+
+    def __init__(self, delay: float, function: Callable[[], Any]):
+        self.delay = delay
+        self.function = function
+        self._handle: asyncio.TimerHandle | None = None
+
+    def schedule(self) -> None:
+        """Make sure the call comes (on the running loop), within ``delay``."""
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_later(self.delay, self._fire)
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self.function()
 
 
 class LoopThread:

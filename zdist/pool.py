@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 from .cluster import LocalCluster
 from .comm import normalize_address
 from .errors import LostDataError, MissingDataError, NoWorkersError, WorkerDiedError
-from .loop import LoopThread
+from .loop import Later, LoopThread
 from .protocol import OK, Ref, Serialized, deserialize
 from .rpc import ConnectionPool, RPCTimeoutError, ThreadSockets, rebuild_exception
 
@@ -207,7 +207,7 @@ class Pool:
         self._tasks[key] = task
         return task, RemoteData(key, self, task)
 
-    def _submit(self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None) -> list[RemoteData]:
+    def _new_tasks(self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None) -> tuple[list[_Task], list[RemoteData]]:
         self._check_running()
         if not callable(function):
             raise TypeError(f"the function to run must be callable, got {type(function).__name__}")
@@ -218,6 +218,10 @@ class Pool:
                 task, handle = self._make_task(function, args, kwargs)
                 tasks.append(task)
                 handles.append(handle)
+        return tasks, handles
+
+    def _submit(self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None) -> list[RemoteData]:
+        tasks, handles = self._new_tasks(function, arg_tuples, kwargs)
         self._loop.loop.call_soon_threadsafe(self._engine.submit, tasks)
         return handles
 
@@ -246,12 +250,8 @@ class Pool:
         """
         if threading.current_thread() is self._loop.thread:
             return self.apply_async(func, args, kwds)
-        self._check_running()
-        if not callable(func):
-            raise TypeError(f"the function to run must be callable, got {type(func).__name__}")
         engine = self._engine
-        with self._lock:
-            task, handle = self._make_task(func, args, kwds)
+        (task,), (handle,) = self._new_tasks(func, [args], kwds)
         worker = None if task.deps else engine.pick_worker()
         if worker is None:
             self._loop.loop.call_soon_threadsafe(engine.submit, [task])
@@ -285,9 +285,7 @@ class Pool:
                 task.holders = {worker}  # the engine drops a worker that died from holders as it learns of it
                 task.status = FINISHED  # last: a waiter that sees it finds the value
             else:
-                task.error = rebuild_exception(entry[2], worker)
-                if hasattr(task.error, "add_note"):
-                    task.error.add_note(f"(while computing key {task.key!r} on the zdist cluster)")
+                task.error = _noted(rebuild_exception(entry[2], worker), task.key)
                 task.status = ERROR
         self._post(engine.direct_done, task, worker, entry)
         return handle
@@ -518,6 +516,13 @@ class Pool:
         return f"<Pool center={self.center_address} workers={len(self.available_cores)} cores={sum(self.available_cores.values())}>"
 
 
+def _noted(error: BaseException, key: Any) -> BaseException:
+    """``error``, with a note naming the key whose computation raised it."""
+    if hasattr(error, "add_note"):
+        error.add_note(f"(while computing key {key!r} on the zdist cluster)")
+    return error
+
+
 _PLAIN_ITEMS = frozenset({int, float, str, bytes, bool, type(None), complex})
 
 
@@ -557,9 +562,10 @@ class _Engine:
         self._watcher: asyncio.Task | None = None
         self._pump_scheduled = False
         self._background: set = set()
-        self._mail_timer: asyncio.TimerHandle | None = None
-        self._deletions: dict | None = None  # worker -> keys released, sent together
-        self._deletion_timer: asyncio.TimerHandle | None = None
+        self._mail_later = Later(MAIL_DELAY, self.read_mail)
+        self._deletions: dict[str, list] = defaultdict(list)  # worker -> keys released, sent together
+        self._deletions_later = Later(DELETE_DELAY, self._flush_deletions)
+        self._turn = -1  # for equal loads, pick_worker takes turns
 
     async def start(self) -> None:
         self._watcher = asyncio.ensure_future(self._watch())
@@ -830,7 +836,7 @@ class _Engine:
         if not ncores or self.grace_pending:
             return None
         workers = sorted(ncores)
-        self._turn = turn = (getattr(self, "_turn", -1) + 1) % len(workers)
+        self._turn = turn = (self._turn + 1) % len(workers)
         best, best_load = None, None
         for worker in workers[turn:] + workers[:turn]:  # equal loads: take turns
             load = self._load(worker)
@@ -855,8 +861,7 @@ class _Engine:
         self.running.get(worker, set()).discard(task.key)
         if isinstance(outcome, BaseException):
             if task.status == RUNNING and task.worker == worker:
-                self._batch_failed_tasks(worker, [task], outcome)
-            self.pool._notify()
+                self._batch_failed_tasks(worker, [task], outcome)  # it notifies waiters
             return
         if outcome[1] == "ok" and task.status == FINISHED and worker not in self.ncores:
             # It died after answering (the calling thread set the holders).
@@ -943,9 +948,7 @@ class _Engine:
 
     def _task_failed(self, task: _Task, error: BaseException) -> None:
         task.status = ERROR
-        task.error = error
-        if hasattr(error, "add_note"):
-            error.add_note(f"(while computing key {task.key!r} on the zdist cluster)")
+        task.error = _noted(error, task.key)
         for key in list(task.dependents):
             dependent = self.tasks.get(key)
             if dependent is not None and dependent.status == PENDING:
@@ -1032,14 +1035,11 @@ class _Engine:
         return complete and all(t.value is not _NO_VALUE for t in tasks)
 
     def mail_arrived(self) -> None:
-        if self._mail_timer is None:
-            self._mail_timer = asyncio.get_running_loop().call_later(MAIL_DELAY, self.read_mail)
+        self._mail_later.schedule()
 
     def read_mail(self) -> None:
         """Make the calls other threads posted (:meth:`Pool._post`)."""
-        if self._mail_timer is not None:
-            self._mail_timer.cancel()
-            self._mail_timer = None
+        self._mail_later.cancel()
         pool = self.pool
         pool._mail_scheduled = False
         mail, pool._mail = pool._mail, []
@@ -1092,18 +1092,13 @@ class _Engine:
         would wake a worker (and, through its report, the Center) in the
         middle of the next task's round trip.
         """
-        pending = self._deletions
-        if pending is None:
-            pending = self._deletions = defaultdict(list)
-            self._deletion_timer = asyncio.get_running_loop().call_later(DELETE_DELAY, self._flush_deletions)
-        pending[worker].append(key)
+        self._deletions[worker].append(key)
+        self._deletions_later.schedule()
 
     def _take_deletions(self) -> dict:
-        pending, self._deletions = self._deletions, None
-        if self._deletion_timer is not None:
-            self._deletion_timer.cancel()
-            self._deletion_timer = None
-        return pending or {}
+        self._deletions_later.cancel()
+        pending, self._deletions = self._deletions, defaultdict(list)
+        return pending
 
     def _flush_deletions(self) -> None:
         for worker, keys in self._take_deletions().items():

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
 from .errors import MissingDataError
+from .loop import Later
 from .node import Node
 from .protocol import Ref, error_fields, serialize
 from .rpc import CommClosedError, ConnectionPool, RPCTimeoutError, rebuild_exception, unwrap_value
@@ -146,7 +147,11 @@ class Worker(Node):
         self._fast_runs: dict[Any, int] = {}  # function -> fast runs seen (-1: seen slow)
         self._report_add: dict[Any, int] = {}
         self._report_remove: set = set()
-        self._report_timer: asyncio.TimerHandle | None = None
+        # Batched on a short timer: one message for however many keys changed
+        # meanwhile, and the Center (one more process on the same cores) is
+        # not woken in the middle of every task's round trip. Ops whose
+        # callers may ask the Center right away flush before replying.
+        self._report_later = Later(REPORT_DELAY, self.flush_reports)
         self._background: list[asyncio.Task] = []
         self.handlers.update(
             {
@@ -251,18 +256,11 @@ class Worker(Node):
         self._schedule_report()
 
     def _schedule_report(self) -> None:
-        # Batched on a short timer: one message for however many keys changed
-        # meanwhile, and the Center (one more process on the same cores) is
-        # not woken in the middle of every task's round trip. Ops whose
-        # callers may ask the Center right away flush before replying.
-        if self._report_timer is None:
-            self._report_timer = asyncio.get_running_loop().call_later(REPORT_DELAY, self.flush_reports)
+        self._report_later.schedule()
 
     def flush_reports(self) -> None:
         """Send the keys gained and dropped since the last report, as one message each."""
-        if self._report_timer is not None:
-            self._report_timer.cancel()
-            self._report_timer = None
+        self._report_later.cancel()
         if not self.registered.is_set() or self.peers is None:
             return  # registration sends every key we hold
         center = self.peers.get(self.center_address)
@@ -487,7 +485,7 @@ class Worker(Node):
         task = [key, function, tuple(Ref(k) for k in keys) + tuple(args), kwargs or {}, keys]
         # Reported to the Center before the reply: a caller may ask it right away.
         replies = self._start_batch([task], return_value, False, None, report_now=True)
-        if isinstance(replies, asyncio.Future) or asyncio.iscoroutine(replies):
+        if not isinstance(replies, list):  # a future or a coroutine of them
             replies = await replies
         result = replies[0]
         if result[1] == "error":
