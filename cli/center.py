@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 import sys
 
 from zdist.center import DEFAULT_HEARTBEAT_TIMEOUT, Center
@@ -23,22 +25,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     dashboard_port = None if args.no_dashboard else args.dashboard_port
-    try:
-        center = Center(args.host, args.port, heartbeat_timeout=args.heartbeat_timeout, dashboard_port=dashboard_port, **node_kwargs(args))
-    except ImportError as exc:  # aiohttp missing: run without the dashboard
-        print(f"zdist-center: no dashboard: {exc}", file=sys.stderr, flush=True)
-        center = Center(args.host, args.port, heartbeat_timeout=args.heartbeat_timeout, **node_kwargs(args))
+    if dashboard_port is not None:
+        from zdist.dashboard import require_aiohttp
 
-    def started(node: Center) -> None:
-        say(f"Start center at {node.address}")
-        if node.dashboard is not None:
-            say(f"Dashboard at {node.dashboard.url}")
-
+        try:
+            require_aiohttp()
+        except ImportError as exc:  # aiohttp missing: run without the dashboard
+            print(f"zdist-center: no dashboard: {exc}", file=sys.stderr, flush=True)
+            dashboard_port = None
+    center = Center(args.host, args.port, heartbeat_timeout=args.heartbeat_timeout, **node_kwargs(args))
     try:
-        center.serve_forever(on_started=started)
+        asyncio.run(serve(center, dashboard_port))
     except OSError as exc:
         parser.exit(1, f"zdist-center: {exc}\n")
     return 0
+
+
+async def serve(center: Center, dashboard_port: int | None) -> None:
+    """Run ``center`` and its dashboard until SIGINT or SIGTERM; then stop both cleanly."""
+    await center.start()
+    dashboard = None
+    try:
+        if dashboard_port is not None:
+            from zdist.dashboard import serve_dashboard
+
+            dashboard = await serve_dashboard(center, port=dashboard_port)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, lambda: asyncio.ensure_future(center.stop()))
+        say(f"Start center at {center.address}")
+        if dashboard is not None:
+            say(f"Dashboard at {dashboard.url}")
+        await center.finished()
+    finally:
+        if dashboard is not None:
+            await dashboard.stop()
+        await center.stop()
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ import urllib.request
 
 import pytest
 
-from zdist import Pool
+from zdist import LocalCluster, Pool, rpc
 from zdist.center import Center
 
 from .conftest import make_cluster, wait_for
 
 aiohttp = pytest.importorskip("aiohttp", reason="the dashboard needs aiohttp (pip install zdist[dashboard])")
+
+from zdist.dashboard import Dashboard, serve_dashboard  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -101,9 +103,17 @@ def stop(process: subprocess.Popen) -> str:
 def test_no_dashboard_unless_asked():
     async def main():
         async with Center() as center:
-            return center.dashboard, center.info()["dashboard"]
+            return center.info()["dashboard"]
 
-    assert asyncio.run(main()) == (None, None)
+    assert asyncio.run(main()) is None
+
+
+def test_the_center_does_not_load_its_dashboard():
+    """The dashboard is a view that whoever starts a Center adds; the Center never imports it."""
+    code = "import sys, zdist, zdist.center, zdist.cluster; print('zdist.dashboard' in sys.modules, 'aiohttp' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
 
 
 def test_json_api_of_an_in_process_cluster():
@@ -212,7 +222,9 @@ def test_missing_aiohttp_is_a_clear_import_error(monkeypatch):
 
     monkeypatch.setattr(zdist.dashboard, "web", None)
     with pytest.raises(ImportError, match=r"pip install zdist\[dashboard\]"):
-        Center(dashboard_port=0)
+        zdist.dashboard.Dashboard(Center().info)
+    with pytest.raises(ImportError, match=r"pip install zdist\[dashboard\]"):
+        LocalCluster(n_workers=1, dashboard=True)
 
 
 def test_busy_dashboard_port_falls_back_to_a_free_one():
@@ -222,17 +234,45 @@ def test_busy_dashboard_port_falls_back_to_a_free_one():
     port = busy.getsockname()[1]
 
     async def main():
-        async with Center(dashboard_port=port) as center:
-            assert center.dashboard.port not in (0, port)
-            url = center.dashboard.url
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, get_json, url + "api/keys")
+        async with Center() as center:
+            dashboard = await serve_dashboard(center, port=port)
+            try:
+                assert dashboard.port not in (0, port)
+                url = dashboard.url
+                assert center.info()["dashboard"] == url
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(None, get_json, url + "api/keys")
+            finally:
+                await dashboard.stop()
 
     try:
         keys = asyncio.run(asyncio.wait_for(main(), 30))
     finally:
         busy.close()
     assert keys["total"] == {"nkeys": 0, "nkeys_held": 0, "nbytes": 0}
+
+
+def test_a_dashboard_can_view_a_center_over_rpc():
+    """The dashboard reads only ``info()``: an rpc proxy's ``info`` serves as well as the Center's own."""
+
+    async def main():
+        async with Center() as center:
+            center.register(address="127.0.0.1:9", ncores=3, name="alice")
+            center.add_keys(address="127.0.0.1:9", keys={"x": 8, "y": 4})
+            async with rpc(center.address, timeout=10) as proxy:
+                dashboard = await Dashboard(proxy.info, port=0).start()
+                try:
+                    loop = asyncio.get_running_loop()
+                    workers = await loop.run_in_executor(None, get_json, dashboard.url + "api/workers")
+                    keys = await loop.run_in_executor(None, get_json, dashboard.url + "api/keys")
+                finally:
+                    await dashboard.stop()
+            return center.address, workers, keys
+
+    address, workers, keys = asyncio.run(asyncio.wait_for(main(), 30))
+    assert workers["center"] == address
+    assert [(w["address"], w["name"], w["ncores"], w["nkeys"], w["nbytes"]) for w in workers["workers"]] == [("127.0.0.1:9", "alice", 3, 2, 12)]
+    assert keys["total"] == {"nkeys": 2, "nkeys_held": 2, "nbytes": 12}
 
 
 # ------------------------------------------------------------------ the page in a browser

@@ -10,8 +10,6 @@ import numpy as np
 from dask._task_spec import Alias, DataNode, Task, TaskRef
 
 from zdist.dask.graph import (
-    check_invariants,
-    choose_worker,
     convert_recording_literals,
     cull,
     dependencies_of,
@@ -21,12 +19,10 @@ from zdist.dask.graph import (
     nest_results,
     priorities,
     ready_keys,
-    releasable,
-    to_recompute,
     to_task_graph,
-    worth_moving,
 )
 from zdist.dask.plan import make_plan
+from zdist.scheduling.policy import check_invariants, choose_worker, releasable, to_recompute, worth_moving
 from zdist.dask.tasks import TaskBatch, run_task_spec
 from zdist.protocol import deserialize, serialize
 

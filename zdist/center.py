@@ -36,15 +36,12 @@ class Center(Node):
     is removed from every table.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, dashboard_port: int | None = None, **kwargs: Any):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, **kwargs: Any):
         super().__init__(host, port, **kwargs)
         self.heartbeat_timeout = heartbeat_timeout
-        # A web dashboard on this HTTP port (0: a free one); None: no dashboard. Needs zdist[dashboard].
-        self.dashboard = None
-        if dashboard_port is not None:
-            from .dashboard import Dashboard
-
-            self.dashboard = Dashboard(self, port=dashboard_port)
+        # Where a web dashboard of this Center is served, if whoever started it
+        # serves one (zdist.dashboard.serve_dashboard sets it); info() reports it.
+        self.dashboard_url: str | None = None
         self.who_has_table: dict[Any, set[str]] = defaultdict(set)
         self.has_what_table: dict[str, set] = {}
         self.nbytes_table: dict[Any, int] = {}
@@ -76,12 +73,8 @@ class Center(Node):
     async def on_start(self) -> None:
         self._reaper = asyncio.ensure_future(self._reap_dead_workers())
         self._peers = ConnectionPool(timeout=10, security=self.security)
-        if self.dashboard is not None:
-            await self.dashboard.start()
 
     async def on_stop(self) -> None:
-        if self.dashboard is not None:
-            await self.dashboard.stop()
         if self._reaper is not None:
             self._reaper.cancel()
         if self._peers is not None:
@@ -138,8 +131,6 @@ class Center(Node):
         for name, value in metrics.items():
             if isinstance(value, (int, float, str)):
                 info[name] = value
-        if self.dashboard is not None:
-            self.dashboard.on_heartbeat(address, info)
         return "OK"
 
     def _remove_worker(self, address: str, why: str, record: bool = True) -> None:
@@ -266,5 +257,5 @@ class Center(Node):
             "nkeys": len(self.who_has_table),
             "heartbeat_timeout": self.heartbeat_timeout,
             "time": time.time(),
-            "dashboard": self.dashboard.url if self.dashboard is not None else None,
+            "dashboard": self.dashboard_url,
         }

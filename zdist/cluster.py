@@ -82,6 +82,7 @@ class LocalCluster:
         self.center_process: subprocess.Popen | None = None
         self.worker_processes: dict[str, subprocess.Popen] = {}
         self.center: Center | None = None
+        self._dashboard_server: Any = None  # the in-process Center's zdist.dashboard.Dashboard
         self.workers: list[Worker] = []
         self._loop_thread: LoopThread | None = None
         self._log_dir = tempfile.mkdtemp(prefix="zdist-cluster-")
@@ -156,10 +157,12 @@ class LocalCluster:
     # -------------------------------------------------------------- in-process nodes
 
     async def _start_in_process(self) -> None:
-        self.center = await Center(
-            self.host, 0, heartbeat_timeout=self.heartbeat_timeout, security=self.security, dashboard_port=0 if self.dashboard else None
-        ).start()
-        self.dashboard_url = self.center.dashboard.url if self.center.dashboard is not None else None
+        self.center = await Center(self.host, 0, heartbeat_timeout=self.heartbeat_timeout, security=self.security).start()
+        if self.dashboard:
+            from .dashboard import serve_dashboard
+
+            self._dashboard_server = await serve_dashboard(self.center, port=0)
+            self.dashboard_url = self._dashboard_server.url
         self.center_address = self.center.address
         for i in range(self.n_workers):
             await self.start_worker_in_process(name=f"worker-{i}")
@@ -183,6 +186,9 @@ class LocalCluster:
     async def _stop_in_process(self) -> None:
         for worker in self.workers:
             await worker.stop()
+        if self._dashboard_server is not None:
+            await self._dashboard_server.stop()
+            self._dashboard_server = None
         if self.center is not None:
             await self.center.stop()
         self.workers = []

@@ -1,6 +1,10 @@
 """The Center's web dashboard: a live page and JSON for scripts, beside the ZeroMQ port.
 
-``Center(..., dashboard_port=0)`` serves, on the same asyncio loop as the
+A view of what the Center answers to ``info()``, nothing more: it never
+reads the Center's tables, and the Center does not know it exists (beyond
+the ``dashboard_url`` its ``info()`` reports). Whoever starts a Center
+starts its dashboard: ``zdist-center`` and ``LocalCluster(dashboard=True)``
+call :func:`serve_dashboard`, which serves, on the same asyncio loop as the
 Center's ROUTER socket (aiohttp; ``pip install zdist[dashboard]``):
 
 - ``/`` — a page that polls the JSON below every second: the workers, the
@@ -14,24 +18,26 @@ Center's ROUTER socket (aiohttp; ``pip install zdist[dashboard]``):
 - ``/api/task-stream`` — which worker ran which key, when, for how long
   (``?after=SEQ`` for only the entries newer than an earlier answer's ``seq``).
 
-What it costs the Center: task rates come from the heartbeats it receives
-anyway (the ``tasks_done`` counter's deltas, spread over the time between two
-heartbeats); a sampler wakes once a second to note the running count. Only
-while someone has looked at the page or at ``/api/task-stream`` in the last
+What it costs the Center: one ``info()`` call a second, and one per HTTP
+request. Task rates come from the heartbeats the Center receives anyway: each
+worker's ``tasks_done`` counter, as of its ``last_seen``, and the deltas
+between two readings spread over the time between them. Only while someone has
+looked at the page or at ``/api/task-stream`` in the last
 :data:`VIEW_TIMEOUT` seconds does it also ask each worker for its task log
 (``get_task_log(since=...)``), once a second, without waiting on the answer
-in anything the ZeroMQ side does. HTTP handlers only read the Center's tables.
+in anything the ZeroMQ side does.
 """
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import math
 import os
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any, Awaitable, Callable
 
 try:
     from aiohttp import web
@@ -39,9 +45,6 @@ except ImportError:  # pragma: no cover - exercised by hiding aiohttp in a test
     web = None  # type: ignore[assignment]
 
 from dask.utils import key_split
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .center import Center
 
 logger = logging.getLogger(__name__)
 
@@ -83,25 +86,41 @@ def _number(value: Any, default: float = 0) -> float:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else default
 
 
-class Dashboard:
-    """Serves the dashboard of ``center`` on ``host:port`` (port 0 picks a free one).
+async def serve_dashboard(center: Any, port: int = 0, host: str | None = None) -> "Dashboard":
+    """Start the dashboard of a started, in-process Center; stop it before or with the Center.
 
-    Started and stopped by the Center's ``on_start``/``on_stop``; ``url`` is
-    known once started. A port already in use falls back to a free one, with a
-    warning, as dask's dashboard does.
+    It calls the Center's ``info`` handler directly (same process, same loop:
+    no request over the network, no key needed to reach the Center) and tells
+    the Center its address, which ``info()['dashboard']`` then reports.
+    """
+    dashboard = await Dashboard(center.info, host=host or center.host, port=port, security=center.security).start()
+    center.dashboard_url = dashboard.url
+    return dashboard
+
+
+class Dashboard:
+    """Serves a dashboard of the Center whose ``info()`` is ``info``, on ``host:port``.
+
+    ``info`` is a callable that returns the Center's ``info()`` answer, or an
+    awaitable of it: a Center's own ``info`` method, or ``rpc(address).info``
+    for a Center in another process. ``security`` is the key with which to ask
+    the workers for their task logs. ``url`` is known once started; a port
+    already in use falls back to a free one, with a warning, as dask's
+    dashboard does.
     """
 
-    def __init__(self, center: "Center", host: str | None = None, port: int = 0):
+    def __init__(self, info: Callable[[], dict | Awaitable[dict]], host: str = "127.0.0.1", port: int = 0, *, security: Any = None):
         require_aiohttp()
-        self.center = center
+        self.info = info
         self.host = host
         self.port = port
+        self.security = security
         self.runner: Any = None
         self.started = time.time()
         # Task rates: done counts spread into one-second bins; running sampled each second.
         self._done_bins: dict[int, float] = {}
         self._running: dict[int, int] = {}
-        self._heartbeats: dict[str, deque] = {}  # address -> (time, tasks_done) of its recent heartbeats
+        self._heartbeats: dict[str, deque] = {}  # address -> (last_seen, tasks_done) of its recent heartbeats
         self.worker_rate: dict[str, float] = {}  # address -> tasks/s over its last RATE_WINDOW seconds
         self.tasks_done_total = 0  # every delta seen since the dashboard started
         # Task stream.
@@ -121,8 +140,7 @@ class Dashboard:
         """``http://HOST:PORT/`` once started, else None."""
         if self.runner is None:
             return None
-        host = self.host or self.center.host
-        return f"http://{host}:{self.port}/"
+        return f"http://{self.host}:{self.port}/"
 
     async def start(self) -> "Dashboard":
         from .rpc import ConnectionPool
@@ -138,7 +156,7 @@ class Dashboard:
         app.router.add_static("/static/", STATIC_DIR, show_index=False)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        host = self.host or self.center.host
+        host = self.host
         try:
             await web.TCPSite(runner, host, self.port).start()
         except OSError as exc:
@@ -153,7 +171,7 @@ class Dashboard:
                 raise
         self.runner = runner
         self.port = runner.addresses[0][1]
-        self._peers = ConnectionPool(timeout=LOG_TIMEOUT, security=self.center.security)
+        self._peers = ConnectionPool(timeout=LOG_TIMEOUT, security=self.security)
         self._tasks = [asyncio.ensure_future(self._sample_forever()), asyncio.ensure_future(self._poll_logs_forever())]
         logger.info("dashboard at %s", self.url)
         return self
@@ -171,19 +189,30 @@ class Dashboard:
             runner, self.runner = self.runner, None
             await runner.cleanup()
 
-    # -------------------------------------------------------------- bookkeeping (called by the Center)
+    # -------------------------------------------------------------- bookkeeping
 
-    def on_heartbeat(self, address: str, info: dict) -> None:
-        """A worker's heartbeat updated ``info``: turn its ``tasks_done`` delta into rates. O(1)."""
-        done = info.get("tasks_done")
-        if not isinstance(done, int):
+    async def read_info(self) -> dict:
+        """The Center's ``info()`` now; each reading also notes every worker's ``tasks_done``."""
+        info = self.info()
+        if inspect.isawaitable(info):
+            info = await info
+        for address, worker in info.get("workers", {}).items():
+            self._observe(address, worker)
+        return info
+
+    def _observe(self, address: str, worker: dict) -> None:
+        """A worker's ``tasks_done`` as of its last heartbeat: turn its delta into rates. O(1)."""
+        done = worker.get("tasks_done")
+        now = worker.get("last_seen")
+        if not isinstance(done, int) or not isinstance(now, (int, float)):
             return
-        now = time.time()
         recent = self._heartbeats.get(address)
         if recent is None:
             self._heartbeats[address] = deque([(now, done)])
-            return  # the first heartbeat only sets the baseline
+            return  # the first reading only sets the baseline
         then, done_then = recent[-1]
+        if now <= then:
+            return  # no heartbeat since the last reading
         if done < done_then:  # a smaller count: the worker restarted
             recent.clear()
             recent.append((then, 0))
@@ -207,9 +236,9 @@ class Dashboard:
                 self._done_bins[second] = self._done_bins.get(second, 0.0) + per_second * overlap
             second += 1
 
-    def _sample(self) -> None:
+    def _sample(self, info: dict) -> None:
         now = time.time()
-        workers = self.center.worker_info
+        workers = info.get("workers", {})
         self._running[int(now)] = int(sum(_number(info.get("executing")) for info in workers.values()))
         oldest = int(now) - HISTORY_SECONDS - 5
         for table in (self._done_bins, self._running):
@@ -223,7 +252,9 @@ class Dashboard:
     async def _sample_forever(self) -> None:
         while True:
             try:
-                self._sample()
+                self._sample(await self.read_info())
+            except asyncio.CancelledError:
+                raise
             except Exception:  # noqa: BLE001 - never let the dashboard take the Center down
                 logger.exception("dashboard sampler failed")
             await asyncio.sleep(INTERVAL)
@@ -258,8 +289,9 @@ class Dashboard:
 
     async def poll_task_logs(self) -> int:
         """Ask every worker for the tasks it finished since the last poll; return how many came."""
+        workers = (await self.read_info()).get("workers", {})
         now = time.time()
-        addresses = list(self.center.worker_info)
+        addresses = list(workers)
         requests = []
         for address in addresses:
             # After a pause (nobody looking), start from the last minute, not from where we left off.
@@ -276,7 +308,7 @@ class Dashboard:
             entries = [e for e in result if isinstance(e, (list, tuple)) and len(e) >= 4][-STREAM_PER_POLL:]
             if not entries:
                 continue
-            name = self.center.worker_info.get(address, {}).get("name", address)
+            name = workers[address].get("name", address)
             newest = self._log_since.get(address, 0.0)
             entries.sort(key=lambda e: _number(e[2]))
             for key, start, stop, ok, *_ in entries:
@@ -303,40 +335,41 @@ class Dashboard:
 
     # -------------------------------------------------------------- data for the API
 
-    def workers_data(self) -> dict:
+    def workers_data(self, info: dict) -> dict:
+        """``/api/workers`` from the Center's ``info()``."""
         now = time.time()
         workers = []
-        for address, info in sorted(self.center.worker_info.items()):
-            last_seen = _number(info.get("last_seen"), now)
+        for address, worker in sorted(info.get("workers", {}).items()):
+            last_seen = _number(worker.get("last_seen"), now)
             workers.append(
                 {
                     "address": address,
-                    "name": str(info.get("name", address)),
-                    "ncores": info.get("ncores"),
-                    "nkeys": info.get("nkeys", 0),
-                    "nbytes": info.get("nbytes", 0),
-                    "memory": info.get("memory"),
-                    "executing": info.get("executing", 0),
-                    "tasks_done": info.get("tasks_done", 0),
+                    "name": str(worker.get("name", address)),
+                    "ncores": worker.get("ncores"),
+                    "nkeys": worker.get("nkeys", 0),
+                    "nbytes": worker.get("nbytes", 0),
+                    "memory": worker.get("memory"),
+                    "executing": worker.get("executing", 0),
+                    "tasks_done": worker.get("tasks_done", 0),
                     "task_rate": round(self.worker_rate.get(address, 0.0), 3),
-                    "pid": info.get("pid"),
+                    "pid": worker.get("pid"),
                     "last_seen": last_seen,
                     "last_seen_age": round(max(0.0, now - last_seen), 3),
                 }
             )
         return {
-            "center": self.center.address,
+            "center": info.get("address"),
             "time": now,
-            "heartbeat_timeout": self.center.heartbeat_timeout,
+            "heartbeat_timeout": info.get("heartbeat_timeout"),
             "workers": workers,
-            "totals": self._totals(workers),
+            "totals": self._totals(workers, info.get("nkeys", 0)),
         }
 
-    def _totals(self, workers: list[dict]) -> dict:
+    def _totals(self, workers: list[dict], nkeys: int) -> dict:
         return {
             "workers": len(workers),
             "ncores": sum(_number(w["ncores"]) for w in workers),
-            "nkeys": len(self.center.who_has_table),  # distinct keys
+            "nkeys": nkeys,  # distinct keys
             "nkeys_held": sum(_number(w["nkeys"]) for w in workers),  # replicas counted once per holder
             "nbytes": sum(_number(w["nbytes"]) for w in workers),  # bytes held, replicas included
             "memory": sum(_number(w["memory"]) for w in workers),
@@ -345,16 +378,17 @@ class Dashboard:
             "task_rate": round(sum(_number(w["task_rate"]) for w in workers), 3),
         }
 
-    def keys_data(self) -> dict:
+    def keys_data(self, info: dict) -> dict:
+        """``/api/keys`` from the Center's ``info()``."""
         workers = {
-            address: {"name": str(info.get("name", address)), "nkeys": info.get("nkeys", 0), "nbytes": info.get("nbytes", 0)}
-            for address, info in sorted(self.center.worker_info.items())
+            address: {"name": str(worker.get("name", address)), "nkeys": worker.get("nkeys", 0), "nbytes": worker.get("nbytes", 0)}
+            for address, worker in sorted(info.get("workers", {}).items())
         }
         return {
             "time": time.time(),
             "workers": workers,
             "total": {
-                "nkeys": len(self.center.who_has_table),
+                "nkeys": info.get("nkeys", 0),
                 "nkeys_held": sum(_number(w["nkeys"]) for w in workers.values()),
                 "nbytes": sum(_number(w["nbytes"]) for w in workers.values()),
             },
@@ -399,10 +433,10 @@ class Dashboard:
         return web.Response(body=self._index_html, content_type="text/html", charset="utf-8", headers={"Cache-Control": "no-store"})
 
     async def handle_workers(self, request: Any) -> Any:
-        return self._json(self.workers_data())
+        return self._json(self.workers_data(await self.read_info()))
 
     async def handle_keys(self, request: Any) -> Any:
-        return self._json(self.keys_data())
+        return self._json(self.keys_data(await self.read_info()))
 
     async def handle_tasks(self, request: Any) -> Any:
         try:

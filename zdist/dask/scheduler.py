@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import LostDataError, MissingDataError, NoWorkersError, WorkerDiedError
 from ..protocol import ProtocolError, Ref
 from ..rpc import ConnectionPool, rebuild_exception
-from .graph import check_invariants, choose_worker, to_recompute, worth_moving
+from ..scheduling.policy import check_invariants, choose_worker, to_recompute, worth_moving
 from .plan import Plan
 from .tasks import TaskBatch, run_task_spec
 

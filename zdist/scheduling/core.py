@@ -1,0 +1,654 @@
+"""The scheduling core: one state machine under every client, with no sockets, threads or clocks.
+
+Events in, commands out (:mod:`zdist.scheduling.events`), in the style of
+h11: a client shell (the Pool, ``zdist.dask.get``) calls
+``commands = scheduler.handle(*events, now=clock())`` on its event loop
+and carries the commands out with ``rpc``. Every change of a task's state
+goes through :meth:`Scheduler._set_state`; placement lives in
+:mod:`zdist.scheduling.dispatch`, policy in :mod:`zdist.scheduling.policy`.
+
+>>> from zdist.scheduling.events import BatchDone, Submit, WorkersSeen
+>>> s = Scheduler()
+>>> x = TaskState('x', payload='make x', wanted=0)
+>>> y = TaskState('y', payload='make y from x', deps=(x,), deliver=True)
+>>> s.handle(WorkersSeen({'A': {'ncores': 1}}), Submit([x, y]), now=0.0)
+[SendBatch(worker='A', batch_id=1, tasks=[<TaskState 'x' processing>], who_has={}, return_limit=0)]
+>>> [type(c).__name__ for c in s.handle(BatchDone('A', 1, [['x', 'ok', 8]]), now=0.1)]
+['Finished', 'SendBatch']
+>>> s.handle(BatchDone('A', 2, [['y', 'ok', 8, 42]]), now=0.2)
+[Finished(tasks=[<TaskState 'y' memory>]), Delivered(task=<TaskState 'y' memory>), Delete(worker='A', keys=['x'], nbytes=8)]
+>>> y.value
+42
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Callable
+
+from ..errors import LostDataError, MissingDataError, NoWorkersError, TaskKilledWorkersError
+from . import dispatch
+from .events import (
+    AskWhoHas, BatchDone, BatchFailed, Close, DataPlaced, Delete, DeleteEverywhere, Delivered, Erred, Fetch, Fetched,
+    FetchFailed, Finished, HoldersFound, PollCenter, Released, Submit, Wanted, WorkersSeen,
+)
+from .policy import check_invariants, least_loaded, to_recompute
+from .state import (
+    ERRED, FORGOTTEN, LOST, MEMORY, NEW, NO_VALUE, PROCESSING, READY, RELEASED, STATE_NAMES, TO_RUN, WAITING,
+    TaskState, WorkerState,
+)
+
+logger = logging.getLogger(__name__)
+
+#: How often a task failing with MissingDataError is retried, after the next
+#: look at the Center, while its inputs are believed held by live workers.
+MISSING_DATA_RETRIES = 5
+
+
+class Scheduler:
+    """The state of one client's tasks and of the cluster's workers, changed only by :meth:`handle`.
+
+    ``result_limit``: results of at most this many bytes come back with the
+    answer for tasks the client holds (``wanted``); ``deliver_limit`` the
+    same for tasks whose value it asked for (``deliver``).
+    ``max_worker_deaths``: a task in flight on that many workers that died
+    fails with :class:`~zdist.errors.TaskKilledWorkersError`.
+    ``validate=True`` checks the invariants after every step (for tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "the cluster",
+        max_worker_deaths: int = 3,
+        result_limit: int = 0,
+        deliver_limit: int = 2**20,
+        validate: bool = False,
+    ):
+        self.name = name
+        self.max_worker_deaths = max_worker_deaths
+        self.result_limit = result_limit
+        self.deliver_limit = deliver_limit
+        self.validate = validate
+        self.tasks: dict[int, TaskState] = {}
+        self.by_key: dict[Any, TaskState] = {}
+        self.workers: dict[str, WorkerState] = {}
+        self.worker_list: tuple[WorkerState, ...] = ()  # replaced, never changed: other threads read it
+        self.ready: list[int] = []  # heap of task ids (lower id: higher priority)
+        self.suspects: list[int] = []  # ready tasks that were in flight on a worker that died: run alone
+        self.deferred: list[TaskState] = []  # waiting for the next look at the Center
+        self.center_id: str | None = None
+        self.grace_until = float("-inf")
+        self.stall_grace_used = False
+        self.closing = False
+        self.dirty = False  # something failed: Close sweeps every worker
+        self.now = 0.0
+        self.ntorun = 0  # tasks in TO_RUN states
+        self.ndone = 0  # tasks finished, recomputations included (for progress bars)
+        self.batch_ids = itertools.count(1)  # shared with threads that send batches themselves
+        self._ids = itertools.count()
+        self._turn = 0
+        self._out: list = []
+        self._deletes: dict[str, list] = {}
+        self._fetches: dict[str, list] = {}
+        self._finished: list[TaskState] = []
+        self._release: list[TaskState] = []
+        self._handlers: dict[type, Callable] = {
+            Submit: self._submit, DataPlaced: self._placed, BatchDone: self._batch_done, BatchFailed: self._batch_failed,
+            WorkersSeen: self._workers_seen, Released: self._released, Wanted: self._wanted, Fetched: self._fetched,
+            FetchFailed: self._fetch_failed, HoldersFound: self._holders_found, Close: self._close,
+        }
+
+    # ------------------------------------------------------------------ the one entry point
+
+    def handle(self, *events: Any, now: float | None = None) -> list:
+        """Apply ``events`` in order; return the commands they lead to."""
+        if now is not None:
+            self.now = now
+        self._out = out = []
+        for event in events:
+            self._handlers[type(event)](event)
+            self._release_unneeded()
+        if not self.closing:
+            dispatch.dispatch(self)
+        if self._finished:
+            out.insert(0, Finished(self._finished))
+            self._finished = []
+        for worker, keys in self._fetches.items():
+            out.append(Fetch(worker, keys))
+        for worker, (keys, nbytes) in self._deletes.items():
+            out.append(Delete(worker, keys, nbytes))
+        self._fetches, self._deletes = {}, {}
+        if self.validate:
+            problems = self.problems()
+            if problems:
+                raise AssertionError("scheduler state is inconsistent: " + "; ".join(problems[:10]))
+        return out
+
+    @property
+    def in_grace(self) -> bool:
+        """Workers may be missing from the Center's list for a while (it restarted, or they stalled)."""
+        return self.now < self.grace_until
+
+    def pick_worker(self) -> str | None:
+        """The least loaded worker, for a task a calling thread sends itself; None to leave it to :meth:`handle`.
+
+        Safe to call from another thread: it only reads, and a snapshot a
+        moment old is harmless for a choice of worker.
+        """
+        workers = self.worker_list
+        if not workers or self.in_grace:
+            return None
+        self._turn += 1
+        return least_loaded({w.address: w.load() for w in workers if not w.paused}, self._turn)
+
+    # ------------------------------------------------------------------ transitions
+
+    def _set_state(self, ts: TaskState, new: int) -> None:
+        """Every change of a task's state passes here: it keeps the count of dependents still to run."""
+        old = ts.state
+        ts.state = new
+        was, now_ = old in TO_RUN, new in TO_RUN
+        if was == now_:
+            return
+        self.ntorun += 1 if now_ else -1
+        if now_:
+            for dep in ts.deps:
+                dep.npending += 1
+        else:
+            for dep in ts.deps:
+                dep.npending -= 1
+                if dep.npending <= 0 and dep.state == MEMORY:
+                    self._release.append(dep)
+
+    def _register(self, ts: TaskState) -> None:
+        ts.id = next(self._ids)
+        self.tasks[ts.id] = ts
+        self.by_key[ts.key] = ts
+        for dep in ts.deps:
+            dep.dependents.add(ts)
+
+    def _submit(self, event: Submit) -> None:
+        for ts in event.tasks:
+            self._register(ts)
+        worker = self.workers.get(event.sent_to) if event.sent_to else None
+        if worker is not None and not self.closing:
+            for ts in event.tasks:
+                self._set_state(ts, PROCESSING)
+                ts.worker, ts.batch = worker.address, event.batch_id
+            worker.batches[event.batch_id] = (list(event.tasks), self.now)
+            worker.inflight += len(event.tasks)
+            return
+        for ts in event.tasks:
+            self._enqueue(ts)
+
+    def _placed(self, event: DataPlaced) -> None:
+        for ts in event.tasks:
+            self._register(ts)
+            ts.state = MEMORY
+
+    def _enqueue(self, ts: TaskState) -> None:
+        """Run ``ts`` once its inputs are in memory; compute again inputs that were lost."""
+        ts.worker = ts.batch = None
+        for dep in ts.deps:
+            if dep.state == ERRED:
+                self._fail(ts, dep.error)
+                return
+            if dep.state == FORGOTTEN:
+                self._fail(ts, LostDataError(ts.key, dep.lost_on, f"its input {dep.key!r} was released, so it cannot be computed"))
+                return
+        self._set_state(ts, WAITING)
+        ts.waiting = sum(1 for dep in ts.deps if dep.state != MEMORY)
+        gone = [dep for dep in ts.deps if dep.state in (LOST, RELEASED)]
+        if gone:
+            self._recompute(gone)
+        if ts.state == WAITING and not ts.waiting:
+            self._make_ready(ts)
+
+    def _make_ready(self, ts: TaskState) -> None:
+        self._set_state(ts, READY)
+        dispatch.push_ready(self, ts)
+
+    def _now_in_memory(self, ts: TaskState) -> None:
+        self._set_state(ts, MEMORY)
+        for dependent in ts.dependents:
+            if dependent.state == WAITING:
+                dependent.waiting -= 1
+                if dependent.waiting <= 0:
+                    self._make_ready(dependent)
+        if ts.deliver:
+            if ts.value is not NO_VALUE:
+                self._out.append(Delivered(ts))
+            else:
+                self._fetch(ts)
+        self._release.append(ts)
+
+    def _fail(self, ts: TaskState, error: BaseException) -> None:
+        """``ts`` failed, and so does every task waiting for it."""
+        stack = [ts]
+        while stack:
+            task = stack.pop()
+            if task.state == ERRED and task is not ts:
+                continue
+            task.error = error
+            task.worker = task.batch = None
+            self._set_state(task, ERRED)
+            self._out.append(Erred(task))
+            stack.extend(d for d in task.dependents if d.state in (WAITING, READY))
+
+    def _releasable(self, ts: TaskState) -> bool:
+        return ts.state == MEMORY and ts.wanted <= 0 and ts.npending <= 0 and not (ts.deliver and ts.value is NO_VALUE)
+
+    def _release_unneeded(self) -> None:
+        while self._release:
+            ts = self._release.pop()
+            if self._releasable(ts):
+                self._set_state(ts, RELEASED)
+                self._drop_copies(ts)
+                ts.value = NO_VALUE
+            self._maybe_forget(ts)
+
+    def _drop_copies(self, ts: TaskState) -> None:
+        """Delete the copies this client made: every one of its own values, the fetched copies of others'."""
+        for worker in ts.holders if ts.owned else ts.copies:
+            if worker in self.workers:
+                self._delete(worker, ts.key, ts.nbytes)
+        if ts.replicas > 1 and ts.owned:
+            self._out.append(DeleteEverywhere([ts.key]))
+        ts.holders = set() if ts.owned else ts.holders - ts.copies
+        ts.copies = set()
+
+    def _delete(self, worker: str, key: Any, nbytes: int = 0) -> None:
+        pending = self._deletes.get(worker)
+        if pending is None:
+            pending = self._deletes[worker] = [[], 0]
+        pending[0].append(key)
+        pending[1] += nbytes
+
+    def _maybe_forget(self, ts: TaskState) -> None:
+        """Forget tasks nobody can reach: no reference, no dependent, nothing to run (lineage kept till then)."""
+        stack = [ts]
+        while stack:
+            task = stack.pop()
+            if task.wanted > 0 or task.dependents or task.state not in (RELEASED, ERRED, LOST):
+                continue
+            if task.owned and task.holders or task.copies:
+                self._drop_copies(task)
+            task.state = FORGOTTEN
+            self.tasks.pop(task.id, None)
+            if self.by_key.get(task.key) is task:
+                del self.by_key[task.key]
+            for dep in task.deps:
+                dep.dependents.discard(task)
+                stack.append(dep)
+            if task.deps and task.error is None:
+                task.deps = ()
+
+    # ------------------------------------------------------------------ replies
+
+    def _batch_done(self, event: BatchDone) -> None:
+        worker = self.workers.get(event.worker)
+        entry = worker.batches.pop(event.batch_id, None) if worker is not None else None
+        if entry is None:
+            return  # its worker was declared dead, and its tasks sent elsewhere
+        tasks, sent = entry
+        worker.inflight -= len(tasks)
+        if worker.inflight <= 0:
+            worker.isolated = False
+        largest = 0
+        for ts, reply in zip(tasks, event.replies):
+            if ts.batch != event.batch_id or ts.worker != worker.address or ts.state != PROCESSING:
+                if reply[1] == "ok" and ts.state in (RELEASED, FORGOTTEN) and ts.owned:
+                    self._delete(worker.address, ts.key, reply[2])
+                continue
+            if reply[1] == "ok":
+                largest = max(largest, reply[2])
+                self._task_done(ts, worker.address, reply[2], reply[3] if len(reply) > 3 else NO_VALUE)
+            elif isinstance(reply[2], MissingDataError):
+                self._inputs_missing(ts, reply[2])
+            else:
+                self._fail(ts, _noted(reply[2], ts.key, worker.address))
+        worker.measured(len(tasks), sent, self.now, largest)
+
+    def _task_done(self, ts: TaskState, worker: str, nbytes: int, value: Any) -> None:
+        ts.holders.add(worker)
+        for dep in ts.deps:  # the worker keeps the inputs it fetched
+            if worker in dep.holders:
+                continue
+            if dep.state != MEMORY:
+                self._delete(worker, dep.key)  # released meanwhile: drop the copy
+                continue
+            dep.holders.add(worker)
+            if not dep.owned:
+                dep.copies.add(worker)
+        ts.nbytes = nbytes
+        ts.worker = ts.batch = None
+        ts.missing_retries = 0
+        if value is not NO_VALUE:
+            ts.value = value
+        self.ndone += 1
+        self._finished.append(ts)
+        self._now_in_memory(ts)
+
+    def _batch_failed(self, event: BatchFailed) -> None:
+        worker = self.workers.get(event.worker)
+        entry = worker.batches.pop(event.batch_id, None) if worker is not None else None
+        if entry is None:
+            return
+        tasks, _ = entry
+        worker.inflight -= len(tasks)
+        mine = [ts for ts in tasks if ts.state == PROCESSING and ts.batch == event.batch_id]
+        if isinstance(event.error, (ConnectionError, TimeoutError)):
+            # The worker may be dying: look at the Center now, and send the tasks again.
+            logger.info("a batch to %s failed (%s); retrying its %d tasks", worker.address, event.error, len(mine))
+            self.dirty = True
+            for ts in mine:
+                self._enqueue(ts)
+            self._out.append(PollCenter())
+            return
+        for ts in mine:
+            self._fail(ts, _noted(event.error, ts.key, worker.address))
+
+    def _inputs_missing(self, ts: TaskState, error: MissingDataError) -> None:
+        """``ts`` found inputs held by nobody: ask the Center again, or believe it and recompute them."""
+        wanted = set(error.keys)
+        missing = [dep for dep in ts.deps if dep.key in wanted]
+        if len(missing) < len(wanted):
+            self._fail(ts, _noted(error, ts.key, ts.worker))  # the task itself raised it
+            return
+        believed = [dep for dep in missing if dep.state == MEMORY]
+        ts.missing_retries += 1
+        if ts.missing_retries > 2 * MISSING_DATA_RETRIES:
+            self._fail(ts, _noted(error, ts.key, ts.worker))
+            return
+        if believed and ts.missing_retries <= MISSING_DATA_RETRIES:
+            self._set_state(ts, WAITING)
+            ts.worker = ts.batch = None
+            ts.waiting = sum(1 for dep in ts.deps if dep.state != MEMORY) + 1
+            self.deferred.append(ts)
+            self._out.append(PollCenter())
+            return
+        for dep in believed:  # the Center keeps saying nobody holds them: believe it
+            for worker in dep.holders:
+                if worker in self.workers:
+                    self._delete(worker, dep.key)
+            dep.holders = set()
+            self._lost([dep], None)
+        if ts.state == PROCESSING:
+            self._enqueue(ts)
+
+    # ------------------------------------------------------------------ workers
+
+    def _workers_seen(self, event: WorkersSeen) -> None:
+        infos = event.workers
+        if event.center_id != self.center_id:
+            if self.center_id is not None:
+                logger.warning("the Center of %s restarted; waiting for workers to register again", self.name)
+                self.grace_until = self.now + event.heartbeat_timeout + 2.0
+            self.center_id = event.center_id
+        if infos:
+            self.stall_grace_used = False
+        elif self.workers and self.ntorun and not self.in_grace and not self.stall_grace_used:
+            # Every worker gone at once is more often a stall (a slow import
+            # missed heartbeats) than a massacre: give them time to come back.
+            logger.warning("the Center of %s lists no workers; waiting for them to register again", self.name)
+            self.grace_until = self.now + event.heartbeat_timeout + 2.0
+            self.stall_grace_used = True
+        if self.in_grace:
+            infos = {**{a: {"ncores": w.ncores, "pid": w.pid} for a, w in self.workers.items()}, **infos}
+        for address, worker in list(self.workers.items()):
+            info = infos.get(address)
+            if info is None:
+                self._worker_lost(worker, "the Center dropped it")
+            elif worker.pid is not None and info.get("pid") not in (None, worker.pid):
+                self._worker_lost(worker, "it restarted")
+            else:
+                worker.paused = info.get("status") == "paused"
+        for address, info in infos.items():
+            if address not in self.workers:
+                self.workers[address] = WorkerState(address, info.get("ncores", 1), info.get("pid"))
+        self.worker_list = tuple(self.workers.values())
+        if not self.workers and self.ntorun and not self.in_grace:
+            error = NoWorkersError(f"every worker of {self.name} died or left; start workers and submit the work again")
+            for ts in [ts for ts in self.tasks.values() if ts.state in TO_RUN]:
+                if ts.state in TO_RUN:
+                    self._fail(ts, error)
+        deferred, self.deferred = self.deferred, []
+        for ts in deferred:
+            if ts.state == WAITING:
+                self._enqueue(ts)
+
+    def _worker_lost(self, worker: WorkerState, why: str) -> None:
+        """A worker died: retry what ran there, recompute what it held that is still needed."""
+        logger.warning("worker %s is gone (%s); recovering its work", worker.address, why)
+        address = worker.address
+        del self.workers[address]
+        self.dirty = True
+        batches, worker.batches = worker.batches, {}
+        for tasks, _ in batches.values():
+            for ts in tasks:
+                if ts.state == PROCESSING and ts.worker == address:
+                    ts.deaths.append(address)
+                    if len(ts.deaths) >= self.max_worker_deaths:
+                        self._fail(ts, TaskKilledWorkersError(ts.key, ts.deaths))
+                    else:
+                        self._enqueue(ts)
+        for task_id in worker.held:
+            ts = self.tasks.get(task_id)
+            if ts is not None and ts.state == READY:
+                dispatch.push_ready(self, ts)
+        lost = []
+        for ts in self.tasks.values():
+            if address in ts.holders:
+                ts.holders.discard(address)
+                ts.copies.discard(address)
+                if not ts.holders and ts.state == MEMORY:
+                    lost.append(ts)
+        if lost:
+            self._lost(lost, address)
+
+    def _lost(self, lost: list[TaskState], address: str | None) -> None:
+        """Values gone with their workers: note it, and compute again what is still needed."""
+        for ts in lost:
+            ts.lost_on = address
+            self._set_state(ts, LOST)
+            for dependent in ts.dependents:
+                if dependent.state == WAITING:
+                    dependent.waiting += 1
+                elif dependent.state == READY:
+                    dependent.state = WAITING  # its heap entry goes stale
+                    dependent.waiting = 1
+        needed = [ts for ts in lost if ts.npending > 0 or (ts.deliver and ts.value is NO_VALUE)]
+        if needed:
+            self._recompute(needed)
+
+    def _recompute(self, lost: list[TaskState]) -> None:
+        tasks = self.tasks
+        views = _Views(self)
+        redo = to_recompute([ts.id for ts in lost], views.dependencies, views.dependents, views.done, views.available, views.outputs)
+        for task_id in sorted(redo):
+            ts = tasks[task_id]
+            if ts.state in TO_RUN:
+                continue
+            if not ts.recomputable:
+                self._unrecoverable(ts)
+                continue
+            if self.validate or len(redo) < 50:
+                logger.info("recomputing lost key %r", ts.key)
+            ts.value = NO_VALUE
+            self._enqueue(ts)
+
+    def _unrecoverable(self, ts: TaskState) -> None:
+        """A value we cannot make again is gone: unless the Center keeps copies, whatever needs it fails."""
+        if ts.replicas > 1 or not ts.owned:
+            if ts.lost_on != "asked":
+                ts.lost_on = "asked"
+                self._out.append(AskWhoHas([ts.key]))
+                return
+        error = LostDataError(ts.key, None if ts.lost_on == "asked" else ts.lost_on)
+        for dependent in list(ts.dependents):
+            if dependent.state in (WAITING, READY):
+                self._fail(dependent, error)
+        if ts.deliver and ts.value is NO_VALUE:
+            self._fail(ts, error)
+
+    # ------------------------------------------------------------------ references and values
+
+    def _released(self, event: Released) -> None:
+        for ts in event.tasks:
+            ts.wanted -= 1
+            self._release.append(ts)
+
+    def _wanted(self, event: Wanted) -> None:
+        for ts in event.tasks:
+            if ts.state == FORGOTTEN:
+                continue
+            ts.deliver = True
+            if ts.value is not NO_VALUE and ts.state != ERRED:
+                self._out.append(Delivered(ts))
+            elif ts.state == MEMORY:
+                self._fetch(ts)
+            elif ts.state in (LOST, RELEASED):
+                self._recompute([ts])
+
+    def _fetch(self, ts: TaskState) -> None:
+        if ts.fetching is not None:
+            return
+        holders = [w for w in ts.holders if w in self.workers]
+        if not holders:
+            self._lost([ts], ts.lost_on)
+            return
+        worker = min(holders, key=lambda w: self.workers[w].load())
+        ts.fetching = worker
+        self._fetches.setdefault(worker, []).append(ts.key)
+
+    def _fetched(self, event: Fetched) -> None:
+        for key, value in event.values.items():
+            ts = self.by_key.get(key)
+            if ts is None or ts.fetching != event.worker:
+                continue
+            ts.fetching = None
+            ts.value = value
+            if ts.deliver:
+                self._out.append(Delivered(ts))
+            self._release.append(ts)
+
+    def _fetch_failed(self, event: FetchFailed) -> None:
+        for key in event.keys:
+            ts = self.by_key.get(key)
+            if ts is None or ts.fetching != event.worker:
+                continue
+            ts.fetching = None
+            if isinstance(event.error, (ConnectionError, TimeoutError, MissingDataError)):
+                ts.holders.discard(event.worker)
+                if ts.state == MEMORY:
+                    self._fetch(ts)
+            else:
+                self._fail(ts, event.error)
+
+    def _holders_found(self, event: HoldersFound) -> None:
+        for key, addresses in event.holders.items():
+            ts = self.by_key.get(key)
+            if ts is None or ts.state not in (LOST, MEMORY):
+                continue
+            live = {a for a in addresses if a in self.workers}
+            if live:
+                ts.holders |= live
+                if ts.state == LOST:
+                    self._now_in_memory(ts)
+            elif ts.state == LOST:
+                self._unrecoverable(ts)
+
+    def _close(self, event: Close) -> None:
+        """Delete everything this client has on the cluster (results still running are deleted as they come)."""
+        self.closing = True
+        for ts in list(self.tasks.values()):
+            ts.wanted = 0
+            if ts.state == MEMORY or ts.holders:
+                self._drop_copies(ts)
+        if self.dirty:
+            # After a failure the records may have missed a copy: sweep every live worker.
+            keys = [ts.key for ts in self.tasks.values() if ts.owned]
+            for worker in self.workers:
+                self._deletes[worker] = [list(keys), 0]
+        self.ready, self.suspects = [], []
+
+    # ------------------------------------------------------------------ checks
+
+    def problems(self) -> list[str]:
+        """What is inconsistent in the state; empty when all is well (see ``policy.check_invariants``)."""
+        views = _Views(self)
+        tasks = self.tasks
+        state = {i: STATE_NAMES[ts.state] for i, ts in tasks.items()}
+        holders = {i: ts.holders for i, ts in tasks.items()}
+        problems = check_invariants(state, views.dependencies, views.dependents, holders, views.outputs)
+        for i, ts in tasks.items():
+            if ts.state == MEMORY and any(w not in self.workers for w in ts.holders) and not self.in_grace:
+                problems.append(f"{ts.key!r} is held by a worker that is gone")
+            if ts.state == PROCESSING and (ts.worker not in self.workers or ts.batch not in self.workers[ts.worker].batches):
+                problems.append(f"{ts.key!r} is processing on {ts.worker}, which does not know it")
+            if ts.state == WAITING and ts.waiting != sum(1 for d in ts.deps if d.state != MEMORY) + (ts in self.deferred):
+                problems.append(f"{ts.key!r} waits for {ts.waiting} inputs, but not that many are missing")
+            pending = sum(1 for d in ts.dependents if d.state in TO_RUN)
+            if ts.npending != pending:
+                problems.append(f"{ts.key!r} counts {ts.npending} dependents to run, but {pending} are")
+        if self.ntorun != sum(1 for ts in tasks.values() if ts.state in TO_RUN):
+            problems.append("the count of tasks to run is off")
+        return problems
+
+
+class _Views:
+    """Read-only mappings of the scheduler's tasks by id, for the policy functions."""
+
+    def __init__(self, scheduler: Scheduler):
+        tasks = scheduler.tasks
+        self.dependencies = _Mapped(tasks, lambda ts: [d.id for d in ts.deps if d.state != FORGOTTEN])
+        self.dependents = _Mapped(tasks, lambda ts: [d.id for d in ts.dependents])
+        self.done = _Filtered(tasks, lambda ts: ts.state in (MEMORY, RELEASED, LOST))
+        self.available = _Filtered(tasks, lambda ts: ts.state == MEMORY)
+        self.outputs = _Filtered(tasks, lambda ts: ts.deliver and ts.value is NO_VALUE and ts.state != ERRED)
+
+
+class _Mapped:
+    __slots__ = ("tasks", "function")
+
+    def __init__(self, tasks: dict, function: Callable):
+        self.tasks, self.function = tasks, function
+
+    def get(self, task_id: int, default: Any = None) -> Any:
+        ts = self.tasks.get(task_id)
+        return default if ts is None else self.function(ts)
+
+    def __getitem__(self, task_id: int) -> Any:
+        return self.function(self.tasks[task_id])
+
+    def __contains__(self, task_id: int) -> bool:
+        return task_id in self.tasks
+
+
+class _Filtered:
+    __slots__ = ("tasks", "predicate")
+
+    def __init__(self, tasks: dict, predicate: Callable):
+        self.tasks, self.predicate = tasks, predicate
+
+    def __contains__(self, task_id: int) -> bool:
+        ts = self.tasks.get(task_id)
+        return ts is not None and self.predicate(ts)
+
+    def __iter__(self):
+        return (i for i, ts in self.tasks.items() if self.predicate(ts))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _noted(error: BaseException, key: Any, worker: str | None) -> BaseException:
+    """``error``, with a note naming the task's key and worker."""
+    if hasattr(error, "add_note"):
+        where = f" on worker {worker}" if worker else ""
+        error.add_note(f"(while computing key {key!r}{where} on the zdist cluster)")
+    return error
+
+
+__all__ = ["Scheduler", "TaskState", "WorkerState", "NEW", "NO_VALUE"]
