@@ -194,20 +194,20 @@ class Worker(Node):
 
     async def _register(self) -> None:
         center = self.peers.get(self.center_address)
-        await center.request(
-            "register",
-            {
-                "address": self.address,
-                "ncores": self.ncores,
-                "name": self.name,
-                "keys": dict(self.nbytes),
-                "pid": os.getpid(),
-                **({"public_key": self.security.public_key_text} if self.security else {}),
-            },
-            timeout=max(2.0, self.heartbeat_interval * 4),
-        )
+        args = {
+            "address": self.address,
+            "ncores": self.ncores,
+            "name": self.name,
+            "keys": dict(self.nbytes),
+            "pid": os.getpid(),
+            **({"public_key": self.security.public_key_text} if self.security else {}),
+        }
+        # Cleared when the snapshot is taken, not when the Center answers:
+        # keys gained or dropped meanwhile (e.g. a session the Center
+        # releases as we register) are still reported afterwards.
         self._report_add.clear()
         self._report_remove.clear()
+        await center.request("register", args, timeout=max(2.0, self.heartbeat_interval * 4))
 
     async def _stay_registered(self) -> None:
         """Register, then heartbeat; register again whenever the Center forgets us."""
@@ -217,6 +217,7 @@ class Worker(Node):
                 if not self.registered.is_set():
                     await self._register()
                     self.registered.set()
+                    self.flush_reports()  # what changed while registering
                     logger.info("registered with center at %s", self.center_address)
                     said_waiting = False
                 await asyncio.sleep(self.heartbeat_interval)
