@@ -46,3 +46,26 @@ class WorkerDiedError(ConnectionError):
 
 class NoWorkersError(RuntimeError):
     """The cluster has no live workers left to run anything on."""
+
+
+class SessionClosedError(RuntimeError):
+    """The client session a task or value belonged to was closed.
+
+    A client holds a session with the Center; when the client closes it, or
+    falls silent for the session's timeout (it exited, crashed or was
+    killed), the cluster drops the session's queued tasks and deletes its
+    values. A task that had not started, a result that came after, and any
+    later request of that session get this error.
+    """
+
+    def __init__(self, session: str = "", detail: str = ""):
+        self.session = session
+        self.detail = detail
+        message = f"the client's session {session!r} was closed" if session else "the client's session was closed"
+        message += " (the client closed it, or fell silent longer than its timeout); its queued tasks were dropped and its values deleted"
+        if detail:
+            message += f": {detail}"
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (self.session, self.detail))

@@ -15,11 +15,11 @@ import time
 import traceback
 import uuid
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
-from .errors import MissingDataError
+from .errors import MissingDataError, SessionClosedError
 from .loop import Later
 from .node import Node
 from .protocol import Ref, error_fields, serialize
@@ -59,8 +59,11 @@ def substitute(obj: Any, data: dict) -> Any:
     return obj
 
 
-def _run_tasks(tasks: list, data: dict, deadline: float | None = None) -> list:
+def _run_tasks(tasks: list, data: dict, deadline: float | None = None, session: str | None = None, released: Any = ()) -> list:
     """Run a batch in one thread-pool job: [(ok, value_or_error, nbytes, start, stop)].
+
+    A task of a client ``session`` found in ``released`` (the session was
+    closed meanwhile) is not run: it fails with :class:`SessionClosedError`.
 
     With a ``deadline`` (a ``time.time()``: the batch runs on the event
     loop), stop once it has passed: the results then cover only the first
@@ -73,6 +76,9 @@ def _run_tasks(tasks: list, data: dict, deadline: float | None = None) -> list:
         if deadline is not None and results and results[-1][4] > deadline:
             break
         start = time.time()
+        if session is not None and session in released:
+            results.append((False, SessionClosedError(session, "the task had not started"), "", start, start))
+            continue
         try:
             if deps:
                 args = substitute(args, data)
@@ -144,6 +150,12 @@ class Worker(Node):
         self.bytes_served = 0
         self.task_log: deque = deque(maxlen=10_000)  # (key, start, stop, ok)
         self._fetching: dict[Any, asyncio.Future] = {}
+        # Keys stored on behalf of a client session (results, scattered
+        # values, copies fetched for its tasks); untagged keys are not here.
+        self.key_session: dict[Any, str] = {}
+        self.session_keys: dict[str, set] = {}
+        # Sessions released lately (oldest first), to refuse their late requests.
+        self.released_sessions: OrderedDict[str, float] = OrderedDict()
         self._fast_runs: dict[Any, int] = {}  # function -> fast runs seen (-1: seen slow)
         self._report_add: dict[Any, int] = {}
         self._report_remove: set = set()
@@ -164,6 +176,7 @@ class Worker(Node):
                 "metrics": self.metrics,
                 "get_task_log": self.get_task_log,
                 "fetch_keys": self.fetch_keys,
+                "release_session": self.release_session,
             }
         )
 
@@ -200,6 +213,7 @@ class Worker(Node):
             "name": self.name,
             "keys": dict(self.nbytes),
             "pid": os.getpid(),
+            **({"sessions": list(self.session_keys)} if self.session_keys else {}),
             **({"public_key": self.security.public_key_text} if self.security else {}),
         }
         # Cleared when the snapshot is taken, not when the Center answers:
@@ -272,13 +286,65 @@ class Worker(Node):
             center.send("add_keys", address=self.address, keys=self._report_add)
             self._report_add = {}
 
-    def _store(self, key: Any, value: Any, nbytes: int | None = None) -> int:
+    def _store(self, key: Any, value: Any, nbytes: int | None = None, session: str | None = None) -> int:
         if nbytes is None:
             nbytes = sizeof(value)
         self.data[key] = value
         self.nbytes[key] = nbytes
+        if session is not None or self.key_session:
+            self._tag(key, session)
         self._gained(key, nbytes)
         return nbytes
+
+    # -------------------------------------------------------------- client sessions
+
+    def _tag(self, key: Any, session: str | None) -> None:
+        """``key`` now belongs to ``session`` (None: to no session); the last store decides."""
+        old = self.key_session.pop(key, None)
+        if old is not None:
+            keys = self.session_keys[old]
+            keys.discard(key)
+            if not keys:
+                del self.session_keys[old]
+        if session is not None:
+            self.key_session[key] = session
+            self.session_keys.setdefault(session, set()).add(key)
+
+    def _check_session(self, session: Any) -> None:
+        """Refuse a request of a session that is not a string, or that was released."""
+        if session is None:
+            return
+        if not isinstance(session, str) or not session:
+            raise TypeError(f"session must be a non-empty string (a session id) or None, got {type(session).__name__} {session!r:.40}")
+        if session in self.released_sessions:
+            raise SessionClosedError(session, f"worker {self.address} refuses its late request")
+
+    def release_session(self, session: str) -> str:
+        """A client session closed: delete its keys here and drop its tasks not yet started.
+
+        Tasks of it that finish later are answered with
+        :class:`SessionClosedError` and their results not kept; later
+        requests of it are refused with that error. The Center sends this to
+        every worker when it closes a session.
+        """
+        if not isinstance(session, str) or not session:
+            raise TypeError(f"session must be a non-empty string (a session id), got {type(session).__name__} {session!r:.40}")
+        released = self.released_sessions
+        released[session] = time.time()
+        released.move_to_end(session)
+        while len(released) > RELEASED_SESSIONS_KEPT:
+            released.popitem(last=False)
+        keys = self.session_keys.pop(session, ())
+        for key in keys:
+            del self.key_session[key]
+            if key in self.data:
+                del self.data[key]
+                self.nbytes.pop(key, None)
+                self._dropped(key)
+        if keys:
+            logger.info("client session %s closed: deleted its %d keys", session, len(keys))
+            self.flush_reports()
+        return "OK"
 
     # -------------------------------------------------------------- data ops
 
@@ -297,17 +363,24 @@ class Worker(Node):
         self.bytes_served += sum(self.nbytes.get(key, 0) for key in keys)
         return out
 
-    def update_data(self, data: dict, report: bool = True) -> tuple:
-        """Store values; answers ``(b'OK', {'nbytes': {key: bytes}})``."""
+    def update_data(self, data: dict, report: bool = True, session: str | None = None) -> tuple:
+        """Store values; answers ``(b'OK', {'nbytes': {key: bytes}})``.
+
+        With ``session``, the values belong to that client session: they are
+        deleted when it closes.
+        """
         if not isinstance(data, dict):
             raise TypeError(f"update_data needs a dict of key: value, got {type(data).__name__}")
+        self._check_session(session)
         sizes = {}
         for key, value in data.items():
             if report:
-                sizes[key] = self._store(key, value)
+                sizes[key] = self._store(key, value, session=session)
             else:
                 self.data[key] = value
                 sizes[key] = self.nbytes[key] = sizeof(value)
+                if session is not None or self.key_session:
+                    self._tag(key, session)
         if report:
             self.flush_reports()  # tell the Center before the caller hears back
         return (b"OK", {"nbytes": sizes})
@@ -318,6 +391,8 @@ class Worker(Node):
             if key in self.data:
                 del self.data[key]
                 self.nbytes.pop(key, None)
+                if self.key_session:
+                    self._tag(key, None)
                 if report:
                     self._dropped(key)
         return "OK"
@@ -340,6 +415,7 @@ class Worker(Node):
             "ops_served": dict(self.ops_served),
             "memory": _rss(),
             "pid": os.getpid(),
+            "sessions": len(self.session_keys),
         }
 
     def get_task_log(self, since: float = 0.0) -> list:
@@ -364,11 +440,12 @@ class Worker(Node):
                 self.peers.remove(self.center_address)
                 await asyncio.sleep(0.2)
 
-    async def gather_deps(self, keys: Iterable, who_has: dict | None = None) -> None:
+    async def gather_deps(self, keys: Iterable, who_has: dict | None = None, session: str | None = None) -> None:
         """Make sure every key is held here, fetching missing ones from peers.
 
         ``who_has`` (key → worker addresses), where the caller knows, saves
         asking the Center; the Center is asked when those holders fail.
+        Copies fetched for a client ``session``'s tasks belong to it.
         """
         missing = [key for key in dict.fromkeys(keys) if key not in self.data]
         if not missing:
@@ -381,7 +458,7 @@ class Worker(Node):
             for key in to_fetch:
                 self._fetching[key] = future
             try:
-                await self._fetch(to_fetch, who_has)
+                await self._fetch(to_fetch, who_has, session)
                 future.set_result(None)
             except BaseException as exc:
                 future.set_exception(exc)
@@ -397,7 +474,7 @@ class Worker(Node):
         if still:
             raise MissingDataError(still, f"fetched but then deleted on worker {self.address}")
 
-    async def _fetch(self, keys: list, hints: dict | None = None) -> None:
+    async def _fetch(self, keys: list, hints: dict | None = None, session: str | None = None) -> None:
         who_has: dict = {}
         if hints:
             for key in keys:
@@ -431,8 +508,10 @@ class Worker(Node):
                         tried[key].add(address)
                     remaining.extend(ks)
                     continue
+                if session is not None and session in self.released_sessions:
+                    continue  # released while fetching: keep no copy (its tasks will not run)
                 for key, value in result.items():
-                    nbytes = self._store(key, value)
+                    nbytes = self._store(key, value, session=session)
                     self.bytes_fetched += nbytes
             if not remaining:
                 return
@@ -472,11 +551,14 @@ class Worker(Node):
         args: Iterable = (),
         kwargs: dict | None = None,
         return_value: int = 0,
+        session: str | None = None,
     ) -> tuple:
         """Run ``function(*[data[k] for k in keys], *args, **kwargs)`` and keep the result.
 
         Answers ``(b'OK', {'key': key, 'nbytes': n})``; with ``return_value=N``
-        a result of at most N bytes also comes back as ``'value'``.
+        a result of at most N bytes also comes back as ``'value'``. With
+        ``session``, the result belongs to that client session (see
+        :meth:`compute_batch`).
         """
         if not callable(function):
             raise TypeError(f"compute needs a callable function, got {type(function).__name__}")
@@ -485,7 +567,7 @@ class Worker(Node):
             key = f"{getattr(function, '__name__', 'result')}-{uuid.uuid4().hex}"
         task = [key, function, tuple(Ref(k) for k in keys) + tuple(args), kwargs or {}, keys]
         # Reported to the Center before the reply: a caller may ask it right away.
-        replies = self._start_batch([task], return_value, False, None, report_now=True)
+        replies = self._start_batch([task], return_value, False, None, report_now=True, session=session)
         if not isinstance(replies, list):  # a future or a coroutine of them
             replies = await replies
         result = replies[0]
@@ -499,7 +581,7 @@ class Worker(Node):
             meta["value"] = result[3]
         return (b"OK", meta)
 
-    def compute_batch(self, tasks: list, return_values: int = 0, inline: bool = False, who_has: dict | None = None) -> Any:
+    def compute_batch(self, tasks: list, return_values: int = 0, inline: bool = False, who_has: dict | None = None, session: str | None = None) -> Any:
         """Run many tasks ``[key, function, args, kwargs, deps]``; ``Ref(k)`` in args is ``data[k]``.
 
         Answers one entry per task: ``[key, 'ok', nbytes]`` (plus the value if
@@ -514,13 +596,20 @@ class Worker(Node):
         in :meth:`gather_deps`. The Center hears of the new keys within
         :data:`REPORT_DELAY`, not before the reply: a scheduler that sends
         this knows where they are, and passes ``who_has`` on.
-        """
-        return self._start_batch(tasks, return_values, inline, who_has, report_now=False)
 
-    def _start_batch(self, tasks: list, return_values: int, inline: bool, who_has: dict | None, report_now: bool) -> Any:
+        With ``session``, the tasks belong to that client session: their
+        results (and inputs copied here for them) are deleted when it
+        closes; its tasks not started by then fail with
+        :class:`SessionClosedError`, and a batch of a session already
+        closed is refused with it.
+        """
+        return self._start_batch(tasks, return_values, inline, who_has, report_now=False, session=session)
+
+    def _start_batch(self, tasks: list, return_values: int, inline: bool, who_has: dict | None, report_now: bool, session: str | None = None) -> Any:
         """The replies to a batch, or a future or coroutine of them."""
         if not isinstance(tasks, list):
             raise TypeError("compute_batch needs a list of [key, function, args, kwargs, deps] tasks")
+        self._check_session(session)
         data = self.data
         needed = []
         for task in tasks:
@@ -530,22 +619,25 @@ class Worker(Node):
                 if dep not in data:
                     needed.append(dep)
         if needed:
-            return self._fetch_then_run(tasks, return_values, needed, inline, who_has, report_now)
+            return self._fetch_then_run(tasks, return_values, needed, inline, who_has, report_now, session)
         # The common case, all inputs here: no coroutine, no task; the replies
         # themselves when every task ran on the loop, else a future of them.
-        return self._run_batch(tasks, return_values, {}, inline, report_now)
+        return self._run_batch(tasks, return_values, {}, inline, report_now, session)
 
-    async def _fetch_then_run(self, tasks: list, return_values: int, needed: list, inline: bool, who_has: dict | None, report_now: bool) -> list:
+    async def _fetch_then_run(self, tasks: list, return_values: int, needed: list, inline: bool, who_has: dict | None, report_now: bool, session: str | None = None) -> list:
         failed: dict[int, BaseException] = {}
         try:
-            await self.gather_deps(needed, who_has)
+            await self.gather_deps(needed, who_has, session)
         except MissingDataError:
             # Run what we can; tasks whose inputs are gone report which.
             for index, task in enumerate(tasks):
                 absent = [dep for dep in task[4] if dep not in self.data]
                 if absent:
                     failed[index] = MissingDataError(absent, f"needed on worker {self.address}")
-        replies = self._run_batch(tasks, return_values, failed, inline, report_now)
+        if session is not None and session in self.released_sessions:
+            closed = SessionClosedError(session, "while the inputs of its tasks were being fetched")
+            failed = dict.fromkeys(range(len(tasks)), closed)
+        replies = self._run_batch(tasks, return_values, failed, inline, report_now, session)
         return (await replies) if isinstance(replies, asyncio.Future) else replies
 
     def _runs_inline(self, tasks: list) -> bool:
@@ -583,20 +675,20 @@ class Worker(Node):
             elif runs < INLINE_AFTER:
                 fast[function] = runs + 1
 
-    def _run_batch(self, tasks: list, return_values: int, failed: dict, inline: bool, report_now: bool) -> list | asyncio.Future:
+    def _run_batch(self, tasks: list, return_values: int, failed: dict, inline: bool, report_now: bool, session: str | None = None) -> list | asyncio.Future:
         runnable = [task for index, task in enumerate(tasks) if index not in failed] if failed else tasks
         done_here: list = []
         if inline and runnable and self._runs_inline(runnable):
             # On the loop, for at most a slice of time; the rest goes to the pool.
             deadline = time.time() + INLINE_SLICE_SECONDS
-            done_here = _run_tasks(runnable, self.data, deadline)
+            done_here = _run_tasks(runnable, self.data, deadline, session, self.released_sessions)
             self._learn_durations(runnable, done_here)
             if len(done_here) < len(runnable) and not (done_here and done_here[-1][4] > deadline):
                 self._fast_runs[runnable[len(done_here)][1]] = -1  # it needs a thread of its own
         rest = runnable[len(done_here):] if done_here else runnable
         chunks = _split(rest, self.ncores)
         if not chunks:
-            return self._batch_replies(tasks, done_here, failed, return_values, report_now)
+            return self._batch_replies(tasks, done_here, failed, return_values, report_now, session)
         loop = asyncio.get_running_loop()
         result = loop.create_future()
         outcomes: list = [None] * len(chunks)
@@ -619,19 +711,20 @@ class Worker(Node):
                     pooled = [e for chunk in outcomes for e in chunk]
                     if inline:
                         self._learn_durations(rest, pooled)
-                    result.set_result(self._batch_replies(tasks, done_here + pooled, failed, return_values, report_now))
+                    result.set_result(self._batch_replies(tasks, done_here + pooled, failed, return_values, report_now, session))
                 except Exception as exc:  # noqa: BLE001 - reply with the error rather than hang
                     result.set_exception(exc)
 
         data = self.data
         for index, chunk in enumerate(chunks):
-            future = loop.run_in_executor(self.executor, _run_tasks, chunk, data)
+            future = loop.run_in_executor(self.executor, _run_tasks, chunk, data, None, session, self.released_sessions)
             future.add_done_callback(lambda f, i=index: chunk_done(i, f))
         return result
 
-    def _batch_replies(self, tasks: list, outcomes: list, failed: dict, return_values: int, report_now: bool) -> list:
+    def _batch_replies(self, tasks: list, outcomes: list, failed: dict, return_values: int, report_now: bool, session: str | None = None) -> list:
         flat = iter(outcomes)
         replies = []
+        closed = session is not None and session in self.released_sessions
         for index, task in enumerate(tasks):
             key = task[0]
             if index in failed:
@@ -640,13 +733,16 @@ class Worker(Node):
                 continue
             ok, value, extra, start, stop = next(flat)
             self.task_log.append((key, start, stop, ok))
+            if ok and closed:  # finished after its session closed: not kept
+                ok, value, extra = False, SessionClosedError(session, "the task finished after that; its result was not kept"), ""
             if not ok:
-                logger.warning("task %r failed on %s:\n%s", key, self.address, extra)
+                if type(value) is not SessionClosedError:
+                    logger.warning("task %r failed on %s:\n%s", key, self.address, extra)
                 replies.append([key, "error", error_fields(value, extra)])
                 self.tasks_failed += 1
                 continue
             self.tasks_done += 1
-            self._store(key, value, extra)
+            self._store(key, value, extra, session)
             entry = [key, "ok", extra]
             if return_values and extra <= return_values:
                 if type(value) in _MSGPACK_NATIVE:
@@ -661,6 +757,9 @@ class Worker(Node):
             self.flush_reports()  # tell the Center before the caller hears back
         return replies
 
+
+#: A worker remembers this many released client sessions, to refuse their late requests.
+RELEASED_SESSIONS_KEPT = 1000
 
 #: How long a worker gathers key changes before telling the Center (one message).
 REPORT_DELAY = 0.005
