@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from typing import Any, Iterable
 
 from .comm import normalize_address
@@ -26,6 +26,14 @@ logger = logging.getLogger(__name__)
 
 #: A worker silent for this long is taken for dead and dropped from every table.
 DEFAULT_HEARTBEAT_TIMEOUT = 5.0
+#: A client session silent for this long (unless it asked for another timeout) is closed.
+DEFAULT_SESSION_TIMEOUT = 10.0
+#: Closed sessions are remembered (to tell late heartbeats and re-registering
+#: workers) for this long, and at most this many of them.
+CLOSED_SESSION_MEMORY = 3600.0
+CLOSED_SESSIONS_KEPT = 10_000
+#: The longest session id accepted (clients use a uuid hex: 32 characters).
+MAX_SESSION_ID = 256
 
 
 class Center(Node):
@@ -36,9 +44,14 @@ class Center(Node):
     is removed from every table.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, **kwargs: Any):
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, *, heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, session_timeout: float = DEFAULT_SESSION_TIMEOUT, **kwargs: Any
+    ):
         super().__init__(host, port, **kwargs)
         self.heartbeat_timeout = heartbeat_timeout
+        # Client sessions opened without a timeout of their own, or known only
+        # from a heartbeat or a worker (after a restart), close after this.
+        self.session_timeout = session_timeout
         # Where a web dashboard of this Center is served, if whoever started it
         # serves one (zdist.dashboard.serve_dashboard sets it); info() reports it.
         self.dashboard_url: str | None = None
@@ -51,6 +64,11 @@ class Center(Node):
         self.started = time.time()
         self.id = uuid.uuid4().hex  # tells clients that a Center restarted
         self.replicas: dict[Any, int] = {}  # key → copies wanted (only keys asking for more than one)
+        # Client sessions: id → {timeout, last_seen, opened, name, pid, host}; and
+        # recently closed ones, id → when (oldest first), so that a late
+        # heartbeat or a worker that registers later can be told.
+        self.sessions: dict[str, dict] = {}
+        self.closed_sessions: OrderedDict[str, float] = OrderedDict()
         self._peers: ConnectionPool | None = None
         self.handlers.update(
             {
@@ -66,6 +84,9 @@ class Center(Node):
                 "workers": self.workers,
                 "info": self.info,
                 "set_replicas": self.set_replicas,
+                "open_session": self.open_session,
+                "close_session": self.close_session,
+                "sessions": self.list_sessions,
             }
         )
         self._reaper: asyncio.Task | None = None
@@ -81,22 +102,44 @@ class Center(Node):
             self._peers.close()
 
     async def _reap_dead_workers(self) -> None:
+        """One loop for everything that falls silent: workers, then client sessions."""
         interval = max(0.05, min(1.0, self.heartbeat_timeout / 4))
         while True:
             await asyncio.sleep(interval)
-            deadline = time.time() - self.heartbeat_timeout
+            now = time.time()
+            deadline = now - self.heartbeat_timeout
             for address, info in list(self.worker_info.items()):
                 if info["last_seen"] < deadline:
                     logger.warning("worker %s missed heartbeats for %.1f s; removing it", address, self.heartbeat_timeout)
                     self._remove_worker(address, "missed heartbeats")
+            for session, info in list(self.sessions.items()):
+                if info["last_seen"] < now - info["timeout"]:
+                    logger.warning("client session %s (%s) silent for %.1f s; closing it", session, info["name"], info["timeout"])
+                    self._close_session(session)
+            closed = self.closed_sessions
+            while closed and next(iter(closed.values())) < now - CLOSED_SESSION_MEMORY:
+                closed.popitem(last=False)
 
     # -------------------------------------------------------------- membership
 
-    def register(self, address: str, ncores: int, name: str | None = None, keys: dict | None = None, pid: int | None = None, **extra: Any) -> str:
-        """A worker joins (or joins again after a Center restart) with the keys it holds."""
+    def register(
+        self, address: str, ncores: int, name: str | None = None, keys: dict | None = None, pid: int | None = None, sessions: list | None = None, **extra: Any
+    ) -> str:
+        """A worker joins (or joins again after a Center restart) with the keys it holds.
+
+        ``sessions`` lists the client sessions it holds keys of: it is told at
+        once of those closed meanwhile; those this Center does not know (it
+        restarted) are adopted, open for ``session_timeout`` seconds, so that
+        they close unless their client is still there to heartbeat.
+        """
         address = normalize_address(address)
         if not isinstance(ncores, int) or ncores < 1:
             raise ValueError(f"ncores must be a positive integer, got {ncores!r}")
+        if sessions is not None:
+            if not isinstance(sessions, (list, tuple)):
+                raise TypeError(f"sessions must be a list of session ids, got {type(sessions).__name__}")
+            for session in sessions:
+                _check_session(session)
         if address in self.worker_info:
             self._remove_worker(address, "registered again", record=False)
         self.worker_info[address] = {
@@ -112,6 +155,12 @@ class Center(Node):
         self.generation += 1
         if keys:
             self.add_keys(address, keys)
+        for session in sessions or ():
+            if session in self.closed_sessions:
+                if self._peers is not None:
+                    self._peers.get(address).send("release_session", session=session)
+            elif session not in self.sessions:
+                self._open(session, self.session_timeout, None, None, None, adopted=True)
         logger.info("registered worker %s (%s, %d cores)", address, self.worker_info[address]["name"], ncores)
         return "OK"
 
@@ -181,6 +230,84 @@ class Center(Node):
             logger.info("asking %s to copy %d keys to restore their replicas", address, len(missing))
             self._peers.get(address).send("fetch_keys", keys=missing)
 
+    # -------------------------------------------------------------- client sessions
+
+    def open_session(self, session: str, timeout: float | None = None, name: str | None = None, pid: int | None = None, host: str | None = None) -> str:
+        """A client opens its session: ``session`` is an id it chose (a uuid hex).
+
+        The session stays open while the client calls this again or
+        ``info(session=...)`` at least every ``timeout`` seconds (None: the
+        Center's ``session_timeout``, 10 s unless configured); it closes
+        when the client calls :meth:`close_session` or falls silent. Closing
+        drops the session's queued tasks and deletes its values on every
+        worker. Opening an open session again refreshes it (and its timeout,
+        name, pid and host). Answers ``'OK'``, or ``'closed'`` when this id
+        was closed recently: a closed session stays closed (its values are
+        gone); open a new one with a fresh id.
+        """
+        _check_session(session)
+        if timeout is None:
+            timeout = self.session_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"session timeout must be a positive number of seconds, got {timeout!r}")
+        for field, value, kind in (("name", name, str), ("pid", pid, int), ("host", host, str)):
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise TypeError(f"session {field} must be a {kind.__name__} or None, got {type(value).__name__}")
+        if session in self.closed_sessions:
+            return "closed"
+        self._open(session, float(timeout), name, pid, host)
+        return "OK"
+
+    def _open(self, session: str, timeout: float, name: str | None, pid: int | None, host: str | None, adopted: bool = False) -> None:
+        now = time.time()
+        info = self.sessions.get(session)
+        if info is None:
+            info = self.sessions[session] = {"opened": now, "name": name, "pid": pid, "host": host, "adopted": adopted}
+            logger.info("client session %s opened (%s, pid %s on %s, timeout %.1f s)", session, name, pid, host, timeout)
+        elif not adopted:
+            info.update(name=name if name is not None else info["name"], pid=pid if pid is not None else info["pid"], host=host if host is not None else info["host"], adopted=False)
+        info["timeout"] = timeout
+        info["last_seen"] = now
+
+    def close_session(self, session: str) -> str:
+        """Close a client session now: workers drop its queued tasks and delete its values.
+
+        Closing a session this Center does not know (it restarted since)
+        still tells the workers; closing one twice is harmless.
+        """
+        _check_session(session)
+        self._close_session(session)
+        return "OK"
+
+    def _close_session(self, session: str) -> None:
+        info = self.sessions.pop(session, None)
+        if info is not None:
+            logger.info("client session %s (%s) closed", session, info["name"])
+        closed = self.closed_sessions
+        closed[session] = time.time()
+        closed.move_to_end(session)
+        while len(closed) > CLOSED_SESSIONS_KEPT:
+            closed.popitem(last=False)
+        if self._peers is not None:
+            for address in self.worker_info:
+                self._peers.get(address).send("release_session", session=session)
+
+    def _session_heartbeat(self, session: str) -> str:
+        """``info(session=...)``: ``'open'`` (refreshed, or reopened if unknown) or ``'closed'``."""
+        _check_session(session)
+        if session in self.closed_sessions:
+            return "closed"
+        info = self.sessions.get(session)
+        if info is None:  # e.g. this Center restarted since the client opened it
+            self._open(session, self.session_timeout, None, None, None)
+        else:
+            info["last_seen"] = time.time()
+        return "open"
+
+    def list_sessions(self) -> dict:
+        """The open client sessions: id → {name, pid, host, timeout, opened, last_seen, adopted}."""
+        return {session: dict(info) for session, info in self.sessions.items()}
+
     # -------------------------------------------------------------- keys
 
     def add_keys(self, address: str, keys: dict | list) -> str:
@@ -246,9 +373,15 @@ class Center(Node):
         """address → {name, ncores, last_seen, nkeys, nbytes, ...}."""
         return {address: dict(info) for address, info in self.worker_info.items()}
 
-    def info(self) -> dict:
-        """A summary for clients: workers, generation, recent removals."""
-        return {
+    def info(self, session: str | None = None) -> dict:
+        """A summary for clients: workers, generation, recent removals, open sessions.
+
+        With ``session``, it is also that client session's heartbeat (an
+        unknown session is opened with ``session_timeout``) and the answer
+        tells its state as ``'session_status'``: ``'open'`` or ``'closed'``.
+        """
+        status = self._session_heartbeat(session) if session is not None else None
+        summary = {
             "address": self.address,
             "id": self.id,
             "workers": self.workers(),
@@ -258,4 +391,14 @@ class Center(Node):
             "heartbeat_timeout": self.heartbeat_timeout,
             "time": time.time(),
             "dashboard": self.dashboard_url,
+            "sessions": len(self.sessions),
         }
+        if status is not None:
+            summary["session_status"] = status
+        return summary
+
+
+def _check_session(session: Any) -> None:
+    if not isinstance(session, str) or not session or len(session) > MAX_SESSION_ID:
+        shown = f"{type(session).__name__} {session!r:.40}" if not isinstance(session, str) else f"a string of {len(session)} characters"
+        raise TypeError(f"a session id is a non-empty string of at most {MAX_SESSION_ID} characters (a uuid hex), got {shown}")
