@@ -6,7 +6,7 @@ and :func:`zdist.dask.get`.
 """
 from .center import Center
 from .cluster import LocalCluster
-from .errors import LostDataError, MissingDataError, NoWorkersError, WorkerDiedError
+from .errors import LostDataError, MissingDataError, NoWorkersError, SessionClosedError, WorkerDiedError
 from .pool import Pool, RemoteData
 from .protocol import ProtocolError
 from .rpc import RemoteError, RPCTimeoutError, rpc
@@ -17,5 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Center", "LocalCluster", "LostDataError", "MissingDataError", "NoWorkersError", "Pool", "ProtocolError", "RemoteData",
-    "RPCTimeoutError", "RemoteError", "Security", "Worker", "WorkerDiedError", "rpc",
+    "RPCTimeoutError", "RemoteError", "Security", "SessionClosedError", "Worker", "WorkerDiedError", "rpc",
 ]
