@@ -28,3 +28,34 @@ def test_the_dask_client_still_loads_on_first_use():
         ["zdist.dask.client", "zdist.dask.scheduler"],
     )
     assert loaded == {"zdist.dask.client": True, "zdist.dask.scheduler": True}
+
+
+def test_the_library_never_imports_the_command_line_package():
+    """zdist_cli (cli/) parses arguments and calls zdist; zdist itself starts nodes with zdist.run."""
+    import ast
+    import pathlib
+
+    import zdist
+
+    offenders = []
+    for path in sorted(pathlib.Path(zdist.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names = [node.value]  # such as ["-m", "zdist_cli.worker"] for a subprocess
+            else:
+                continue
+            offenders += [f"{path.name}:{node.lineno}: {name}" for name in names if name.split(".")[0] == "zdist_cli"]
+    assert offenders == []
+
+
+def test_the_library_entry_points_run():
+    for program in ("center", "worker"):
+        out = subprocess.run([sys.executable, "-m", "zdist.run", program, "--help"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.startswith(f"usage: python -m zdist.run {program}"), out.stderr
+        assert "found in sys.modules" not in out.stderr  # runpy's warning when a module would run as a second copy
+    out = subprocess.run([sys.executable, "-m", "zdist.run"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "center" in out.stderr and "worker" in out.stderr

@@ -22,9 +22,10 @@ from .loop import LoopThread
 from .rpc import rpc
 from .worker import Worker
 
-#: The programs LocalCluster starts; the same ones users start by hand.
-CENTER_PROGRAM = ["-m", "zdist_cli.center"]
-WORKER_PROGRAM = ["-m", "zdist_cli.worker"]
+#: The programs LocalCluster starts: the library's own (zdist/run.py), which
+#: zdist-center and zdist-worker also are, under their own names.
+CENTER_PROGRAM = ["-m", "zdist.run", "center"]
+WORKER_PROGRAM = ["-m", "zdist.run", "worker"]
 
 
 class ClusterStartError(RuntimeError):
@@ -34,8 +35,9 @@ class ClusterStartError(RuntimeError):
 class LocalCluster:
     """A Center and ``n_workers`` workers on this machine.
 
-    With ``processes=True`` (the default) each node is a ``zdist-center`` /
-    ``zdist-worker`` subprocess; with ``processes=False`` they run in this
+    With ``processes=True`` (the default) each node is a subprocess
+    (``python -m zdist.run center`` / ``worker``, which ``zdist-center`` /
+    ``zdist-worker`` also are); with ``processes=False`` they run in this
     process (on a background loop when used with ``with``, on the running
     loop when used with ``async with``). Either way everything stops on
     exit, even after an exception, and at interpreter exit.
