@@ -187,6 +187,22 @@ def test_center_and_worker_print_their_addresses_and_register(programs):
     assert run(use_worker()) == {"k": 1}
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="reads /proc/PID/environ (Linux)")
+def test_worker_runs_as_started_without_re_executing_itself(programs, monkeypatch):
+    """A program that restarts itself as another surprises profilers, debuggers and supervisors.
+
+    zdist-worker once re-executed itself to add GLIBC_TUNABLES: the environment
+    the process started with would then hold it. Tuning is set by whoever spawns.
+    """
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("ZDIST_NO_HUGE_PAGES", raising=False)
+    _, center_address = start_center(programs)
+    worker, _ = start_worker(programs, center_address, "--ncores", "1")
+    with open(f"/proc/{worker.pid}/environ", "rb") as f:
+        environ = f.read().split(b"\0")  # what the process was (last) executed with
+    assert not any(entry.startswith(b"GLIBC_TUNABLES=") for entry in environ)
+
+
 def test_worker_port_and_defaults(programs):
     _, center_address = start_center(programs)
     port = free_port()

@@ -358,12 +358,16 @@ class LocalCluster:
 
 
 def node_environment() -> dict:
-    """The environment a node process runs with.
+    """The environment a node process runs with: set where the process is spawned.
 
     glibc's ``hugetlb`` tunable makes malloc ask for transparent huge pages,
     so the buffers libzmq allocates for a received 100 MB array fault in
     512x fewer pages: measured here, worker-to-worker bandwidth rose about
-    1.7x. (Ignored by a glibc older than 2.35.)
+    1.7x. (Ignored by a glibc older than 2.35.) glibc reads it only when a
+    process starts, so it goes into the environment of the process spawned,
+    never into a running one; a worker started by hand gets it from whoever
+    starts it (see "A cluster by hand" in the README). ``ZDIST_NO_HUGE_PAGES``
+    in the environment leaves it out.
     """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if "ZDIST_NO_HUGE_PAGES" not in env and "glibc.malloc.hugetlb" not in env.get("GLIBC_TUNABLES", ""):
