@@ -224,8 +224,9 @@ def test_scattered_value_lost_with_its_worker(cluster):
         with pytest.raises(LostDataError, match=r"scatter.*lost") as info:
             A[0].get(timeout=30)
         assert info.value.key == A[0].key and info.value.worker == w1
-        with pytest.raises(LostDataError):  # B's input is gone for good
-            B[0].get(timeout=30)
+        assert B[0].get(timeout=30) == 11  # its small value came back with the answer and is kept here
+        with pytest.raises(LostDataError):  # but B's copy on the cluster cannot be rebuilt: its input is gone for good
+            pool.apply(inc, [B[0]])
         assert pool.apply(inc, (1,)).get() == 2  # the pool still works
 
 
@@ -350,7 +351,7 @@ def test_close_while_another_thread_waits_in_apply(cluster):
 
     thread = threading.Thread(target=caller)
     thread.start()
-    wait_for(lambda: pool._tasks, message="the task was submitted")
+    wait_for(lambda: pool._shell.core.tasks, message="the task was submitted")
     time.sleep(0.2)
     pool.terminate()
     thread.join(30)

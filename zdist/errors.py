@@ -69,3 +69,37 @@ class SessionClosedError(RuntimeError):
 
     def __reduce__(self):
         return (type(self), (self.session, self.detail))
+
+
+class TaskKilledWorkersError(WorkerDiedError):
+    """A task was in flight on ``max_worker_deaths`` workers that died: it probably kills them."""
+
+    def __init__(self, key: Any, workers: list[str]):
+        self.key = key
+        self.workers = list(workers)
+        super().__init__(
+            f"task {key!r} was running on {len(self.workers)} workers that died ({', '.join(self.workers)}); "
+            "its workers kept dying, so it is not retried again (does it crash its process: a segfault, "
+            "os._exit, running out of memory?)"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.key, self.workers))
+
+
+class CenterUnreachableError(ConnectionError):
+    """A client could not reach its Center within its timeout."""
+
+    def __init__(self, address: str, seconds: float | None = None, cause: BaseException | None = None):
+        self.address = address
+        self.seconds = seconds
+        within = f" within {seconds:.1f} s" if seconds is not None else ""
+        because = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        super().__init__(
+            f"could not reach the Center at {address}{within}{because}. Is it running (start one with `zdist-center`)? "
+            "Is the address right (host and port as `zdist-center` printed them)? If the cluster uses CURVE "
+            "security, is this client's public key authorized?"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.address, self.seconds))

@@ -84,6 +84,10 @@ class LoopThread:
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
+            # Since Python 3.11 this is the builtin TimeoutError: the coroutine's
+            # own (an RPCTimeoutError naming its address) must come through as it is.
+            if future.done():
+                raise
             future.cancel()
             raise TimeoutError(f"operation did not finish within {timeout} s") from None
 

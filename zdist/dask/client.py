@@ -1,53 +1,34 @@
 """``zdist.dask.get``: a dask scheduler that runs a graph on the workers of a zdist Center.
 
 The graph is prepared in the calling thread (conversion, culling,
-``dask.order``); the computation itself runs on a shared background event
-loop (:class:`~zdist.loop.LoopThread`), so ``get`` works the same from a
-script, from threads, and inside Jupyter's running loop.
+``dask.order``); the computation itself runs on the client loop every
+client of this process shares (:func:`zdist.session.client_loop`), so
+``get`` works the same from a script, from threads, and inside Jupyter's
+running loop, and shares the Center watcher and session of any Pool of
+the same Center.
 """
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
-import threading
 import time
 from typing import Any, Iterable
 
 from ..comm import normalize_address
 from ..errors import MissingDataError
-from ..loop import LoopThread
-from ..rpc import ConnectionPool
+from ..session import client_loop, close_all_sessions, open_session
 from .graph import convert_recording_literals, flatten_keys, nest_results, to_task_graph
 from .plan import Plan, make_plan
 from .scheduler import Computation
 
 __all__ = ["get", "close"]
 
-_lock = threading.Lock()
-_loop_thread: LoopThread | None = None
-
-
-def _shared_loop() -> LoopThread:
-    global _loop_thread
-    with _lock:
-        if _loop_thread is None or _loop_thread.loop.is_closed() or not _loop_thread.thread.is_alive():
-            _loop_thread = LoopThread("zdist-dask")
-        return _loop_thread
-
 
 def close() -> None:
-    """Stop the background loop ``get`` runs on; the next ``get`` starts a new one.
+    """Close this process's sessions with Centers and stop the client loop; the next ``get`` starts anew.
 
     >>> close()
     """
-    global _loop_thread
-    with _lock:
-        thread, _loop_thread = _loop_thread, None
-    if thread is not None:
-        thread.stop()
-
-
-atexit.register(close)
+    close_all_sessions()
 
 
 def _parse_center(center: Any, args: tuple) -> tuple[str, tuple]:
@@ -61,16 +42,16 @@ def _parse_center(center: Any, args: tuple) -> tuple[str, tuple]:
 
 
 async def _ask_center(address: str, op: str, keys: Iterable, security: Any) -> dict:
-    pool = ConnectionPool(timeout=10.0, security=security)
+    session = await open_session(address, security, 10.0)
     try:
-        return await pool.get(address).request(op, {"keys": list(keys)})
+        return await session.center.request(op, {"keys": list(keys)}, timeout=10.0)
     finally:
-        pool.close()
+        session.release()
 
 
 async def _compute(address: str, plan: Plan, external: dict, security: Any, options: dict, seen: list | None = None) -> dict:
-    pool = ConnectionPool(security=security)
-    computation = Computation(plan, address, pool, external=external, **options)
+    session = await open_session(address, security, 10.0)
+    computation = Computation(plan, session, external=external, **options)
     if seen is not None:
         seen.append(computation)  # lets the caller's thread read its progress
     return await computation.run()
@@ -99,7 +80,6 @@ def get(
     center: Any,
     *args: Any,
     max_worker_deaths: int = 3,
-    poll_interval: float = 0.3,
     return_values: int = 2**20,
     timeout: float | None = None,
     security: Any = None,
@@ -129,8 +109,9 @@ def get(
     task's key in its notes. Values of keys that the graph does not make but
     the cluster holds (placed by ``update_data`` or a Pool) serve as inputs.
 
-    ``poll_interval`` is how often the Center is asked which workers live,
-    ``return_values`` the largest result (in bytes) that comes back with the
+    Which workers live is learned from the Center every
+    :data:`zdist.session.WATCH_INTERVAL` seconds, by one watcher shared with
+    every other client of this process. ``return_values`` the largest result (in bytes) that comes back with the
     acknowledgement instead of a separate ``get_data``, ``timeout`` a limit
     on the whole computation; ``progress=True`` shows a tqdm progress bar
     of tasks done (a widget in Jupyter); ``validate=True`` checks the scheduler's state
@@ -144,7 +125,7 @@ def get(
     2
     """
     address, (dsk, keys) = _parse_center(center, args)
-    thread = _shared_loop()
+    thread = client_loop()
     graph, candidates = convert_recording_literals(dsk)
     if candidates:
         # Literals that name values on the cluster are inputs, as in dask's `cache`.
@@ -161,7 +142,7 @@ def get(
             raise MissingDataError(missing, "the graph needs them, but neither makes them nor finds them on the cluster")
         nbytes = thread.run(_ask_center(address, "nbytes", plan.external, security))
         external = {key: (set(who_has[key]), nbytes.get(key, 0)) for key in plan.external}
-    options = {"max_worker_deaths": max_worker_deaths, "poll_interval": poll_interval, "return_values": return_values, "validate": validate}
+    options = {"max_worker_deaths": max_worker_deaths, "return_values": return_values, "validate": validate}
     seen: list = []
     future = thread.submit(_compute(address, plan, external, security, options, seen))
     try:

@@ -246,6 +246,7 @@ class Scheduler:
                 self._set_state(ts, RELEASED)
                 self._drop_copies(ts)
                 ts.value = NO_VALUE
+                ts.deliver = False
             self._maybe_forget(ts)
 
     def _drop_copies(self, ts: TaskState) -> None:
@@ -564,7 +565,10 @@ class Scheduler:
         self.closing = True
         for ts in list(self.tasks.values()):
             ts.wanted = 0
-            if ts.state == MEMORY or ts.holders:
+            ts.deliver = False
+            if ts.state == MEMORY:
+                self._set_state(ts, RELEASED)
+            if ts.holders or ts.copies:
                 self._drop_copies(ts)
         if self.dirty:
             # After a failure the records may have missed a copy: sweep every live worker.

@@ -1,0 +1,250 @@
+"""A client process's link to one Center: its session, the Center watcher, and the outbox to workers.
+
+Every client of one Center in a process (Pools, ``zdist.dask.get`` calls)
+shares one :class:`Session`, on one background event loop
+(:func:`client_loop`):
+
+* it opens a **session** with the Center, keeps it alive (each look at the
+  Center is its heartbeat) and closes it when the last client is done or
+  the interpreter exits. When a client process dies without closing it,
+  the Center closes it once it falls silent, and the workers drop its
+  queued tasks and delete its values: nothing a client made outlives it;
+* it **watches** the Center: every :data:`WATCH_INTERVAL` (or at once when
+  a client asks) it fetches the list of live workers and hands it to every
+  client's scheduling core;
+* its **outbox** batches the deletions clients send each worker: one
+  message per worker per :data:`DELETE_DELAY`, not one per released value.
+
+A Center that cannot be reached within the client's timeout gives one
+error, :class:`~zdist.errors.CenterUnreachableError`, naming the address
+and the likely causes.
+
+>>> from zdist import LocalCluster
+>>> with LocalCluster(n_workers=1) as cluster:
+...     session = client_loop().run(open_session(cluster.center_address))
+...     sorted(session.info['workers']) == cluster.worker_addresses
+True
+"""
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import socket
+import sys
+import threading
+import uuid
+from typing import Any, Protocol
+
+from .comm import normalize_address
+from .errors import CenterUnreachableError
+from .loop import Later, LoopThread
+from .rpc import ConnectionPool, RPCTimeoutError
+
+logger = logging.getLogger(__name__)
+
+#: How often the Center is asked which workers live (and the session kept alive).
+WATCH_INTERVAL = 0.25
+#: The Center closes a session silent for this long.
+SESSION_TIMEOUT = 10.0
+#: A session no client uses any more is closed after this long (a next client reuses it).
+LINGER = 5.0
+#: Deletions wait at most this long, this many keys, or this many bytes before they go out.
+DELETE_DELAY = 0.02
+DELETE_KEYS = 1000
+DELETE_BYTES = 4 * 2**20
+
+_lock = threading.Lock()
+_loop: LoopThread | None = None
+_sessions: dict[tuple, "Session"] = {}
+
+
+def client_loop() -> LoopThread:
+    """The background event loop every client of this process runs on (started on first use)."""
+    global _loop
+    with _lock:
+        if _loop is None or _loop.loop.is_closed() or not _loop.thread.is_alive():
+            _loop = LoopThread("zdist-client")
+        return _loop
+
+
+class Subscriber(Protocol):
+    def on_workers(self, info: dict) -> None: ...
+    def on_center_silent(self, seconds: float, error: BaseException) -> None: ...
+
+
+class Outbox:
+    """Deletions for each worker, gathered and sent as one message (see :data:`DELETE_DELAY`)."""
+
+    def __init__(self, connections: ConnectionPool, session_id: str):
+        self.connections = connections
+        self.session_id = session_id
+        self.pending: dict[str, list] = {}  # worker -> [keys, nbytes]
+        self._later = Later(DELETE_DELAY, self.flush)
+
+    def delete(self, worker: str, keys: list, nbytes: int = 0) -> None:
+        entry = self.pending.get(worker)
+        if entry is None:
+            entry = self.pending[worker] = [[], 0]
+        entry[0].extend(keys)
+        entry[1] += nbytes
+        if len(entry[0]) >= DELETE_KEYS or entry[1] >= DELETE_BYTES:
+            self._send(worker)
+        else:
+            self._later.schedule()
+
+    def _send(self, worker: str) -> None:
+        keys, _ = self.pending.pop(worker)
+        try:
+            self.connections.get(worker).send("delete_data", keys=keys)
+        except Exception as exc:  # noqa: BLE001 - a worker gone: its keys went with it
+            logger.info("could not delete %d keys on %s: %s", len(keys), worker, exc)
+
+    def flush(self) -> None:
+        self._later.cancel()
+        for worker in list(self.pending):
+            self._send(worker)
+
+    async def flush_and_wait(self, timeout: float = 5.0) -> None:
+        """Send every pending deletion and wait for the workers to confirm (for ``close``)."""
+        self._later.cancel()
+        pending, self.pending = self.pending, {}
+        requests = [self.connections.get(w).request("delete_data", {"keys": keys}, timeout=timeout) for w, (keys, _) in pending.items()]
+        if requests:
+            await asyncio.gather(*requests, return_exceptions=True)
+
+
+class Session:
+    """This process's session with the Center at ``address``; lives on :func:`client_loop`."""
+
+    def __init__(self, address: str, security: Any = None):
+        self.address = address
+        self.security = security
+        self.id = uuid.uuid4().hex
+        self.connections = ConnectionPool(timeout=None, security=security)
+        self.outbox = Outbox(self.connections, self.id)
+        self.subscribers: set = set()
+        self.info: dict = {}
+        self.users = 0
+        self.closed = False
+        self.silent_since: float | None = None
+        self._poll_now = asyncio.Event()
+        self._watcher: asyncio.Task | None = None
+        self._linger: asyncio.TimerHandle | None = None
+
+    @property
+    def center(self):
+        return self.connections.get(self.address)
+
+    async def open(self, timeout: float) -> None:
+        """Open the session with the Center; raise :class:`CenterUnreachableError` if it does not answer in time."""
+        args = {"session": self.id, "timeout": SESSION_TIMEOUT, "name": " ".join(sys.argv[:1]) or "python", "pid": os.getpid(), "host": socket.gethostname()}
+        try:
+            await self.center.request("open_session", args, timeout=timeout)
+            await self.look(timeout)
+        except (RPCTimeoutError, ConnectionError) as exc:
+            self.connections.close()
+            raise CenterUnreachableError(self.address, timeout, exc) from None
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    async def look(self, timeout: float | None = None) -> dict:
+        """Ask the Center which workers live (this is also the session's heartbeat); tell every subscriber."""
+        info = await self.center.request("info", {"session": self.id}, timeout=timeout or max(2.0, WATCH_INTERVAL * 8))
+        self.info = info
+        self.silent_since = None
+        if self.security is not None:
+            self.security.learn(info["workers"])
+        for subscriber in list(self.subscribers):
+            try:
+                subscriber.on_workers(info)
+            except Exception:  # noqa: BLE001 - one broken client must not blind the others
+                logger.exception("error in a client's reaction to the Center's news")
+        return info
+
+    def poll_now(self) -> None:
+        self._poll_now.set()
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await asyncio.wait_for(self._poll_now.wait(), WATCH_INTERVAL)
+            except asyncio.TimeoutError:
+                pass
+            self._poll_now.clear()
+            try:
+                await self.look()
+            except asyncio.CancelledError:
+                raise
+            except (RPCTimeoutError, ConnectionError) as exc:
+                # The connection stays: ZeroMQ reconnects by itself, and a request
+                # of another client may be waiting on it.
+                if self.silent_since is None:
+                    self.silent_since = loop.time()
+                    logger.warning("the Center at %s is not answering (%s); still trying", self.address, exc)
+                silent = loop.time() - self.silent_since
+                for subscriber in list(self.subscribers):
+                    subscriber.on_center_silent(silent, CenterUnreachableError(self.address, silent, exc))
+            except Exception:  # noqa: BLE001
+                logger.exception("error while watching the Center at %s", self.address)
+
+    def release(self) -> None:
+        """One client is done with the session; the last one closes it after :data:`LINGER` seconds."""
+        self.users -= 1
+        if self.users <= 0 and not self.closed:
+            self._linger = asyncio.get_running_loop().call_later(LINGER, lambda: asyncio.ensure_future(self.close()))
+
+    async def close(self) -> None:
+        if self.closed or self.users > 0:
+            return
+        self.closed = True
+        _sessions.pop((self.address, id(self.security)), None)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self.outbox.flush()
+        try:
+            await self.center.request("close_session", {"session": self.id}, timeout=1.0)
+        except Exception as exc:  # noqa: BLE001 - the Center closes it anyway once it falls silent
+            logger.info("could not close session %s with %s: %s", self.id, self.address, exc)
+        self.connections.close()
+
+
+async def open_session(address: str, security: Any = None, timeout: float = 30.0) -> Session:
+    """The session with the Center at ``address`` (opened on first use); the caller must :meth:`~Session.release` it."""
+    address = normalize_address(address)
+    key = (address, id(security))
+    session = _sessions.get(key)
+    if session is None or session.closed:
+        session = Session(address, security)
+        await session.open(timeout)
+        _sessions[key] = session
+    session.users += 1
+    if session._linger is not None:
+        session._linger.cancel()
+        session._linger = None
+    return session
+
+
+async def _close_all() -> None:
+    sessions = list(_sessions.values())
+    for session in sessions:
+        session.users = 0
+    await asyncio.gather(*(session.close() for session in sessions), return_exceptions=True)
+
+
+def close_all_sessions() -> None:
+    """Close every session of this process and stop the client loop (at exit; also for tests)."""
+    global _loop
+    with _lock:
+        loop, _loop = _loop, None
+    if loop is None or loop.loop.is_closed():
+        return
+    try:
+        loop.run(_close_all(), 2.0)
+    except Exception:  # noqa: BLE001 - at exit, nothing more can be done
+        pass
+    loop.stop()
+
+
+atexit.register(close_all_sessions)
