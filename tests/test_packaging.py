@@ -21,6 +21,10 @@ def test_wheel_and_sdist_build_and_install(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ["zdist/py.typed", "zdist/pool.py", "zdist/protocol/message.py", "zdist/dask/__init__.py", "zdist_cli/worker.py"]:
         assert expected in names
+    # Every module of every package under zdist/ (setup.cfg lists the packages: a new one must be added there).
+    modules = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "zdist").rglob("*.py") if (path.parent / "__init__.py").exists())
+    assert [m for m in modules if m not in names] == []
+    assert "zdist/static/dashboard.js" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for program in ["zdist-center", "zdist-worker", "zdist-keys"]:
         assert program in entry_points
