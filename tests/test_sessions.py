@@ -281,6 +281,28 @@ def test_released_session_queued_tasks_do_not_run():
     run(main())
 
 
+def test_replicas_of_a_session_belong_to_it():
+    async def main():
+        async with local_nodes(2) as (center, (alice, bob)):
+            async with rpc(center.address, timeout=20) as c, rpc(alice.address, timeout=20) as a:
+                s = uuid.uuid4().hex
+                assert await c.open_session(session=s, timeout=60) == "OK"
+                await a.update_data(data={"s-value": 1}, session=s)
+                await a.update_data(data={"plain": 2})
+                await c.set_replicas(keys={"s-value": 2, "plain": 2}, session=s)
+                await until(lambda: bob.key_session.get("s-value") == s and "plain" in bob.data, message="bob copies both keys")
+                assert center.replica_session == {"s-value": s, "plain": s}
+                assert await c.close_session(session=s) == "OK"
+                await until(lambda: session_free(center, (alice, bob), s))
+                # Every copy of s's keys is gone, and the Center restores no replica of them.
+                await until(lambda: center.who_has() == {"plain": {alice.address}}, message="only alice's own untagged key stays")
+                assert center.replicas == {} and center.replica_session == {}
+                with pytest.raises(TypeError, match="session"):
+                    await c.set_replicas(keys={"plain": 2}, session=5)
+
+    run(main())
+
+
 def test_worker_that_registers_later_is_told():
     """A worker the Center did not list when the session closed is told when it registers."""
 

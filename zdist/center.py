@@ -69,6 +69,7 @@ class Center(Node):
         # heartbeat or a worker that registers later can be told.
         self.sessions: dict[str, dict] = {}
         self.closed_sessions: OrderedDict[str, float] = OrderedDict()
+        self.replica_session: dict[Any, str] = {}  # replicated key → the session it belongs to
         self._peers: ConnectionPool | None = None
         self.handlers.update(
             {
@@ -199,15 +200,29 @@ class Center(Node):
         if self.replicas and keys:
             self._restore_replicas(keys)
 
-    def set_replicas(self, keys: dict) -> str:
-        """Keep ``{key: n}`` copies of each key: when a holder dies, another worker copies it."""
+    def set_replicas(self, keys: dict, session: str | None = None) -> str:
+        """Keep ``{key: n}`` copies of each key: when a holder dies, another worker copies it.
+
+        With ``session``, the keys belong to that client session: the copies
+        belong to it too (deleted when it closes), and none is made after.
+        """
+        if session is not None:
+            _check_session(session)
         for key, n in keys.items():
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"replicas must be a positive integer, got {n!r} for {key!r}")
+        if session is not None and session in self.closed_sessions:
+            return "OK"
+        for key, n in keys.items():
             if n > 1:
                 self.replicas[key] = n
+                if session is not None:
+                    self.replica_session[key] = session
+                else:
+                    self.replica_session.pop(key, None)
             else:
                 self.replicas.pop(key, None)
+                self.replica_session.pop(key, None)
         self._restore_replicas(list(keys))
         return "OK"
 
@@ -215,7 +230,7 @@ class Center(Node):
         """Ask workers that lack a copy to fetch one from a surviving holder (peer to peer)."""
         if self._peers is None:
             return
-        wanted: dict[str, list] = defaultdict(list)
+        wanted: dict[tuple[str, str | None], list] = defaultdict(list)
         load = {address: info["nbytes"] for address, info in self.worker_info.items()}
         for key in keys:
             n = self.replicas.get(key)
@@ -224,11 +239,11 @@ class Center(Node):
                 continue
             candidates = sorted((a for a in self.worker_info if a not in holders), key=lambda a: load[a])
             for address in candidates[: max(0, n - len(holders))]:
-                wanted[address].append(key)
+                wanted[address, self.replica_session.get(key)].append(key)
                 load[address] += self.nbytes_table.get(key, 0)
-        for address, missing in wanted.items():
+        for (address, session), missing in wanted.items():
             logger.info("asking %s to copy %d keys to restore their replicas", address, len(missing))
-            self._peers.get(address).send("fetch_keys", keys=missing)
+            self._peers.get(address).send("fetch_keys", keys=missing, **({"session": session} if session is not None else {}))
 
     # -------------------------------------------------------------- client sessions
 
@@ -288,6 +303,10 @@ class Center(Node):
         closed.move_to_end(session)
         while len(closed) > CLOSED_SESSIONS_KEPT:
             closed.popitem(last=False)
+        if self.replica_session:  # its keys need no more copies
+            for key in [key for key, owner in self.replica_session.items() if owner == session]:
+                del self.replica_session[key]
+                self.replicas.pop(key, None)
         if self._peers is not None:
             for address in self.worker_info:
                 self._peers.get(address).send("release_session", session=session)
@@ -345,6 +364,7 @@ class Center(Node):
                     del self.who_has_table[key]
                     self.nbytes_table.pop(key, None)
                     self.replicas.pop(key, None)
+                    self.replica_session.pop(key, None)
         return "OK"
 
     # -------------------------------------------------------------- queries

@@ -200,7 +200,10 @@ class Node:
             self._tasks.add(result)
             result.add_done_callback(self._tasks.discard)
         elif isinstance(result, asyncio.Future):
-            result.add_done_callback(lambda future: self._future_done(identity, request, future))
+            if result.done():  # e.g. a batch that ran on the loop: reply now, not a turn later
+                self._future_done(identity, request, result)
+            else:
+                result.add_done_callback(lambda future: self._future_done(identity, request, future))
         else:
             self._reply(identity, request, result)
 

@@ -7,6 +7,7 @@ message per turn of the event loop, however many keys changed).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import random
@@ -14,7 +15,6 @@ import sys
 import time
 import traceback
 import uuid
-import warnings
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
@@ -60,20 +60,21 @@ def substitute(obj: Any, data: dict) -> Any:
 
 
 def _run_tasks(tasks: list, data: dict, deadline: float | None = None, session: str | None = None, released: Any = ()) -> list:
-    """Run a batch in one thread-pool job: [(ok, value_or_error, nbytes, start, stop)].
+    """Run tasks one after the other: ``[(ok, value_or_error, nbytes_or_traceback, start, stop)]``.
+
+    In a thread-pool thread, or, given a ``deadline`` (a ``time.time()``),
+    on the event loop (a batch sent with ``inline=True``): there it stops
+    once the deadline has passed, so the results may cover only the first
+    tasks (at least one), and a function that tries to run an event loop of
+    its own fails with an error that says why (:func:`_inline_loop_error`).
 
     A task of a client ``session`` found in ``released`` (the session was
     closed meanwhile) is not run: it fails with :class:`SessionClosedError`.
-
-    With a ``deadline`` (a ``time.time()``: the batch runs on the event
-    loop), stop once it has passed: the results then cover only the first
-    tasks (at least one). Also stop *before* a task that failed only because
-    it runs on a loop's thread (``asyncio.run`` inside it): the caller runs
-    it again in the thread pool.
     """
+    on_loop = deadline is not None
     results = []
     for key, function, args, kwargs, deps in tasks:
-        if deadline is not None and results and results[-1][4] > deadline:
+        if on_loop and results and results[-1][4] > deadline:
             break
         start = time.time()
         if session is not None and session in released:
@@ -85,22 +86,60 @@ def _run_tasks(tasks: list, data: dict, deadline: float | None = None, session: 
                 kwargs = substitute(kwargs, data) if kwargs else kwargs
             value = function(*args, **kwargs) if kwargs else function(*args)
         except Exception as exc:  # noqa: BLE001 - the user's function failed; report it
-            if deadline is not None and _refuses_running_loop(exc):
-                with warnings.catch_warnings():  # its coroutine, never awaited here, is awaited in the pool
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    exc.__traceback__ = None
-                    del exc
-                break
-            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None))
-            results.append((False, exc, tb, start, time.time()))
+            if on_loop and _raised_by_asyncio(exc):
+                exc = _inline_loop_error(function, exc)
+            results.append(_failure(exc, start))
             continue
         results.append((True, value, sizeof(value), start, time.time()))
     return results
 
 
-def _refuses_running_loop(exc: BaseException) -> bool:
-    """asyncio's error for ``asyncio.run`` (or ``run_until_complete``) on a thread whose loop runs."""
-    return isinstance(exc, RuntimeError) and ("running event loop" in str(exc) or "loop is already running" in str(exc))
+async def _await_task(task: list, data: dict, session: str | None = None, released: Any = ()) -> tuple:
+    """Await one task whose function is a coroutine function, on the worker's loop (see :func:`_run_tasks`)."""
+    key, function, args, kwargs, deps = task
+    start = time.time()
+    if session is not None and session in released:
+        return (False, SessionClosedError(session, "the task had not started"), "", start, start)
+    try:
+        if deps:
+            args = substitute(args, data)
+            kwargs = substitute(kwargs, data) if kwargs else kwargs
+        value = await function(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the user's function failed; report it
+        return _failure(exc, start)
+    return (True, value, sizeof(value), start, time.time())
+
+
+def _failure(exc: BaseException, start: float) -> tuple:
+    """A failed task's outcome, with its traceback as text (less the worker's own frame)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None))
+    return (False, exc, tb, start, time.time())
+
+
+_ASYNCIO_DIR = os.path.dirname(asyncio.__file__)
+
+
+def _raised_by_asyncio(exc: BaseException) -> bool:
+    """A RuntimeError raised by asyncio itself, e.g. ``asyncio.run`` refusing to start on a thread whose loop runs."""
+    tb = exc.__traceback__
+    if not isinstance(exc, RuntimeError) or tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.dirname(tb.tb_frame.f_code.co_filename) == _ASYNCIO_DIR
+
+
+def _inline_loop_error(function: Callable, exc: BaseException) -> RuntimeError:
+    """The error of a function sent inline that asked asyncio for a loop of its own (the cause: asyncio's refusal)."""
+    name = getattr(function, "__qualname__", None) or repr(function)
+    error = RuntimeError(
+        f"{name} ran on the worker's event loop, because its batch was sent with inline=True, and asyncio refused what it "
+        f"asked there ({exc}). A function sent inline must be tiny and must not run or wait for an event loop "
+        "(asyncio.run, run_until_complete): send it without inline=True to run it in the worker's thread pool, "
+        "or make it an async def function, which the worker awaits on its loop."
+    )
+    error.__cause__ = exc
+    return error
 
 
 class Worker(Node):
@@ -156,7 +195,6 @@ class Worker(Node):
         self.session_keys: dict[str, set] = {}
         # Sessions released lately (oldest first), to refuse their late requests.
         self.released_sessions: OrderedDict[str, float] = OrderedDict()
-        self._fast_runs: dict[Any, int] = {}  # function -> fast runs seen (-1: seen slow)
         self._report_add: dict[Any, int] = {}
         self._report_remove: set = set()
         # Batched on a short timer: one message for however many keys changed
@@ -423,9 +461,16 @@ class Worker(Node):
 
     # -------------------------------------------------------------- peer to peer
 
-    async def fetch_keys(self, keys: Iterable) -> str:
-        """Copy keys here from the workers that hold them (to restore replicas)."""
-        await self.gather_deps(list(keys))
+    async def fetch_keys(self, keys: Iterable, session: str | None = None) -> str:
+        """Copy keys here from the workers that hold them (to restore replicas).
+
+        With ``session``, the copies belong to that client session; none is
+        made once it closed.
+        """
+        if session is not None and session in self.released_sessions:
+            return "OK"
+        self._check_session(session)
+        await self.gather_deps(list(keys), session=session)
         return "OK"
 
     async def _ask_center(self, op: str, args: dict) -> Any:
@@ -558,6 +603,8 @@ class Worker(Node):
         Answers ``(b'OK', {'key': key, 'nbytes': n})``; with ``return_value=N``
         a result of at most N bytes also comes back as ``'value'``. With
         ``session``, the result belongs to that client session (see
+        :meth:`compute_batch`). The function runs in the thread pool, or is
+        awaited on the loop if it is a coroutine function (the rule of
         :meth:`compute_batch`).
         """
         if not callable(function):
@@ -567,10 +614,7 @@ class Worker(Node):
             key = f"{getattr(function, '__name__', 'result')}-{uuid.uuid4().hex}"
         task = [key, function, tuple(Ref(k) for k in keys) + tuple(args), kwargs or {}, keys]
         # Reported to the Center before the reply: a caller may ask it right away.
-        replies = self._start_batch([task], return_value, False, None, report_now=True, session=session)
-        if not isinstance(replies, list):  # a future or a coroutine of them
-            replies = await replies
-        result = replies[0]
+        result = (await self._start_batch([task], return_value, False, None, report_now=True, session=session))[0]
         if result[1] == "error":
             fields = result[2]
             error = rebuild_exception({**fields, "exception": unwrap_value(fields.get("exception"))})
@@ -581,21 +625,40 @@ class Worker(Node):
             meta["value"] = result[3]
         return (b"OK", meta)
 
-    def compute_batch(self, tasks: list, return_values: int = 0, inline: bool = False, who_has: dict | None = None, session: str | None = None) -> Any:
+    def compute_batch(self, tasks: list, return_values: int = 0, inline: bool = False, who_has: dict | None = None, session: str | None = None) -> asyncio.Future:
         """Run many tasks ``[key, function, args, kwargs, deps]``; ``Ref(k)`` in args is ``data[k]``.
 
         Answers one entry per task: ``[key, 'ok', nbytes]`` (plus the value if
         it is at most ``return_values`` bytes and can be serialized), or
         ``[key, 'error', {type, message, traceback, exception}]``. Missing
         inputs are fetched from peers first; a task whose inputs cannot be
-        found fails with :class:`MissingDataError`.
+        found fails with :class:`MissingDataError`. ``who_has`` tells where
+        inputs are, as in :meth:`gather_deps`. The Center hears of the new
+        keys within :data:`REPORT_DELAY`, not before the reply: a scheduler
+        that sends this knows where they are, and passes ``who_has`` on.
 
-        With ``inline=True`` the caller allows functions this worker has seen
-        to be tiny to run on its event loop rather than in its thread pool
-        (see :meth:`_runs_inline`). ``who_has`` tells where inputs are, as
-        in :meth:`gather_deps`. The Center hears of the new keys within
-        :data:`REPORT_DELAY`, not before the reply: a scheduler that sends
-        this knows where they are, and passes ``who_has`` on.
+        Where a task runs is one rule, decided by what the caller sent:
+
+        * a **coroutine function** (``async def``) is awaited on the worker's
+          event loop, concurrently with the batch's other such tasks;
+        * with ``inline=True``, every other function of the batch runs on the
+          event loop, one after the other, in slices of at most
+          :data:`INLINE_SLICE_SECONDS` (other requests are served between
+          slices). The caller vouches that its functions are tiny: one that
+          takes long holds up every request to this worker (``get_data``,
+          heartbeats) while it runs, and one that runs or waits for an event
+          loop of its own (``asyncio.run``) fails with an error that says so
+          (it is not run again elsewhere);
+        * everything else runs in the worker's thread pool, the batch split
+          into one job per core.
+
+        Why: handing a task to a thread and back costs two thread wake-ups
+        and two hand-overs of the GIL, a large part of a tiny task's round
+        trip on a busy machine; only the caller knows whether its functions
+        are tiny enough to skip that, so the caller says so.
+
+        Answers a future of the replies (already resolved when every task
+        ran on the loop: the node replies at once).
 
         With ``session``, the tasks belong to that client session: their
         results (and inputs copied here for them) are deleted when it
@@ -605,8 +668,8 @@ class Worker(Node):
         """
         return self._start_batch(tasks, return_values, inline, who_has, report_now=False, session=session)
 
-    def _start_batch(self, tasks: list, return_values: int, inline: bool, who_has: dict | None, report_now: bool, session: str | None = None) -> Any:
-        """The replies to a batch, or a future or coroutine of them."""
+    def _start_batch(self, tasks: list, return_values: int, inline: bool, who_has: dict | None, report_now: bool, session: str | None = None) -> asyncio.Future:
+        """The future of a batch's replies."""
         if not isinstance(tasks, list):
             raise TypeError("compute_batch needs a list of [key, function, args, kwargs, deps] tasks")
         self._check_session(session)
@@ -619,9 +682,10 @@ class Worker(Node):
                 if dep not in data:
                     needed.append(dep)
         if needed:
-            return self._fetch_then_run(tasks, return_values, needed, inline, who_has, report_now, session)
-        # The common case, all inputs here: no coroutine, no task; the replies
-        # themselves when every task ran on the loop, else a future of them.
+            fetching = asyncio.ensure_future(self._fetch_then_run(tasks, return_values, needed, inline, who_has, report_now, session))
+            self._tasks.add(fetching)  # cancelled if the worker stops
+            fetching.add_done_callback(self._tasks.discard)
+            return fetching
         return self._run_batch(tasks, return_values, {}, inline, report_now, session)
 
     async def _fetch_then_run(self, tasks: list, return_values: int, needed: list, inline: bool, who_has: dict | None, report_now: bool, session: str | None = None) -> list:
@@ -637,92 +701,100 @@ class Worker(Node):
         if session is not None and session in self.released_sessions:
             closed = SessionClosedError(session, "while the inputs of its tasks were being fetched")
             failed = dict.fromkeys(range(len(tasks)), closed)
-        replies = self._run_batch(tasks, return_values, failed, inline, report_now, session)
-        return (await replies) if isinstance(replies, asyncio.Future) else replies
+        return await self._run_batch(tasks, return_values, failed, inline, report_now, session)
 
-    def _runs_inline(self, tasks: list) -> bool:
-        """Whether every task's function is one seen to be tiny, so the batch may run on the loop.
-
-        Handing a task to the thread pool and back costs two thread wake-ups
-        (and the GIL handed over twice): on a VM that is most of a small
-        task's round trip. A function runs on the loop only after it ran
-        :data:`INLINE_AFTER` times, each within :data:`INLINE_TASK_SECONDS`,
-        and never slower; one slow run sends it back to the pool for good.
-        """
-        fast = self._fast_runs
-        for task in tasks:
-            try:
-                if fast.get(task[1], 0) < INLINE_AFTER:
-                    return False
-            except TypeError:  # an unhashable callable: never inline
-                return False
-        return True
-
-    def _learn_durations(self, tasks: list, outcomes: list) -> None:
-        fast = self._fast_runs
-        if len(fast) > 4096:
-            fast.clear()  # bounded: functions are cheap to learn again
-        for task, outcome in zip(tasks, outcomes):
-            function = task[1]
-            try:
-                runs = fast.get(function, 0)
-            except TypeError:
-                continue
-            if runs < 0:
-                continue
-            if outcome[4] - outcome[3] > INLINE_TASK_SECONDS:
-                fast[function] = -1  # seen slow: never on the loop
-            elif runs < INLINE_AFTER:
-                fast[function] = runs + 1
-
-    def _run_batch(self, tasks: list, return_values: int, failed: dict, inline: bool, report_now: bool, session: str | None = None) -> list | asyncio.Future:
-        runnable = [task for index, task in enumerate(tasks) if index not in failed] if failed else tasks
-        done_here: list = []
-        if inline and runnable and self._runs_inline(runnable):
-            # On the loop, for at most a slice of time; the rest goes to the pool.
-            deadline = time.time() + INLINE_SLICE_SECONDS
-            done_here = _run_tasks(runnable, self.data, deadline, session, self.released_sessions)
-            self._learn_durations(runnable, done_here)
-            if len(done_here) < len(runnable) and not (done_here and done_here[-1][4] > deadline):
-                self._fast_runs[runnable[len(done_here)][1]] = -1  # it needs a thread of its own
-        rest = runnable[len(done_here):] if done_here else runnable
-        chunks = _split(rest, self.ncores)
-        if not chunks:
-            return self._batch_replies(tasks, done_here, failed, return_values, report_now, session)
+    def _run_batch(self, tasks: list, return_values: int, failed: dict, inline: bool, report_now: bool, session: str | None = None) -> asyncio.Future:
+        """Start the tasks not in ``failed`` where the rule of :meth:`compute_batch` says; the future of the replies."""
         loop = asyncio.get_running_loop()
         result = loop.create_future()
-        outcomes: list = [None] * len(chunks)
-        remaining = [len(chunks)]
-        self.executing += len(rest)
+        outcomes: list = [None] * len(tasks)
+        awaited: list = []
+        plain: list = []
+        last_function, last_is_async = None, False
+        for index, task in enumerate(tasks):
+            if index in failed:
+                continue
+            function = task[1]
+            if function is not last_function:  # a batch mostly runs one function
+                last_function, last_is_async = function, inspect.iscoroutinefunction(function)
+            (awaited if last_is_async else plain).append(index)
+        groups: list = []  # (indices, how to start them)
+        if awaited:
+            groups.append((awaited, self._await_group))
+        if plain and inline:
+            groups.append((plain, self._run_on_loop))
+        elif plain:
+            groups.extend((chunk, self._run_in_pool) for chunk in _split(plain, self.ncores))
+        left = [len(groups) or 1]  # no group (every task failed already): reply at once
 
-        def chunk_done(index: int, future: asyncio.Future) -> None:
-            remaining[0] -= 1
-            if future.cancelled():
-                outcomes[index] = [(False, ConnectionAbortedError("worker shutting down"), "", 0.0, 0.0)] * len(chunks[index])
-            elif future.exception() is not None:
-                outcomes[index] = [(False, future.exception(), "", 0.0, 0.0)] * len(chunks[index])
-            else:
-                outcomes[index] = future.result()
-            if remaining[0] == 0:
-                self.executing -= len(rest)
-                if result.done():
-                    return
+        def group_done(indices: list, results: list) -> None:
+            for index, outcome in zip(indices, results):
+                outcomes[index] = outcome
+            left[0] -= 1
+            if left[0] == 0 and not result.done():
                 try:
-                    pooled = [e for chunk in outcomes for e in chunk]
-                    if inline:
-                        self._learn_durations(rest, pooled)
-                    result.set_result(self._batch_replies(tasks, done_here + pooled, failed, return_values, report_now, session))
+                    result.set_result(self._batch_replies(tasks, outcomes, failed, return_values, report_now, session))
                 except Exception as exc:  # noqa: BLE001 - reply with the error rather than hang
                     result.set_exception(exc)
 
-        data = self.data
-        for index, chunk in enumerate(chunks):
-            future = loop.run_in_executor(self.executor, _run_tasks, chunk, data, None, session, self.released_sessions)
-            future.add_done_callback(lambda f, i=index: chunk_done(i, f))
+        if not groups:
+            group_done([], [])
+        for indices, start in groups:
+            start(loop, [tasks[index] for index in indices], indices, group_done, session)
         return result
 
+    def _run_on_loop(self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None, results: list | None = None) -> None:
+        """Run tasks here and now, a slice at a time; at the next turn of the loop go on with the rest."""
+        ran = _run_tasks(tasks, self.data, time.time() + INLINE_SLICE_SECONDS, session, self.released_sessions)
+        results = ran if results is None else results + ran
+        if len(ran) < len(tasks):
+            loop.call_soon(self._run_on_loop, loop, tasks[len(ran):], indices, done, session, results)
+        else:
+            done(indices, results)
+
+    def _run_in_pool(self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None) -> None:
+        """One thread-pool job; its results come back with one ``call_soon_threadsafe``."""
+        self.executing += len(tasks)
+
+        def finished(job: Any) -> None:  # in the pool's thread, or in the one shutting the pool down
+            try:
+                loop.call_soon_threadsafe(self._job_done, job, indices, done)
+            except RuntimeError:  # the loop closed: the worker has stopped
+                pass
+
+        self.executor.submit(_run_tasks, tasks, self.data, None, session, self.released_sessions).add_done_callback(finished)
+
+    def _job_done(self, job: Any, indices: list, done: Callable) -> None:
+        self.executing -= len(indices)
+        if job.cancelled():
+            results = [(False, ConnectionAbortedError("worker shutting down"), "", 0.0, 0.0)] * len(indices)
+        elif job.exception() is not None:  # not the function's error (that is an outcome): a BaseException
+            results = [(False, job.exception(), "", 0.0, 0.0)] * len(indices)
+        else:
+            results = job.result()
+        done(indices, results)
+
+    def _await_group(self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None) -> None:
+        """Await coroutine functions' tasks on the loop, concurrently."""
+        self.executing += len(tasks)
+        data, released = self.data, self.released_sessions
+        gathered = asyncio.gather(*(_await_task(task, data, session, released) for task in tasks))
+
+        def finished(future: asyncio.Future) -> None:
+            self.executing -= len(tasks)
+            if future.cancelled():
+                results = [(False, ConnectionAbortedError("worker shutting down"), "", 0.0, 0.0)] * len(tasks)
+            elif future.exception() is not None:
+                results = [(False, future.exception(), "", 0.0, 0.0)] * len(tasks)
+            else:
+                results = future.result()
+            done(indices, results)
+
+        gathered.add_done_callback(finished)
+        self._tasks.add(gathered)  # cancelled if the worker stops
+        gathered.add_done_callback(self._tasks.discard)
+
     def _batch_replies(self, tasks: list, outcomes: list, failed: dict, return_values: int, report_now: bool, session: str | None = None) -> list:
-        flat = iter(outcomes)
         replies = []
         closed = session is not None and session in self.released_sessions
         for index, task in enumerate(tasks):
@@ -731,7 +803,7 @@ class Worker(Node):
                 replies.append([key, "error", error_fields(failed[index], "")])
                 self.tasks_failed += 1
                 continue
-            ok, value, extra, start, stop = next(flat)
+            ok, value, extra, start, stop = outcomes[index]
             self.task_log.append((key, start, stop, ok))
             if ok and closed:  # finished after its session closed: not kept
                 ok, value, extra = False, SessionClosedError(session, "the task finished after that; its result was not kept"), ""
@@ -764,11 +836,8 @@ RELEASED_SESSIONS_KEPT = 1000
 #: How long a worker gathers key changes before telling the Center (one message).
 REPORT_DELAY = 0.005
 
-#: A function runs on the worker's event loop (see ``Worker._runs_inline``)
-#: once it ran this many times, each within INLINE_TASK_SECONDS.
-INLINE_AFTER = 2
-INLINE_TASK_SECONDS = 0.0005
-#: At most this long on the loop per batch; the rest of it goes to the pool.
+#: A batch sent with ``inline=True`` runs on the worker's event loop this
+#: long at most before the loop serves other requests; then it goes on.
 INLINE_SLICE_SECONDS = 0.005
 
 _MSGPACK_NATIVE = frozenset({int, float, str, bytes, bool, type(None)})
