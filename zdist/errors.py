@@ -103,3 +103,15 @@ class CenterUnreachableError(ConnectionError):
 
     def __reduce__(self):
         return (type(self), (self.address, self.seconds))
+
+
+def noted(error: BaseException, key: Any, worker: str | None = None) -> BaseException:
+    """``error``, with a note naming the key (and worker) whose computation raised it.
+
+    >>> str(noted(ValueError('bad'), 'x-1', '127.0.0.1:9000').__notes__[0])
+    "(while computing key 'x-1' on worker 127.0.0.1:9000 on the zdist cluster)"
+    """
+    if hasattr(error, "add_note"):
+        where = f" on worker {worker}" if worker else ""
+        error.add_note(f"(while computing key {key!r}{where} on the zdist cluster)")
+    return error

@@ -29,7 +29,7 @@ import uuid
 from typing import Any, Callable, Iterable
 
 from .comm import normalize_address
-from .errors import LostDataError, NoWorkersError
+from .errors import LostDataError, NoWorkersError, noted
 from .protocol import OK, Ref, Serialized, deserialize
 from .rpc import ThreadSockets, rebuild_exception
 from .scheduling import NO_VALUE, Scheduler, TaskState, events
@@ -233,7 +233,7 @@ class Pool:
             handle._early = (True, entry[3] if len(entry) > 3 else NO_VALUE)
         else:
             entry[2] = rebuild_exception(entry[2], worker)
-            handle._early = (False, _noted(entry[2], ts.key))
+            handle._early = (False, noted(entry[2], ts.key, worker))
         shell.post(events.BatchDone(worker, batch_id, [entry]))
         return handle
 
@@ -488,13 +488,6 @@ def _local_value(handle: RemoteData) -> Any:
     if early is not None and early[0] and early[1] is not NO_VALUE:
         return early[1]
     return handle._task.value
-
-
-def _noted(error: BaseException, key: Any) -> BaseException:
-    """``error``, with a note naming the key whose computation raised it."""
-    if hasattr(error, "add_note"):
-        error.add_note(f"(while computing key {key!r} on the zdist cluster)")
-    return error
 
 
 _PLAIN_ITEMS = frozenset({int, float, str, bytes, bool, type(None), complex})

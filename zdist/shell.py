@@ -206,7 +206,8 @@ class Shell:
         if self.closed:
             return
         self._read_mail()
-        self.feed(events.Close())
+        if not self.core.closing:
+            self.feed(events.Close())
         self.closed = True
         self.session.subscribers.discard(self)
         if wait:

@@ -183,7 +183,7 @@ class Computation(Shell):
             self.finished.cancel()
         elif not self.finished.cancelled():
             self.finished.exception()  # retrieved: run() raised it, or an earlier error
-        self.feed(events.Close())
+        self.feed(events.Close(sweep=[ts.key for ts in self.tasks]))
         deadline = self.loop.time() + CLEANUP_WAIT
         while any(w.batches for w in self.core.workers.values()) and self.loop.time() < deadline:
             await asyncio.sleep(0.01)

@@ -24,25 +24,22 @@ from __future__ import annotations
 
 import itertools
 import logging
+from functools import partial
 from typing import Any, Callable
 
-from ..errors import LostDataError, MissingDataError, NoWorkersError, TaskKilledWorkersError
-from . import dispatch
+from ..errors import LostDataError, MissingDataError, noted
+from . import checks, dispatch, recovery
 from .events import (
-    AskWhoHas, BatchDone, BatchFailed, Close, DataPlaced, Delete, DeleteEverywhere, Delivered, Erred, Fetch, Fetched,
+    BatchDone, BatchFailed, Close, DataPlaced, Delete, DeleteEverywhere, Delivered, Erred, Fetch, Fetched,
     FetchFailed, Finished, HoldersFound, PollCenter, Released, Submit, Wanted, WorkersSeen,
 )
-from .policy import check_invariants, least_loaded, to_recompute
+from .policy import least_loaded
 from .state import (
-    ERRED, FORGOTTEN, LOST, MEMORY, NEW, NO_VALUE, PROCESSING, READY, RELEASED, STATE_NAMES, TO_RUN, WAITING,
+    ERRED, FORGOTTEN, LOST, MEMORY, NEW, NO_VALUE, PROCESSING, READY, RELEASED, TO_RUN, WAITING,
     TaskState, WorkerState,
 )
 
 logger = logging.getLogger(__name__)
-
-#: How often a task failing with MissingDataError is retried, after the next
-#: look at the Center, while its inputs are believed held by live workers.
-MISSING_DATA_RETRIES = 5
 
 
 class Scheduler:
@@ -95,8 +92,8 @@ class Scheduler:
         self._release: list[TaskState] = []
         self._handlers: dict[type, Callable] = {
             Submit: self._submit, DataPlaced: self._placed, BatchDone: self._batch_done, BatchFailed: self._batch_failed,
-            WorkersSeen: self._workers_seen, Released: self._released, Wanted: self._wanted, Fetched: self._fetched,
-            FetchFailed: self._fetch_failed, HoldersFound: self._holders_found, Close: self._close,
+            WorkersSeen: partial(recovery.workers_seen, self), Released: self._released, Wanted: self._wanted, Fetched: self._fetched,
+            FetchFailed: self._fetch_failed, HoldersFound: partial(recovery.holders_found, self), Close: self._close,
         }
 
     # ------------------------------------------------------------------ the one entry point
@@ -201,7 +198,7 @@ class Scheduler:
         ts.waiting = sum(1 for dep in ts.deps if dep.state != MEMORY)
         gone = [dep for dep in ts.deps if dep.state in (LOST, RELEASED)]
         if gone:
-            self._recompute(gone)
+            recovery.recompute(self, gone)
         if ts.state == WAITING and not ts.waiting:
             self._make_ready(ts)
 
@@ -296,6 +293,14 @@ class Scheduler:
         worker.inflight -= len(tasks)
         if worker.inflight <= 0:
             worker.isolated = False
+        if self.closing:
+            for ts, reply in zip(tasks, event.replies):
+                if reply[1] == "ok":  # nobody waits for it any more, nor for the inputs it fetched
+                    self._delete(worker.address, ts.key, reply[2])
+                    for dep in ts.deps:
+                        if worker.address not in dep.holders:
+                            self._delete(worker.address, dep.key)
+            return
         largest = 0
         for ts, reply in zip(tasks, event.replies):
             if ts.batch != event.batch_id or ts.worker != worker.address or ts.state != PROCESSING:
@@ -306,9 +311,9 @@ class Scheduler:
                 largest = max(largest, reply[2])
                 self._task_done(ts, worker.address, reply[2], reply[3] if len(reply) > 3 else NO_VALUE)
             elif isinstance(reply[2], MissingDataError):
-                self._inputs_missing(ts, reply[2])
+                recovery.inputs_missing(self, ts, reply[2])
             else:
-                self._fail(ts, _noted(reply[2], ts.key, worker.address))
+                self._fail(ts, noted(reply[2], ts.key, worker.address))
         worker.measured(len(tasks), sent, self.now, largest)
 
     def _task_done(self, ts: TaskState, worker: str, nbytes: int, value: Any) -> None:
@@ -348,150 +353,7 @@ class Scheduler:
             self._out.append(PollCenter())
             return
         for ts in mine:
-            self._fail(ts, _noted(event.error, ts.key, worker.address))
-
-    def _inputs_missing(self, ts: TaskState, error: MissingDataError) -> None:
-        """``ts`` found inputs held by nobody: ask the Center again, or believe it and recompute them."""
-        wanted = set(error.keys)
-        missing = [dep for dep in ts.deps if dep.key in wanted]
-        if len(missing) < len(wanted):
-            self._fail(ts, _noted(error, ts.key, ts.worker))  # the task itself raised it
-            return
-        believed = [dep for dep in missing if dep.state == MEMORY]
-        ts.missing_retries += 1
-        if ts.missing_retries > 2 * MISSING_DATA_RETRIES:
-            self._fail(ts, _noted(error, ts.key, ts.worker))
-            return
-        if believed and ts.missing_retries <= MISSING_DATA_RETRIES:
-            self._set_state(ts, WAITING)
-            ts.worker = ts.batch = None
-            ts.waiting = sum(1 for dep in ts.deps if dep.state != MEMORY) + 1
-            self.deferred.append(ts)
-            self._out.append(PollCenter())
-            return
-        for dep in believed:  # the Center keeps saying nobody holds them: believe it
-            for worker in dep.holders:
-                if worker in self.workers:
-                    self._delete(worker, dep.key)
-            dep.holders = set()
-            self._lost([dep], None)
-        if ts.state == PROCESSING:
-            self._enqueue(ts)
-
-    # ------------------------------------------------------------------ workers
-
-    def _workers_seen(self, event: WorkersSeen) -> None:
-        infos = event.workers
-        if event.center_id != self.center_id:
-            if self.center_id is not None:
-                logger.warning("the Center of %s restarted; waiting for workers to register again", self.name)
-                self.grace_until = self.now + event.heartbeat_timeout + 2.0
-            self.center_id = event.center_id
-        if infos:
-            self.stall_grace_used = False
-        elif self.workers and self.ntorun and not self.in_grace and not self.stall_grace_used:
-            # Every worker gone at once is more often a stall (a slow import
-            # missed heartbeats) than a massacre: give them time to come back.
-            logger.warning("the Center of %s lists no workers; waiting for them to register again", self.name)
-            self.grace_until = self.now + event.heartbeat_timeout + 2.0
-            self.stall_grace_used = True
-        if self.in_grace:
-            infos = {**{a: {"ncores": w.ncores, "pid": w.pid} for a, w in self.workers.items()}, **infos}
-        for address, worker in list(self.workers.items()):
-            info = infos.get(address)
-            if info is None:
-                self._worker_lost(worker, "the Center dropped it")
-            elif worker.pid is not None and info.get("pid") not in (None, worker.pid):
-                self._worker_lost(worker, "it restarted")
-            else:
-                worker.paused = info.get("status") == "paused"
-        for address, info in infos.items():
-            if address not in self.workers:
-                self.workers[address] = WorkerState(address, info.get("ncores", 1), info.get("pid"))
-        self.worker_list = tuple(self.workers.values())
-        if not self.workers and self.ntorun and not self.in_grace:
-            error = NoWorkersError(f"every worker of {self.name} died or left; start workers and submit the work again")
-            for ts in [ts for ts in self.tasks.values() if ts.state in TO_RUN]:
-                if ts.state in TO_RUN:
-                    self._fail(ts, error)
-        deferred, self.deferred = self.deferred, []
-        for ts in deferred:
-            if ts.state == WAITING:
-                self._enqueue(ts)
-
-    def _worker_lost(self, worker: WorkerState, why: str) -> None:
-        """A worker died: retry what ran there, recompute what it held that is still needed."""
-        logger.warning("worker %s is gone (%s); recovering its work", worker.address, why)
-        address = worker.address
-        del self.workers[address]
-        self.dirty = True
-        batches, worker.batches = worker.batches, {}
-        for tasks, _ in batches.values():
-            for ts in tasks:
-                if ts.state == PROCESSING and ts.worker == address:
-                    ts.deaths.append(address)
-                    if len(ts.deaths) >= self.max_worker_deaths:
-                        self._fail(ts, TaskKilledWorkersError(ts.key, ts.deaths))
-                    else:
-                        self._enqueue(ts)
-        for task_id in worker.held:
-            ts = self.tasks.get(task_id)
-            if ts is not None and ts.state == READY:
-                dispatch.push_ready(self, ts)
-        lost = []
-        for ts in self.tasks.values():
-            if address in ts.holders:
-                ts.holders.discard(address)
-                ts.copies.discard(address)
-                if not ts.holders and ts.state == MEMORY:
-                    lost.append(ts)
-        if lost:
-            self._lost(lost, address)
-
-    def _lost(self, lost: list[TaskState], address: str | None) -> None:
-        """Values gone with their workers: note it, and compute again what is still needed."""
-        for ts in lost:
-            ts.lost_on = address
-            self._set_state(ts, LOST)
-            for dependent in ts.dependents:
-                if dependent.state == WAITING:
-                    dependent.waiting += 1
-                elif dependent.state == READY:
-                    dependent.state = WAITING  # its heap entry goes stale
-                    dependent.waiting = 1
-        needed = [ts for ts in lost if ts.npending > 0 or (ts.deliver and ts.value is NO_VALUE)]
-        if needed:
-            self._recompute(needed)
-
-    def _recompute(self, lost: list[TaskState]) -> None:
-        tasks = self.tasks
-        views = _Views(self)
-        redo = to_recompute([ts.id for ts in lost], views.dependencies, views.dependents, views.done, views.available, views.outputs)
-        for task_id in sorted(redo):
-            ts = tasks[task_id]
-            if ts.state in TO_RUN:
-                continue
-            if not ts.recomputable:
-                self._unrecoverable(ts)
-                continue
-            if self.validate or len(redo) < 50:
-                logger.info("recomputing lost key %r", ts.key)
-            ts.value = NO_VALUE
-            self._enqueue(ts)
-
-    def _unrecoverable(self, ts: TaskState) -> None:
-        """A value we cannot make again is gone: unless the Center keeps copies, whatever needs it fails."""
-        if ts.replicas > 1 or not ts.owned:
-            if ts.lost_on != "asked":
-                ts.lost_on = "asked"
-                self._out.append(AskWhoHas([ts.key]))
-                return
-        error = LostDataError(ts.key, None if ts.lost_on == "asked" else ts.lost_on)
-        for dependent in list(ts.dependents):
-            if dependent.state in (WAITING, READY):
-                self._fail(dependent, error)
-        if ts.deliver and ts.value is NO_VALUE:
-            self._fail(ts, error)
+            self._fail(ts, noted(event.error, ts.key, worker.address))
 
     # ------------------------------------------------------------------ references and values
 
@@ -510,14 +372,14 @@ class Scheduler:
             elif ts.state == MEMORY:
                 self._fetch(ts)
             elif ts.state in (LOST, RELEASED):
-                self._recompute([ts])
+                recovery.recompute(self, [ts])
 
     def _fetch(self, ts: TaskState) -> None:
         if ts.fetching is not None:
             return
         holders = [w for w in ts.holders if w in self.workers]
         if not holders:
-            self._lost([ts], ts.lost_on)
+            recovery.lost(self, [ts], ts.lost_on)
             return
         worker = min(holders, key=lambda w: self.workers[w].load())
         ts.fetching = worker
@@ -547,19 +409,6 @@ class Scheduler:
             else:
                 self._fail(ts, event.error)
 
-    def _holders_found(self, event: HoldersFound) -> None:
-        for key, addresses in event.holders.items():
-            ts = self.by_key.get(key)
-            if ts is None or ts.state not in (LOST, MEMORY):
-                continue
-            live = {a for a in addresses if a in self.workers}
-            if live:
-                ts.holders |= live
-                if ts.state == LOST:
-                    self._now_in_memory(ts)
-            elif ts.state == LOST:
-                self._unrecoverable(ts)
-
     def _close(self, event: Close) -> None:
         """Delete everything this client has on the cluster (results still running are deleted as they come)."""
         self.closing = True
@@ -572,87 +421,14 @@ class Scheduler:
                 self._drop_copies(ts)
         if self.dirty:
             # After a failure the records may have missed a copy: sweep every live worker.
-            keys = [ts.key for ts in self.tasks.values() if ts.owned]
+            keys = event.sweep if event.sweep is not None else [ts.key for ts in self.tasks.values() if ts.owned]
             for worker in self.workers:
                 self._deletes[worker] = [list(keys), 0]
         self.ready, self.suspects = [], []
 
-    # ------------------------------------------------------------------ checks
-
     def problems(self) -> list[str]:
-        """What is inconsistent in the state; empty when all is well (see ``policy.check_invariants``)."""
-        views = _Views(self)
-        tasks = self.tasks
-        state = {i: STATE_NAMES[ts.state] for i, ts in tasks.items()}
-        holders = {i: ts.holders for i, ts in tasks.items()}
-        problems = check_invariants(state, views.dependencies, views.dependents, holders, views.outputs)
-        for i, ts in tasks.items():
-            if ts.state == MEMORY and any(w not in self.workers for w in ts.holders) and not self.in_grace:
-                problems.append(f"{ts.key!r} is held by a worker that is gone")
-            if ts.state == PROCESSING and (ts.worker not in self.workers or ts.batch not in self.workers[ts.worker].batches):
-                problems.append(f"{ts.key!r} is processing on {ts.worker}, which does not know it")
-            if ts.state == WAITING and ts.waiting != sum(1 for d in ts.deps if d.state != MEMORY) + (ts in self.deferred):
-                problems.append(f"{ts.key!r} waits for {ts.waiting} inputs, but not that many are missing")
-            pending = sum(1 for d in ts.dependents if d.state in TO_RUN)
-            if ts.npending != pending:
-                problems.append(f"{ts.key!r} counts {ts.npending} dependents to run, but {pending} are")
-        if self.ntorun != sum(1 for ts in tasks.values() if ts.state in TO_RUN):
-            problems.append("the count of tasks to run is off")
-        return problems
-
-
-class _Views:
-    """Read-only mappings of the scheduler's tasks by id, for the policy functions."""
-
-    def __init__(self, scheduler: Scheduler):
-        tasks = scheduler.tasks
-        self.dependencies = _Mapped(tasks, lambda ts: [d.id for d in ts.deps if d.state != FORGOTTEN])
-        self.dependents = _Mapped(tasks, lambda ts: [d.id for d in ts.dependents])
-        self.done = _Filtered(tasks, lambda ts: ts.state in (MEMORY, RELEASED, LOST))
-        self.available = _Filtered(tasks, lambda ts: ts.state == MEMORY)
-        self.outputs = _Filtered(tasks, lambda ts: ts.deliver and ts.value is NO_VALUE and ts.state != ERRED)
-
-
-class _Mapped:
-    __slots__ = ("tasks", "function")
-
-    def __init__(self, tasks: dict, function: Callable):
-        self.tasks, self.function = tasks, function
-
-    def get(self, task_id: int, default: Any = None) -> Any:
-        ts = self.tasks.get(task_id)
-        return default if ts is None else self.function(ts)
-
-    def __getitem__(self, task_id: int) -> Any:
-        return self.function(self.tasks[task_id])
-
-    def __contains__(self, task_id: int) -> bool:
-        return task_id in self.tasks
-
-
-class _Filtered:
-    __slots__ = ("tasks", "predicate")
-
-    def __init__(self, tasks: dict, predicate: Callable):
-        self.tasks, self.predicate = tasks, predicate
-
-    def __contains__(self, task_id: int) -> bool:
-        ts = self.tasks.get(task_id)
-        return ts is not None and self.predicate(ts)
-
-    def __iter__(self):
-        return (i for i, ts in self.tasks.items() if self.predicate(ts))
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-def _noted(error: BaseException, key: Any, worker: str | None) -> BaseException:
-    """``error``, with a note naming the task's key and worker."""
-    if hasattr(error, "add_note"):
-        where = f" on worker {worker}" if worker else ""
-        error.add_note(f"(while computing key {key!r}{where} on the zdist cluster)")
-    return error
+        """What is inconsistent in the state; empty when all is well (see :mod:`zdist.scheduling.checks`)."""
+        return checks.problems(self)
 
 
 __all__ = ["Scheduler", "TaskState", "WorkerState", "NEW", "NO_VALUE"]

@@ -96,7 +96,14 @@ class HoldersFound:
 
 @dataclass(slots=True)
 class Close:
-    """The client is done: delete everything it still has on the cluster."""
+    """The client is done: delete everything it still has on the cluster.
+
+    After a failure the records may have missed a copy (inputs fetched by a
+    task that then failed): every live worker is told to delete ``sweep``
+    (default: every key the core still knows).
+    """
+
+    sweep: list | None = None
 
 
 # ---------------------------------------------------------------- commands

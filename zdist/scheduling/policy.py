@@ -162,7 +162,7 @@ def check_invariants(
     "'a' was released while still needed"
     """
     problems = []
-    done = {key for key, st in state.items() if st in ("memory", "released")}
+    done = {key for key, st in state.items() if st in ("memory", "released", "lost", "erred")}
     for key, st in state.items():
         deps = [dep for dep in dependencies.get(key, ()) if dep in state]
         if st == "ready":

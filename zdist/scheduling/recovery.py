@@ -1,0 +1,197 @@
+"""Recovery: what the core does when workers come and go, values vanish, or inputs cannot be found.
+
+* a worker that died: the tasks in flight there are sent again (a task in
+  flight on ``max_worker_deaths`` dying workers fails with
+  :class:`~zdist.errors.TaskKilledWorkersError`), and the values it held
+  are computed again from lineage where still needed
+  (:func:`~zdist.scheduling.policy.to_recompute`);
+* a value that cannot be computed again (scattered, or made by someone
+  else) is looked for on the Center (copies it restored), and whatever
+  needs it fails with :class:`~zdist.errors.LostDataError`;
+* after a Center restart, or when every worker vanished at once, workers
+  missing from its list get a grace period before they count as dead.
+
+Part of the core: module functions on the :class:`~zdist.scheduling.Scheduler`,
+changing task states only through its ``_set_state``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..errors import LostDataError, MissingDataError, NoWorkersError, TaskKilledWorkersError, noted
+from . import dispatch
+from .events import AskWhoHas, HoldersFound, PollCenter, WorkersSeen
+from .checks import views
+from .policy import to_recompute
+from .state import LOST, MEMORY, NO_VALUE, PROCESSING, READY, TO_RUN, WAITING, TaskState, WorkerState
+
+if TYPE_CHECKING:
+    from .core import Scheduler
+
+logger = logging.getLogger(__name__)
+
+#: How often a task failing with MissingDataError is retried, after the next
+#: look at the Center, while its inputs are believed held by live workers.
+MISSING_DATA_RETRIES = 5
+
+
+def inputs_missing(s: "Scheduler", ts: TaskState, error: MissingDataError) -> None:
+    """``ts`` found inputs held by nobody: ask the Center again, or believe it and recompute them."""
+    wanted = set(error.keys)
+    missing = [dep for dep in ts.deps if dep.key in wanted]
+    if len(missing) < len(wanted):
+        s._fail(ts, noted(error, ts.key, ts.worker))  # the task itself raised it
+        return
+    believed = [dep for dep in missing if dep.state == MEMORY]
+    ts.missing_retries += 1
+    if ts.missing_retries > 2 * MISSING_DATA_RETRIES:
+        s._fail(ts, noted(error, ts.key, ts.worker))
+        return
+    if believed and ts.missing_retries <= MISSING_DATA_RETRIES:
+        s._set_state(ts, WAITING)
+        ts.worker = ts.batch = None
+        ts.waiting = sum(1 for dep in ts.deps if dep.state != MEMORY) + 1
+        s.deferred.append(ts)
+        s._out.append(PollCenter())
+        return
+    for dep in believed:  # the Center keeps saying nobody holds them: believe it
+        for worker in dep.holders:
+            if worker in s.workers:
+                s._delete(worker, dep.key)
+        dep.holders = set()
+        lost(s, [dep], None)
+    if ts.state == PROCESSING:
+        s._enqueue(ts)
+
+
+def workers_seen(s: "Scheduler", event: WorkersSeen) -> None:
+    infos = event.workers
+    if event.center_id != s.center_id:
+        if s.center_id is not None:
+            logger.warning("the Center of %s restarted; waiting for workers to register again", s.name)
+            s.grace_until = s.now + event.heartbeat_timeout + 2.0
+        s.center_id = event.center_id
+    if infos:
+        s.stall_grace_used = False
+    elif s.workers and s.ntorun and not s.in_grace and not s.stall_grace_used:
+        # Every worker gone at once is more often a stall (a slow import
+        # missed heartbeats) than a massacre: give them time to come back.
+        logger.warning("the Center of %s lists no workers; waiting for them to register again", s.name)
+        s.grace_until = s.now + event.heartbeat_timeout + 2.0
+        s.stall_grace_used = True
+    if s.in_grace:
+        infos = {**{a: {"ncores": w.ncores, "pid": w.pid} for a, w in s.workers.items()}, **infos}
+    for address, worker in list(s.workers.items()):
+        info = infos.get(address)
+        if info is None:
+            worker_lost(s, worker, "the Center dropped it")
+        elif worker.pid is not None and info.get("pid") not in (None, worker.pid):
+            worker_lost(s, worker, "it restarted")
+        else:
+            worker.paused = info.get("status") == "paused"
+    for address, info in infos.items():
+        if address not in s.workers:
+            s.workers[address] = WorkerState(address, info.get("ncores", 1), info.get("pid"))
+    s.worker_list = tuple(s.workers.values())
+    if not s.workers and s.ntorun and not s.in_grace:
+        error = NoWorkersError(f"every worker of {s.name} died or left; start workers and submit the work again")
+        for ts in [ts for ts in s.tasks.values() if ts.state in TO_RUN]:
+            if ts.state in TO_RUN:
+                s._fail(ts, error)
+    deferred, s.deferred = s.deferred, []
+    for ts in deferred:
+        if ts.state == WAITING:
+            s._enqueue(ts)
+
+
+def worker_lost(s: "Scheduler", worker: WorkerState, why: str) -> None:
+    """A worker died: retry what ran there, recompute what it held that is still needed."""
+    logger.warning("worker %s is gone (%s); recovering its work", worker.address, why)
+    address = worker.address
+    del s.workers[address]
+    s.dirty = True
+    batches, worker.batches = worker.batches, {}
+    for tasks, _ in batches.values():
+        for ts in tasks:
+            if ts.state == PROCESSING and ts.worker == address:
+                ts.deaths.append(address)
+                if len(ts.deaths) >= s.max_worker_deaths:
+                    s._fail(ts, TaskKilledWorkersError(ts.key, ts.deaths))
+                else:
+                    s._enqueue(ts)
+    for task_id in worker.held:
+        ts = s.tasks.get(task_id)
+        if ts is not None and ts.state == READY:
+            dispatch.push_ready(s, ts)
+    gone = []
+    for ts in s.tasks.values():
+        if address in ts.holders:
+            ts.holders.discard(address)
+            ts.copies.discard(address)
+            if not ts.holders and ts.state == MEMORY:
+                gone.append(ts)
+    if gone:
+        lost(s, gone, address)
+
+
+def lost(s: "Scheduler", tasks: list[TaskState], address: str | None) -> None:
+    """Values gone with their workers: note it, and compute again what is still needed."""
+    for ts in tasks:
+        ts.lost_on = address
+        s._set_state(ts, LOST)
+        for dependent in ts.dependents:
+            if dependent.state == WAITING:
+                dependent.waiting += 1
+            elif dependent.state == READY:
+                s._set_state(dependent, WAITING)  # its heap entry goes stale
+                dependent.waiting = 1
+    needed = [ts for ts in tasks if ts.npending > 0 or (ts.deliver and ts.value is NO_VALUE)]
+    if needed:
+        recompute(s, needed)
+
+
+def recompute(s: "Scheduler", lost: list[TaskState]) -> None:
+    tasks = s.tasks
+    v = views(s)
+    redo = to_recompute([ts.id for ts in lost], v.dependencies, v.dependents, v.done, v.available, v.outputs)
+    for task_id in sorted(redo):
+        ts = tasks[task_id]
+        if ts.state in TO_RUN:
+            continue
+        if not ts.recomputable:
+            unrecoverable(s, ts)
+            continue
+        if s.validate or len(redo) < 50:
+            logger.info("recomputing lost key %r", ts.key)
+        ts.value = NO_VALUE
+        s._enqueue(ts)
+
+
+def unrecoverable(s: "Scheduler", ts: TaskState) -> None:
+    """A value we cannot make again is gone: unless the Center keeps copies, whatever needs it fails."""
+    if ts.replicas > 1 or not ts.owned:
+        if ts.lost_on != "asked":
+            ts.lost_on = "asked"
+            s._out.append(AskWhoHas([ts.key]))
+            return
+    error = LostDataError(ts.key, None if ts.lost_on == "asked" else ts.lost_on)
+    for dependent in list(ts.dependents):
+        if dependent.state in (WAITING, READY):
+            s._fail(dependent, error)
+    if ts.deliver and ts.value is NO_VALUE:
+        s._fail(ts, error)
+
+
+def holders_found(s: "Scheduler", event: HoldersFound) -> None:
+    for key, addresses in event.holders.items():
+        ts = s.by_key.get(key)
+        if ts is None or ts.state not in (LOST, MEMORY):
+            continue
+        live = {a for a in addresses if a in s.workers}
+        if live:
+            ts.holders |= live
+            if ts.state == LOST:
+                s._now_in_memory(ts)
+        elif ts.state == LOST:
+            unrecoverable(s, ts)
