@@ -444,7 +444,7 @@ class _PoolShell(Shell):
             self._news = False
             self.pool._notify()
 
-    def on_core_failed(self, error: BaseException) -> None:
+    def on_fatal(self, error: BaseException) -> None:
         self.fatal = error
         self.pool._notify()
 
@@ -474,7 +474,7 @@ class _PoolShell(Shell):
         for ts in tasks.values():
             ts.replicas = replicas
         if replicas > 1:
-            await self.session.center.request("set_replicas", {"keys": {key: replicas for key in values}})
+            await self.session.center.request("set_replicas", {"keys": {key: replicas for key in values}, "session": self.session.id})
         self.feed(events.DataPlaced(list(tasks.values())))
         return list(tasks.values())
 

@@ -38,7 +38,7 @@ import uuid
 from typing import Any, Protocol
 
 from .comm import normalize_address
-from .errors import CenterUnreachableError
+from .errors import CenterUnreachableError, SessionClosedError
 from .loop import Later, LoopThread
 from .rpc import ConnectionPool, RPCTimeoutError
 
@@ -72,6 +72,7 @@ def client_loop() -> LoopThread:
 class Subscriber(Protocol):
     def on_workers(self, info: dict) -> None: ...
     def on_center_silent(self, seconds: float, error: BaseException) -> None: ...
+    def on_fatal(self, error: BaseException) -> None: ...
 
 
 class Outbox:
@@ -153,6 +154,18 @@ class Session:
         info = await self.center.request("info", {"session": self.id}, timeout=timeout or max(2.0, WATCH_INTERVAL * 8))
         self.info = info
         self.silent_since = None
+        if info.get("session_status") == "closed" and not self.closed:
+            # We fell silent longer than the session's timeout (a stopped
+            # process, a cut network): the cluster dropped our tasks and values.
+            error = SessionClosedError(self.id, f"this process was silent for more than {SESSION_TIMEOUT:.0f} s; start a new client")
+            logger.error("%s", error)
+            self.closed = True
+            _sessions.pop((self.address, id(self.security)), None)
+            if self._watcher is not None:
+                self._watcher.cancel()
+            for subscriber in list(self.subscribers):
+                subscriber.on_fatal(error)
+            return info
         if self.security is not None:
             self.security.learn(info["workers"])
         for subscriber in list(self.subscribers):

@@ -65,7 +65,7 @@ class Shell:
                     commands = self.core.handle(*batch, now=self.loop.time())
                 except Exception as exc:  # noqa: BLE001 - a broken invariant: stop this client, loudly
                     logger.exception("the scheduling core failed")
-                    self.on_core_failed(exc)
+                    self.on_fatal(exc)
                     return
                 for command in commands:
                     self._commands[type(command)](command)
@@ -193,8 +193,8 @@ class Shell:
     def after_feed(self) -> None:
         """Called once the commands of a step are carried out (e.g. to wake waiting threads once)."""
 
-    def on_core_failed(self, error: BaseException) -> None:
-        pass
+    def on_fatal(self, error: BaseException) -> None:
+        """This client cannot go on (its core failed, or the Center closed its session)."""
 
     def spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)

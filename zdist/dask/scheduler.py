@@ -150,7 +150,7 @@ class Computation(Shell):
         if seconds > CENTER_TIMEOUT:
             self._fail(error)
 
-    def on_core_failed(self, error: BaseException) -> None:
+    def on_fatal(self, error: BaseException) -> None:
         self._fail(error)
 
     def _with_note(self, exc: BaseException, tasks: list, worker: str | None, what: str) -> BaseException:
