@@ -357,3 +357,26 @@ def test_close_while_another_thread_waits_in_apply(cluster):
     thread.join(30)
     assert not thread.is_alive()
     assert outcome and "closed" in outcome[0]
+
+
+def current_thread_name(_):
+    return threading.current_thread().name
+
+
+def test_functions_run_in_the_thread_pool_unless_the_pool_says_inline(cluster):
+    # A slow function on the worker's loop would hold up its heartbeats; by
+    # default the Pool's tasks run in the worker's thread pool, and only a
+    # pool that vouches for tiny functions has them run on the loop.
+    with Pool(cluster.center_address) as pool:
+        names = set(pool.gather(pool.map(current_thread_name, range(8)))) | {pool.apply(current_thread_name, (0,)).get()}
+        assert all(name != "MainThread" for name in names), names
+    with Pool(cluster.center_address, inline=True) as pool:
+        assert set(pool.gather(pool.map(current_thread_name, range(8)))) == {"MainThread"}
+        assert pool.apply(current_thread_name, (0,)).get() == "MainThread"
+
+
+def test_a_task_longer_than_the_heartbeat_timeout_keeps_its_worker(cluster):
+    with Pool(cluster.center_address) as pool:
+        workers = set(pool.sync_center())
+        assert pool.apply(slow_inc, (1, 6.0)).get(timeout=60) == 2
+        assert set(pool.sync_center()) == workers

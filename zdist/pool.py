@@ -105,6 +105,12 @@ class Pool:
     :class:`~zdist.LocalCluster` (a worker process per core) and stops it on
     :meth:`close`. A Center that cannot be reached within ``timeout``
     seconds raises :class:`~zdist.errors.CenterUnreachableError`.
+
+    Functions run in each worker's thread pool. ``inline=True`` says that
+    every function given to this pool is tiny (microseconds): a worker then
+    runs them on its event loop, which saves two thread hand-overs per
+    batch, but a slow one holds up everything else that worker does
+    (heartbeats included) while it runs.
     """
 
     def __init__(
@@ -115,6 +121,7 @@ class Pool:
         security: Any = None,
         timeout: float = 30.0,
         max_worker_deaths: int = 3,
+        inline: bool = False,
         cluster_kwargs: dict | None = None,
     ):
         self.security = security
@@ -137,6 +144,7 @@ class Pool:
         self.available_cores: dict[str, int] = {}
         try:
             self._shell: _PoolShell = self._loop.run(self._start(max_worker_deaths), timeout + 1)
+            self._shell.inline = inline
             self._state = "running"
             self.sync_center()
         except BaseException:
@@ -217,7 +225,7 @@ class Pool:
             return self._state != "running" or (ts.state != NEW and (ts.state != PROCESSING or ts.batch != batch_id))
 
         function, wire_args, wire_kwargs, _ = ts.payload
-        request = {"tasks": [[ts.key, function, wire_args, wire_kwargs, []]], "return_values": SMALL_RESULT, "inline": True, "session": shell.session.id}
+        request = {"tasks": [[ts.key, function, wire_args, wire_kwargs, []]], "return_values": SMALL_RESULT, "inline": shell.inline, "session": shell.session.id}
         try:
             reply = self._direct.request(worker, "compute_batch", request, taken_over)
         except Exception as exc:  # noqa: BLE001 - e.g. a function that cannot be pickled: the task fails with it
@@ -410,8 +418,6 @@ class Pool:
 
 class _PoolShell(Shell):
     """The Pool's side of the core: how its tasks travel, and waking the threads that wait."""
-
-    inline = True
 
     def __init__(self, core: Scheduler, session: Any, pool: Pool):
         super().__init__(core, session)
