@@ -124,15 +124,21 @@ def worker_lost(s: "Scheduler", worker: WorkerState, why: str) -> None:
         ts = s.tasks.get(task_id)
         if ts is not None and ts.state == READY:
             dispatch.push_ready(s, ts)
-    gone = []
+    gone, refetch = [], []
     for ts in s.tasks.values():
         if address in ts.holders:
             ts.holders.discard(address)
             ts.copies.discard(address)
             if not ts.holders and ts.state == MEMORY:
                 gone.append(ts)
+        if ts.fetching == address:  # its reply will never come: ask another holder
+            ts.fetching = None
+            refetch.append(ts)
     if gone:
         lost(s, gone, address)
+    for ts in refetch:
+        if ts.state == MEMORY and ts.holders:
+            s._fetch(ts)
 
 
 def lost(s: "Scheduler", tasks: list[TaskState], address: str | None) -> None:
