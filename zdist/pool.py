@@ -26,6 +26,9 @@ import logging
 import threading
 import time
 import uuid
+import weakref
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
 from typing import Any, Callable, Iterable
 
 from .comm import normalize_address
@@ -34,7 +37,7 @@ from .protocol import OK, Ref, Serialized, deserialize
 from .rpc import ThreadSockets, rebuild_exception
 from .scheduling import NO_VALUE, Scheduler, TaskState, events
 from .scheduling.policy import spread
-from .scheduling.state import ERRED, NEW, PROCESSING
+from .scheduling.state import ERRED, NEW, PROCESSING, READY, WAITING
 from .session import client_loop, open_session
 from .shell import Shell
 
@@ -45,48 +48,125 @@ logger = logging.getLogger(__name__)
 SMALL_RESULT = 4096
 
 
-class RemoteData:
-    """The handle of one value on the cluster; plays multiprocessing's ``AsyncResult``.
+#: Tasks in these states have not been sent to a worker: they can be cancelled.
+CANCELLABLE = frozenset({NEW, WAITING, READY})
 
-    ``get()`` waits, fetches and returns the value (re-raising a remote
-    exception with its remote traceback); ``ready()``, ``wait()`` and
-    ``successful()`` behave as in multiprocessing.
+
+class _PoolTask(TaskState):
+    """A task of a Pool: also knows its handle (weakly: a dropped handle releases the value)."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.handle: Callable[[], "RemoteData | None"] | None = None
+
+
+class RemoteData(Future):
+    """The handle of one value on the cluster: a ``concurrent.futures.Future`` and multiprocessing's ``AsyncResult``.
+
+    The value stays on the worker that made it until ``result()`` (or
+    ``get()``) fetches it; a remote exception is raised with its remote
+    traceback. ``done()``, ``exception()``, ``add_done_callback()`` and the
+    standard library's ``concurrent.futures.wait`` and ``as_completed`` work
+    as for any future; ``ready()``, ``wait()`` and ``successful()`` as in
+    multiprocessing; ``await handle`` in async code. Done-callbacks run
+    once, on a thread of the pool's own (never the one that talks to the
+    cluster), or at once when added after completion.
     """
 
-    __slots__ = ("key", "_pool", "_task", "_early", "__weakref__")
-
-    def __init__(self, pool: "Pool", task: TaskState):
+    def __init__(self, pool: "Pool", task: _PoolTask):
+        # Not Future.__init__: it makes a Condition per future. A pool's
+        # handles share the pool's one (an RLock: concurrent.futures.wait
+        # takes every future's condition at once, so the same lock nests).
+        self._condition = pool._changed
+        self._state = FINISHED if task.done else PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
         self.key = task.key
         self._pool = pool
         self._task = task
         self._early: tuple | None = None  # (ok, value or error) when this thread sent the task itself
+        task.handle = weakref.ref(self)
 
     @property
     def center(self) -> str:
         return self._pool.center_address
 
-    def get(self, timeout: float | None = None) -> Any:
-        """Wait for the value and return it; raise the remote exception if the task failed."""
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the value, fetch it and return it; raise the remote exception if the task failed."""
+        if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            raise CancelledError(f"{self.key} was cancelled")
         return self._pool._get_values([self], timeout)[0]
 
+    def get(self, timeout: float | None = None) -> Any:
+        """multiprocessing's name for :meth:`result`."""
+        return self.result(timeout)
+
     def ready(self) -> bool:
-        return self._early is not None or self._task.done
+        return self._early is not None or self._task.done or self._state != PENDING
 
     def wait(self, timeout: float | None = None) -> None:
-        self._pool._wait([self], timeout, raise_errors=False)
+        """Wait until the task is done, or ``timeout`` seconds have passed (no error either way, as in multiprocessing)."""
+        try:
+            self._pool._wait([self], timeout, raise_errors=False)
+        except TimeoutError:
+            pass
 
     def successful(self) -> bool:
         if not self.ready():
             raise ValueError(f"{self!r} is not ready")
-        return self._early[0] if self._early is not None else self._task.state != ERRED
+        return self._error() is None
+
+    def running(self) -> bool:
+        return self._state == PENDING and self._task.state == PROCESSING
+
+    def cancel(self) -> bool:
+        """Cancel the task if it has not been sent to a worker (nor have the tasks that wait for it)."""
+        with self._condition:
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            if self._state != PENDING or self._task.state not in CANCELLABLE or self._pool._state != "running":
+                return False
+        return self._pool._cancel([self])
 
     def _error(self) -> BaseException | None:
         if self._early is not None and not self._early[0]:
             return self._early[1]
-        return self._task.error if self._task.state == ERRED else None
+        if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+            return CancelledError(f"{self.key} was cancelled")
+        return self._task.error if self._task.state == ERRED else self._exception
+
+    def _mark_done(self, error: BaseException | None, cancelled: bool = False) -> None:
+        """The task finished (or failed, or was cancelled): wake waiters, run callbacks. Once only."""
+        with self._condition:
+            if self._state != PENDING:
+                return
+            self._exception = error
+            self._state = CANCELLED_AND_NOTIFIED if cancelled else FINISHED
+            for waiter in self._waiters:
+                if cancelled:
+                    waiter.add_cancelled(self)
+                elif error is None:
+                    waiter.add_result(self)
+                else:
+                    waiter.add_exception(self)
+            self._condition.notify_all()
+        self._invoke_callbacks()
+
+    def _invoke_callbacks(self) -> None:
+        callbacks, self._done_callbacks = self._done_callbacks, []
+        if callbacks:
+            self._pool._run_callbacks(self, callbacks)
+
+    def __await__(self) -> Any:
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(None, self.result).__await__()
 
     def __repr__(self) -> str:
-        return f"RemoteData<center={self.center}, key={self.key}>"
+        return f"RemoteData<center={self.center}, key={self.key}, {self._task.state_name}>"
 
     def __reduce__(self):
         raise TypeError("a RemoteData handle belongs to its Pool and cannot be pickled; pass it to the Pool's map/apply instead")
@@ -140,6 +220,7 @@ class Pool:
         self._counter = itertools.count()
         self._changed = threading.Condition()
         self._direct = ThreadSockets(security=self.security)
+        self._callbacks: ThreadPoolExecutor | None = None
         self._loop = client_loop()
         self.available_cores: dict[str, int] = {}
         try:
@@ -178,7 +259,7 @@ class Pool:
             deps = tuple(dict.fromkeys(deps))
             key = f"{prefix}{next(counter)}"
             payload = (function, list(args), task_kwargs or {}, [d.key for d in deps])
-            handles.append(RemoteData(self, TaskState(key, payload, deps)))
+            handles.append(RemoteData(self, _PoolTask(key, payload, deps)))
         return handles
 
     def _submit(self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None) -> list[RemoteData]:
@@ -186,11 +267,15 @@ class Pool:
         self._shell.post(events.Submit([h._task for h in handles]), urgent=True)
         return handles
 
-    def apply_async(self, func: Callable, args: tuple = (), kwds: dict | None = None, callback: Any = None, error_callback: Any = None) -> RemoteData:
-        """Run ``func(*args, **kwds)`` on the cluster; return its :class:`RemoteData` at once."""
-        if callback is not None or error_callback is not None:
-            raise NotImplementedError("callbacks are not supported; call .get() or .wait() on the RemoteData")
-        return self._submit(func, [tuple(args)], kwds)[0]
+    def apply_async(self, func: Callable, args: tuple = (), kwds: dict | None = None, callback: Callable | None = None, error_callback: Callable | None = None) -> RemoteData:
+        """Run ``func(*args, **kwds)`` on the cluster; return its :class:`RemoteData` at once.
+
+        As in multiprocessing, ``callback(value)`` or ``error_callback(exception)``
+        is called once the task is done, on the pool's callback thread.
+        """
+        handle = self._submit(func, [tuple(args)], kwds)[0]
+        _when_done([handle], callback, error_callback, single=True)
+        return handle
 
     def apply(self, func: Callable, args: tuple = (), kwds: dict | None = None) -> RemoteData:
         """Run ``func(*args, **kwds)``; return its :class:`RemoteData` once it is done (raise if it failed)."""
@@ -242,12 +327,19 @@ class Pool:
         else:
             entry[2] = rebuild_exception(entry[2], worker)
             handle._early = (False, noted(entry[2], ts.key, worker))
+        handle._mark_done(handle._error())
         shell.post(events.BatchDone(worker, batch_id, [entry]))
         return handle
 
-    def map_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list[RemoteData]:
-        """Like :meth:`map` but returns the list of :class:`RemoteData` at once."""
-        return self._submit(func, [(item,) for item in iterable])
+    def map_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None, callback: Callable | None = None, error_callback: Callable | None = None) -> list[RemoteData]:
+        """Like :meth:`map` but returns the list of :class:`RemoteData` at once.
+
+        ``callback(list_of_values)`` or ``error_callback(first_exception)`` is
+        called once every task is done, as in multiprocessing.
+        """
+        handles = self._submit(func, [(item,) for item in iterable])
+        _when_done(handles, callback, error_callback)
+        return handles
 
     def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None, progress: bool = False) -> list[RemoteData]:
         """``[func(x) for x in iterable]`` on the cluster, results left there as RemoteData.
@@ -260,8 +352,11 @@ class Pool:
         self._wait(handles, None, raise_errors=True, progress=progress)
         return handles
 
-    def starmap_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list[RemoteData]:
-        return self._submit(func, [tuple(args) for args in iterable])
+    def starmap_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None, callback: Callable | None = None, error_callback: Callable | None = None) -> list[RemoteData]:
+        """Like :meth:`starmap` but returns the list of :class:`RemoteData` at once (callbacks as for :meth:`map_async`)."""
+        handles = self._submit(func, [tuple(args) for args in iterable])
+        _when_done(handles, callback, error_callback)
+        return handles
 
     def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None, progress: bool = False) -> list[RemoteData]:
         """``[func(*args) for args in iterable]`` on the cluster."""
@@ -360,6 +455,18 @@ class Pool:
         with self._changed:
             self._changed.notify_all()
 
+    def _run_callbacks(self, handle: RemoteData, callbacks: list) -> None:
+        """Run done-callbacks in order on the pool's callback thread: one may call ``result()``, which needs the loop."""
+        with self._changed:
+            if self._callbacks is None:
+                self._callbacks = ThreadPoolExecutor(1, thread_name_prefix="zdist-callbacks")
+        self._callbacks.submit(_call_each, handle, callbacks)
+
+    def _cancel(self, handles: list[RemoteData]) -> bool:
+        """Ask the core to cancel tasks not sent yet (and what waits for them); True if they were."""
+        cancelled = self._loop.run(self._shell.cancel([h._task for h in handles]), self.timeout)
+        return all(h._task in cancelled for h in handles)
+
     # -------------------------------------------------------------- lifecycle
 
     def _check_running(self) -> None:
@@ -388,6 +495,13 @@ class Pool:
 
     def _finish(self) -> None:
         self._state = "closed"
+        shell = getattr(self, "_shell", None)
+        if shell is not None:  # futures still pending never finish now: say so to whoever waits on them
+            closed = RuntimeError("the Pool was closed before this task finished")
+            for ts in list(shell.core.tasks.values()):
+                handle = ts.handle() if getattr(ts, "handle", None) is not None else None
+                if handle is not None:
+                    handle._mark_done(closed)
         self._notify()
         self._direct.close()
         if self._cluster is not None:
@@ -442,8 +556,21 @@ class _PoolShell(Shell):
 
     def _on_finished(self, command: events.Finished) -> None:
         self._news = True
+        for ts in command.tasks:
+            handle = ts.handle() if ts.handle is not None else None
+            if handle is not None:
+                handle._mark_done(None)
 
-    _on_delivered = _on_erred = _on_finished
+    def _on_erred(self, command: events.Erred) -> None:
+        self._news = True
+        ts = command.task
+        handle = ts.handle() if getattr(ts, "handle", None) is not None else None
+        if handle is not None:
+            cancelled = type(ts.error) is CancelledError
+            handle._mark_done(None if cancelled else ts.error, cancelled=cancelled)
+
+    def _on_delivered(self, command: events.Delivered) -> None:
+        self._news = True
 
     def after_feed(self) -> None:
         if self._news:
@@ -472,7 +599,7 @@ class _PoolShell(Shell):
         replies = await asyncio.gather(
             *(connections.get(w).request("update_data", {"data": data, "session": self.session.id}, timeout=self.pool.timeout) for w, data in by_worker.items())
         )
-        tasks = {key: TaskState(key) for key in values}
+        tasks = {key: _PoolTask(key) for key in values}
         for (worker, data), (_, meta) in zip(by_worker.items(), replies):
             for key in data:
                 tasks[key].holders.add(worker)
@@ -484,9 +611,60 @@ class _PoolShell(Shell):
         self.feed(events.DataPlaced(list(tasks.values())))
         return list(tasks.values())
 
+    async def live_handles(self) -> list[RemoteData]:
+        """The handles still referenced, of every task (run on the loop: after the tasks posted before this call)."""
+        self._read_mail()
+        refs = (getattr(ts, "handle", None) for ts in self.core.tasks.values())
+        return [handle for handle in (ref() for ref in refs if ref is not None) if handle is not None]
+
+    async def cancel(self, tasks: list[TaskState]) -> set:
+        self.feed(events.Cancel(tasks))
+        return {ts for ts in tasks if ts.state == ERRED and type(ts.error) is CancelledError}
+
     async def delete(self, tasks: list[TaskState]) -> None:
         self.feed(events.Released(tasks))  # a handle dropped later takes wanted below 0: no matter
         await self.session.outbox.flush_and_wait()
+
+
+def _when_done(handles: list[RemoteData], callback: Callable | None, error_callback: Callable | None, single: bool = False) -> None:
+    """multiprocessing's callbacks: ``callback`` with the value(s) once all are done, else ``error_callback`` with the first error."""
+    if callback is None and error_callback is None:
+        return
+    left = [len(handles)]
+    lock = threading.Lock()
+
+    def one_done(_: RemoteData) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        error = next((e for e in (h._error() for h in handles) if e is not None), None)
+        if error is None:
+            try:
+                values = handles[0]._pool.gather(handles)
+            except Exception as exc:  # noqa: BLE001 - lost on the way: the error callback hears of it
+                error = exc
+            else:
+                if callback is not None:
+                    callback(values[0] if single else values)
+                return
+        if error_callback is not None:
+            error_callback(error)
+
+    if not handles:
+        if callback is not None:
+            callback([])
+        return
+    for handle in handles:
+        handle.add_done_callback(one_done)
+
+
+def _call_each(handle: RemoteData, callbacks: list) -> None:
+    for callback in callbacks:
+        try:
+            callback(handle)
+        except Exception:  # as concurrent.futures does: log, go on with the next
+            logger.exception("exception calling callback for %r", handle)
 
 
 def _local_value(handle: RemoteData) -> Any:

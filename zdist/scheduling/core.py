@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from concurrent.futures import CancelledError
 from functools import partial
 from typing import Any, Callable
 
@@ -31,7 +32,7 @@ from ..errors import LostDataError, MissingDataError, noted
 from . import checks, dispatch, recovery
 from .events import (
     BatchDone, BatchFailed, Close, DataPlaced, Delete, DeleteEverywhere, Delivered, Erred, Fetch, Fetched,
-    FetchFailed, Finished, HoldersFound, PollCenter, Released, Submit, Wanted, WorkersSeen,
+    FetchFailed, Finished, HoldersFound, PollCenter, Released, Submit, Wanted, WorkersSeen, Cancel,
 )
 from .policy import least_loaded
 from .state import (
@@ -92,7 +93,7 @@ class Scheduler:
         self._release: list[TaskState] = []
         self._handlers: dict[type, Callable] = {
             Submit: self._submit, DataPlaced: self._placed, BatchDone: self._batch_done, BatchFailed: self._batch_failed,
-            WorkersSeen: partial(recovery.workers_seen, self), Released: self._released, Wanted: self._wanted, Fetched: self._fetched,
+            WorkersSeen: partial(recovery.workers_seen, self), Released: self._released, Cancel: self._cancel, Wanted: self._wanted, Fetched: self._fetched,
             FetchFailed: self._fetch_failed, HoldersFound: partial(recovery.holders_found, self), Close: self._close,
         }
 
@@ -290,9 +291,7 @@ class Scheduler:
         if entry is None:
             return  # its worker was declared dead, and its tasks sent elsewhere
         tasks, sent = entry
-        worker.inflight -= len(tasks)
-        if worker.inflight <= 0:
-            worker.isolated = False
+        worker.answered(len(tasks))
         if self.closing:
             for ts, reply in zip(tasks, event.replies):
                 if reply[1] == "ok":  # nobody waits for it any more, nor for the inputs it fetched
@@ -342,7 +341,7 @@ class Scheduler:
         if entry is None:
             return
         tasks, _ = entry
-        worker.inflight -= len(tasks)
+        worker.answered(len(tasks))  # a suspect's failed batch must not leave its worker isolated for good
         mine = [ts for ts in tasks if ts.state == PROCESSING and ts.batch == event.batch_id]
         if isinstance(event.error, (ConnectionError, TimeoutError)):
             # The worker may be dying: look at the Center now, and send the tasks again.
@@ -356,6 +355,11 @@ class Scheduler:
             self._fail(ts, noted(event.error, ts.key, worker.address))
 
     # ------------------------------------------------------------------ references and values
+
+    def _cancel(self, event: Cancel) -> None:
+        for ts in event.tasks:
+            if ts.state in (WAITING, READY):  # not sent yet: a running task cannot be taken back
+                self._fail(ts, CancelledError(f"{ts.key} was cancelled"))
 
     def _released(self, event: Released) -> None:
         for ts in event.tasks:

@@ -66,6 +66,13 @@ class Released:
 
 
 @dataclass(slots=True)
+class Cancel:
+    """The client cancels ``tasks``: those not sent to a worker yet fail with ``CancelledError``, and what waits for them."""
+
+    tasks: list
+
+
+@dataclass(slots=True)
 class Wanted:
     """The client wants the values of ``tasks`` here: fetch them (recompute what was lost)."""
 

@@ -1,0 +1,191 @@
+"""Executor: a ``concurrent.futures.Executor`` whose futures keep their values on the cluster.
+
+>>> from concurrent.futures import as_completed
+>>> from zdist import Executor
+>>> with Executor() as ex:                    # starts a local cluster
+...     future = ex.submit(pow, 2, 10)
+...     squares = list(ex.map(pow, range(5), [2] * 5))
+...     done = sorted(f.result() for f in as_completed([ex.submit(abs, -i) for i in range(3)]))
+...     future.result(), squares, done
+(1024, [0, 1, 4, 9, 16], [0, 1, 2])
+
+``submit`` returns a :class:`~zdist.pool.RemoteData`: a
+``concurrent.futures.Future`` whose value stays on the worker that made it
+until ``result()`` fetches it, so the standard library's
+``concurrent.futures.wait`` and ``as_completed`` work on it unchanged, and
+passed to a later ``submit`` it is resolved on the worker, data-locally.
+
+The Executor is a :class:`~zdist.Pool` seen through the standard
+interface: the same scheduling core, session and worker rules.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+from .pool import Pool, RemoteData, _local_value
+from .scheduling import NO_VALUE
+
+__all__ = ["Executor", "as_completed", "wait"]
+
+
+class Executor(concurrent.futures.Executor):
+    """``concurrent.futures.Executor`` on a zdist cluster.
+
+    ``Executor()`` starts a :class:`~zdist.LocalCluster` and stops it on
+    :meth:`shutdown`; ``Executor(address)`` or ``Executor(cluster)`` joins
+    one. The other arguments are the :class:`~zdist.Pool`'s: ``timeout``
+    (to reach the Center), ``max_worker_deaths`` (a task that was running on
+    that many workers that died fails with
+    :class:`~zdist.TaskKilledWorkersError`), ``security``, ``processes``,
+    ``inline`` and ``cluster_kwargs``.
+
+    Futures keep their values after :meth:`shutdown`, as the standard
+    library's do: ``shutdown(wait=True)`` fetches the values of the futures
+    still referenced before it ends the session.
+    """
+
+    def __init__(self, center: Any = None, **pool_options: Any):
+        self._pool = Pool(center, **pool_options)
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+
+    @property
+    def center_address(self) -> str:
+        return self._pool.center_address
+
+    @property
+    def pool(self) -> Pool:
+        """The :class:`~zdist.Pool` underneath (``scatter``, ``gather``, ``available_cores``...)."""
+        return self._pool
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> RemoteData:
+        """Run ``fn(*args, **kwargs)`` on the cluster; return its future at once."""
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            return self._pool._submit(fn, [args], kwargs or None)[0]
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None, chunksize: int = 1) -> Iterator:
+        """``map(fn, *iterables)`` on the cluster; results in order, as the standard library's.
+
+        The calls are submitted at once (``chunksize`` items per task);
+        iterating waits for each result at most until ``timeout`` seconds
+        after this call, then raises ``TimeoutError``.
+        """
+        if not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if chunksize == 1:
+                handles = self._pool._submit(fn, zip(*iterables))
+            else:
+                chunks = _chunks(zip(*iterables), chunksize)
+                handles = self._pool._submit(_run_chunk, ((fn, chunk) for chunk in chunks))
+        return _results_in_order(self._pool, handles, end, flatten=chunksize > 1)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop taking work; with ``cancel_futures`` cancel what has not started; with ``wait`` finish the rest first."""
+        with self._shutdown_lock:
+            if self._shutdown:
+                return
+            self._shutdown = True
+        pool = self._pool
+        if pool._state != "running":
+            return
+        if cancel_futures:
+            pending = [h for h in _live_handles(pool) if not h.done()]
+            if pending:
+                pool._cancel(pending)
+        if wait:
+            live = _live_handles(pool)
+            pool._wait(live, None, raise_errors=False)
+            _keep_values(pool, live)
+            pool.close()
+        else:
+            pool.terminate()
+
+    def __repr__(self) -> str:
+        return f"<Executor center={self.center_address} workers={len(self._pool.available_cores)}>"
+
+
+def as_completed(handles: Iterable[RemoteData], timeout: float | None = None, with_results: bool = False) -> Iterator:
+    """Yield handles as they finish (``(handle, value)`` pairs with ``with_results``): ``concurrent.futures.as_completed`` plus values."""
+    for handle in concurrent.futures.as_completed(handles, timeout=timeout):
+        if with_results:
+            yield handle, handle.result()
+        else:
+            yield handle
+
+
+def wait(handles: Iterable[RemoteData], timeout: float | None = None, return_when: str = concurrent.futures.ALL_COMPLETED) -> Any:
+    """``concurrent.futures.wait`` on zdist handles: ``(done, not_done)``."""
+    return concurrent.futures.wait(handles, timeout=timeout, return_when=return_when)
+
+
+def _run_chunk(fn: Callable, chunk: list) -> list:
+    return [fn(*args) for args in chunk]
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _results_in_order(pool: Pool, handles: list[RemoteData], end: float | None, flatten: bool) -> Iterator:
+    """Yield results in order; fetch the values not here yet in runs of finished handles (one request per worker)."""
+    handles.reverse()  # pop from the end: no handle kept once its result is yielded
+    try:
+        while handles:
+            remaining = None if end is None else end - time.monotonic()
+            head = handles[-1]
+            head.wait(remaining)
+            if not head.ready():
+                raise TimeoutError(f"map results not ready within the timeout ({head.key} still running)")
+            if _local_value(head) is NO_VALUE and head._error() is None:
+                run = []
+                for handle in reversed(handles):  # the finished ones from the head on
+                    if not handle.ready() or len(run) >= 1000:
+                        break
+                    run.append(handle)
+                pool._get_values([h for h in run if h._error() is None], remaining)
+            value = handles.pop().result(None if end is None else max(0.0, end - time.monotonic()))
+            if flatten:
+                yield from value
+            else:
+                yield value
+    finally:
+        for handle in handles:  # the caller stopped early: what has not started need not run
+            handle.cancel()
+
+
+def _live_handles(pool: Pool) -> list[RemoteData]:
+    return pool._loop.run(pool._shell.live_handles(), pool.timeout)
+
+
+def _keep_values(pool: Pool, handles: list[RemoteData]) -> None:
+    """Fetch the values of finished futures still referenced, so that they outlive the session."""
+    good = [h for h in handles if h.done() and not h.cancelled() and h._error() is None]
+    try:
+        values = pool._get_values(good, pool.timeout)
+    except Exception:  # noqa: BLE001 - one lost value: keep the others one by one
+        values = []
+        for handle in good:
+            try:
+                values.append(handle.result(pool.timeout))
+            except Exception as exc:  # noqa: BLE001
+                handle._early = (False, exc)
+                values.append(NO_VALUE)
+    for handle, value in zip(good, values):
+        if value is not NO_VALUE:
+            handle._early = (True, value)
