@@ -191,3 +191,32 @@ def test_pool_handles_are_futures_and_pool_callbacks(cluster):
 def test_executor_without_address_starts_and_stops_a_cluster():
     with Executor(processes=1) as ex:
         assert ex.submit(inc, 1).result(30) == 2
+
+
+def square(x):
+    return x * x
+
+
+def fails_at_five(x):
+    if x == 5:
+        raise ValueError("five")
+    return x
+
+
+def test_imap_in_order_unordered_chunked_and_endless(cluster):
+    import itertools
+
+    with Pool(cluster.center_address) as pool:
+        assert list(pool.imap(square, range(600))) == [x * x for x in range(600)]
+        assert list(pool.imap(square, range(2500), chunksize=100)) == [x * x for x in range(2500)]
+        assert sorted(pool.imap_unordered(square, range(600), chunksize=7)) == [x * x for x in range(600)]
+        endless = pool.imap(square, itertools.count())  # read as results are taken: no list of the input
+        assert [next(endless) for _ in range(1000)] == [x * x for x in range(1000)]
+        endless.close()
+        got = []
+        with pytest.raises(ValueError, match="five"):
+            for value in pool.imap(fails_at_five, range(10)):
+                got.append(value)
+        assert got == [0, 1, 2, 3, 4]  # the values before the failed one come first
+        with pytest.raises(ValueError, match="chunksize"):
+            pool.imap(square, range(3), chunksize=0)

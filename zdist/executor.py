@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-from .pool import Pool, RemoteData, _local_value
+from .pool import Pool, RemoteData, _chunks, _results_in_order, _run_chunk, _run_star_chunk
 from .scheduling import NO_VALUE
 
 __all__ = ["Executor", "as_completed", "wait"]
@@ -84,8 +84,10 @@ class Executor(concurrent.futures.Executor):
             if chunksize == 1:
                 handles = self._pool._submit(fn, zip(*iterables))
             else:
-                chunks = _chunks(zip(*iterables), chunksize)
-                handles = self._pool._submit(_run_chunk, ((fn, chunk) for chunk in chunks))
+                if len(iterables) == 1:
+                    handles = self._pool._submit(_run_chunk, ((fn, chunk) for chunk in _chunks(iterables[0], chunksize)))
+                else:
+                    handles = self._pool._submit(_run_star_chunk, ((fn, chunk) for chunk in _chunks(zip(*iterables), chunksize)))
         return _results_in_order(self._pool, handles, end, flatten=chunksize > 1)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -125,48 +127,6 @@ def as_completed(handles: Iterable[RemoteData], timeout: float | None = None, wi
 def wait(handles: Iterable[RemoteData], timeout: float | None = None, return_when: str = concurrent.futures.ALL_COMPLETED) -> Any:
     """``concurrent.futures.wait`` on zdist handles: ``(done, not_done)``."""
     return concurrent.futures.wait(handles, timeout=timeout, return_when=return_when)
-
-
-def _run_chunk(fn: Callable, chunk: list) -> list:
-    return [fn(*args) for args in chunk]
-
-
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk: list = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-def _results_in_order(pool: Pool, handles: list[RemoteData], end: float | None, flatten: bool) -> Iterator:
-    """Yield results in order; fetch the values not here yet in runs of finished handles (one request per worker)."""
-    handles.reverse()  # pop from the end: no handle kept once its result is yielded
-    try:
-        while handles:
-            remaining = None if end is None else end - time.monotonic()
-            head = handles[-1]
-            head.wait(remaining)
-            if not head.ready():
-                raise TimeoutError(f"map results not ready within the timeout ({head.key} still running)")
-            if _local_value(head) is NO_VALUE and head._error() is None:
-                run = []
-                for handle in reversed(handles):  # the finished ones from the head on
-                    if not handle.ready() or len(run) >= 1000:
-                        break
-                    run.append(handle)
-                pool._get_values([h for h in run if h._error() is None], remaining)
-            value = handles.pop().result(None if end is None else max(0.0, end - time.monotonic()))
-            if flatten:
-                yield from value
-            else:
-                yield value
-    finally:
-        for handle in handles:  # the caller stopped early: what has not started need not run
-            handle.cancel()
 
 
 def _live_handles(pool: Pool) -> list[RemoteData]:

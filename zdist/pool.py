@@ -21,6 +21,7 @@ core and carries out its commands.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import threading
@@ -29,7 +30,7 @@ import uuid
 import weakref
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from .comm import normalize_address
 from .errors import LostDataError, NoWorkersError, noted
@@ -46,6 +47,9 @@ logger = logging.getLogger(__name__)
 #: Results up to this size come back with the acknowledgement (and also stay
 #: on the worker), so ``apply(...).get()`` costs one round trip.
 SMALL_RESULT = 4096
+
+#: ``imap`` keeps at least this many tasks in flight (more on many cores).
+STREAM_WINDOW = 256
 
 
 #: Tasks in these states have not been sent to a worker: they can be cancelled.
@@ -352,6 +356,35 @@ class Pool:
         self._wait(handles, None, raise_errors=True, progress=progress)
         return handles
 
+    def imap(self, func: Callable, iterable: Iterable, chunksize: int = 1) -> Iterator:
+        """``func`` over ``iterable``, results in order as they come (multiprocessing's ``imap``).
+
+        A window of tasks is in flight at a time, read from ``iterable`` as
+        results are taken: an endless generator runs in bounded memory.
+        ``chunksize`` items go in each task. A failed item raises its
+        exception when the iteration reaches it.
+
+        >>> with Pool(processes=1) as pool:
+        ...     list(pool.imap(abs, range(-3, 3), chunksize=2))
+        [3, 2, 1, 0, 1, 2]
+        """
+        return self._stream(func, iterable, chunksize, ordered=True)
+
+    def imap_unordered(self, func: Callable, iterable: Iterable, chunksize: int = 1) -> Iterator:
+        """As :meth:`imap`, but results in the order they finish."""
+        return self._stream(func, iterable, chunksize, ordered=False)
+
+    def _stream(self, func: Callable, iterable: Iterable, chunksize: int, ordered: bool) -> Iterator:
+        self._check_running()
+        if not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
+        calls: Iterator = ((item,) for item in iterable)
+        function = func
+        if chunksize > 1:
+            calls, function = ((func, chunk) for chunk in _chunks(iterable, chunksize)), _run_chunk
+        window = max(STREAM_WINDOW, 8 * sum(self.available_cores.values()))
+        return _stream(self, function, calls, window, ordered, flatten=chunksize > 1)
+
     def starmap_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None, callback: Callable | None = None, error_callback: Callable | None = None) -> list[RemoteData]:
         """Like :meth:`starmap` but returns the list of :class:`RemoteData` at once (callbacks as for :meth:`map_async`)."""
         handles = self._submit(func, [tuple(args) for args in iterable])
@@ -657,6 +690,84 @@ def _when_done(handles: list[RemoteData], callback: Callable | None, error_callb
         return
     for handle in handles:
         handle.add_done_callback(one_done)
+
+
+def _stream(pool: Pool, function: Callable, calls: Iterator, window: int, ordered: bool, flatten: bool) -> Iterator:
+    """Keep up to ``window`` tasks in flight from ``calls``; yield their values in order (or as they finish)."""
+    pending: collections.deque = collections.deque()
+    try:
+        while True:
+            if len(pending) <= window // 2:
+                more = list(itertools.islice(calls, window - len(pending)))
+                if more:
+                    pending.extend(pool._submit(function, more))
+            if not pending:
+                return
+            if ordered:
+                pending[0].wait()
+                taken = []
+                while pending and len(taken) < 1000 and pending[0].ready() and pending[0]._error() is None:
+                    taken.append(pending.popleft())
+                if not taken:
+                    pending.popleft().result()  # raises the head's error
+            else:
+                pool._until(lambda: any(h.ready() for h in pending), None, None)
+                taken = [h for h in pending if h.ready()]
+                pending = collections.deque(h for h in pending if not h.ready())
+                failed = [h for h in taken if h._error() is not None]
+                taken = [h for h in taken if h._error() is None]
+            for value in pool._get_values(taken, None):
+                if flatten:
+                    yield from value
+                else:
+                    yield value
+            del taken
+            if not ordered and failed:
+                failed[0].result()
+    finally:
+        for handle in pending:  # the caller stopped early: what has not started need not run
+            handle.cancel()
+
+
+def _run_chunk(fn: Callable, chunk: list) -> list:
+    """One task of a chunked map: ``fn`` over a chunk of single arguments (a plain list: cheap to scan and send)."""
+    return [fn(item) for item in chunk]
+
+
+def _run_star_chunk(fn: Callable, chunk: list) -> list:
+    return [fn(*args) for args in chunk]
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    return iter(lambda: list(itertools.islice(it, size)), [])
+
+
+def _results_in_order(pool: Pool, handles: list[RemoteData], end: float | None, flatten: bool) -> Iterator:
+    """Yield results in order; fetch the values not here yet in runs of finished handles (one request per worker)."""
+    handles.reverse()  # pop from the end: no handle kept once its result is yielded
+    try:
+        while handles:
+            remaining = None if end is None else end - time.monotonic()
+            head = handles[-1]
+            head.wait(remaining)
+            if not head.ready():
+                raise TimeoutError(f"map results not ready within the timeout ({head.key} still running)")
+            if _local_value(head) is NO_VALUE and head._error() is None:
+                run = []
+                for handle in reversed(handles):  # the finished ones from the head on
+                    if not handle.ready() or len(run) >= 1000:
+                        break
+                    run.append(handle)
+                pool._get_values([h for h in run if h._error() is None], remaining)
+            value = handles.pop().result(None if end is None else max(0.0, end - time.monotonic()))
+            if flatten:
+                yield from value
+            else:
+                yield value
+    finally:
+        for handle in handles:  # the caller stopped early: what has not started need not run
+            handle.cancel()
 
 
 def _call_each(handle: RemoteData, callbacks: list) -> None:
