@@ -220,3 +220,33 @@ def test_imap_in_order_unordered_chunked_and_endless(cluster):
         assert got == [0, 1, 2, 3, 4]  # the values before the failed one come first
         with pytest.raises(ValueError, match="chunksize"):
             pool.imap(square, range(3), chunksize=0)
+
+
+def remember_setup(tag):
+    import builtins
+
+    builtins.zdist_test_setup = getattr(builtins, "zdist_test_setup", 0) + 1
+    builtins.zdist_test_tag = tag
+
+
+def read_setup(_):
+    import builtins
+    import os
+
+    return os.getpid(), builtins.zdist_test_setup, builtins.zdist_test_tag
+
+
+def test_initializer_runs_once_per_worker_including_later_ones(cluster):
+    with Pool(cluster.center_address, initializer=remember_setup, initargs=("ready",)) as pool:
+        seen = pool.gather(pool.map(read_setup, range(40)))
+        seen += list(pool.imap(read_setup, range(40), chunksize=5))
+        assert {tag for _, _, tag in seen} == {"ready"}
+        assert all(count == 1 for _, count, _ in seen)  # once per process, however many tasks
+        cluster.start_worker()  # a worker that joins later runs the initializer before its first task
+        wait_for(lambda: len(pool.sync_center()) == 3, timeout=15)
+        later = pool.gather(pool.map(read_setup, range(300)))
+        assert {tag for _, _, tag in later} == {"ready"} and all(count == 1 for _, count, _ in later)
+    with Executor(cluster.center_address, initializer=remember_setup, initargs=("again",)) as ex:
+        assert {tag for _, _, tag in ex.map(read_setup, range(20), chunksize=4)} == {"again"}
+    with pytest.raises(ValueError, match="maxtasksperchild"):
+        Pool(cluster.center_address, maxtasksperchild=10)

@@ -84,6 +84,8 @@ class Executor(concurrent.futures.Executor):
             if chunksize == 1:
                 handles = self._pool._submit(fn, zip(*iterables))
             else:
+                if self._pool._initializer is not None:
+                    fn = self._pool._with_initializer(fn)
                 if len(iterables) == 1:
                     handles = self._pool._submit(_run_chunk, ((fn, chunk) for chunk in _chunks(iterables[0], chunksize)))
                 else:

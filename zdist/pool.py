@@ -206,8 +206,21 @@ class Pool:
         timeout: float = 30.0,
         max_worker_deaths: int = 3,
         inline: bool = False,
+        initializer: Callable | None = None,
+        initargs: tuple = (),
+        maxtasksperchild: int | None = None,
         cluster_kwargs: dict | None = None,
     ):
+        if maxtasksperchild is not None:
+            raise ValueError(
+                "maxtasksperchild is not supported: zdist workers are long-lived processes shared by every client; "
+                "to run set-up code per worker use initializer=, and restart a worker that leaks by stopping it "
+                "(its nanny or your process manager starts a fresh one)"
+            )
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, got {type(initializer).__name__}")
+        self._initializer = (initializer, tuple(initargs)) if initializer is not None else None
+        self._wrapped: dict = {}
         self.security = security
         self._cluster = None
         self._state = "closed"
@@ -254,6 +267,8 @@ class Pool:
             raise TypeError(f"the function to run must be callable, got {type(function).__name__}")
         name = getattr(function, "__name__", "task")
         name = "lambda" if name == "<lambda>" else name
+        if self._initializer is not None and function not in (_run_chunk, _run_star_chunk):
+            function = self._with_initializer(function)
         prefix, counter = f"{name}-{self._prefix}-", self._counter
         handles = []
         for args in arg_tuples:
@@ -265,6 +280,20 @@ class Pool:
             payload = (function, list(args), task_kwargs or {}, [d.key for d in deps])
             handles.append(RemoteData(self, _PoolTask(key, payload, deps)))
         return handles
+
+    def _with_initializer(self, function: Callable) -> Callable:
+        """``function``, preceded once per worker process by this pool's initializer (one wrapper per function: sent once)."""
+        wrapped = self._wrapped.get(function)
+        if wrapped is None:
+            token, (initializer, initargs) = self._prefix, self._initializer
+
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                _run_initializer(token, initializer, initargs)
+                return function(*args, **kwargs)
+
+            wrapped.__name__ = getattr(function, "__name__", "task")
+            self._wrapped[function] = wrapped
+        return wrapped
 
     def _submit(self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None) -> list[RemoteData]:
         handles = self._make_tasks(function, arg_tuples, kwargs)
@@ -381,6 +410,7 @@ class Pool:
         calls: Iterator = ((item,) for item in iterable)
         function = func
         if chunksize > 1:
+            func = self._with_initializer(func) if self._initializer is not None else func
             calls, function = ((func, chunk) for chunk in _chunks(iterable, chunksize)), _run_chunk
         window = max(STREAM_WINDOW, 8 * sum(self.available_cores.values()))
         return _stream(self, function, calls, window, ordered, flatten=chunksize > 1)
@@ -727,6 +757,20 @@ def _stream(pool: Pool, function: Callable, calls: Iterator, window: int, ordere
     finally:
         for handle in pending:  # the caller stopped early: what has not started need not run
             handle.cancel()
+
+
+_initialized: set = set()
+_initializing = threading.Lock()
+
+
+def _run_initializer(token: str, initializer: Callable, initargs: tuple) -> None:
+    """Run a pool's initializer once in this worker process (every task of the pool calls this first)."""
+    if token in _initialized:
+        return
+    with _initializing:
+        if token not in _initialized:
+            initializer(*initargs)
+            _initialized.add(token)
 
 
 def _run_chunk(fn: Callable, chunk: list) -> list:
