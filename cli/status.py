@@ -2,10 +2,10 @@
 
     $ zdist status 127.0.0.1:8787
     Center 127.0.0.1:8787 · 2 workers · dashboard http://127.0.0.1:8790/
-    ADDRESS          NAME      CORES  KEYS  BYTES    MEMORY    RUNNING  DONE  LAST SEEN
-    127.0.0.1:40113  worker-0      1    10  1.2 KiB  71.3 MiB        0    10  0.2 s ago
+    ADDRESS          NAME      CORES  KEYS  BYTES    IN MEMORY  ON DISK  MEMORY     LIMIT  RUNNING  DONE  RESTARTS  STATUS   LAST SEEN
+    127.0.0.1:40113  worker-0      1    10  1.2 KiB    1.2 KiB      0 B  71.3 MiB       -        0    10         0  running  0.2 s ago
     ...
-    TOTAL            2 workers     2    20  2.4 KiB  142.6 MiB       0    20
+    TOTAL            2 workers     2    20  2.4 KiB    2.4 KiB      0 B  142.6 MiB               0    20         0
 
 Exits 1, saying so, when the Center does not answer within ``--timeout`` seconds.
 """
@@ -70,6 +70,11 @@ def summarize(info: dict) -> dict:
                 "executing": w.get("executing", 0),
                 "tasks_done": w.get("tasks_done", 0),
                 "pid": w.get("pid"),
+                "restarts": w.get("restarts", 0),
+                "status": w.get("status", "running"),
+                "memory_limit": w.get("memory_limit"),
+                "bytes_in_memory": w.get("bytes_in_memory", w.get("nbytes", 0)),
+                "bytes_on_disk": w.get("bytes_on_disk", 0),
                 "last_seen": last_seen,
                 "last_seen_age": round(max(0.0, now - last_seen), 3),
             }
@@ -83,6 +88,9 @@ def summarize(info: dict) -> dict:
         "memory": sum(_num(w["memory"]) for w in workers),
         "executing": sum(_num(w["executing"]) for w in workers),
         "tasks_done": sum(_num(w["tasks_done"]) for w in workers),
+        "restarts": sum(_num(w["restarts"]) for w in workers),
+        "bytes_in_memory": sum(_num(w["bytes_in_memory"]) for w in workers),
+        "bytes_on_disk": sum(_num(w["bytes_on_disk"]) for w in workers),
     }
     return {
         "center": info.get("address"),
@@ -96,8 +104,8 @@ def summarize(info: dict) -> dict:
 
 def format_table(summary: dict) -> str:
     """A plain-text table for a terminal."""
-    header = ["ADDRESS", "NAME", "CORES", "KEYS", "BYTES", "MEMORY", "RUNNING", "DONE", "LAST SEEN"]
-    right = {2, 3, 4, 5, 6, 7, 8}
+    header = ["ADDRESS", "NAME", "CORES", "KEYS", "BYTES", "IN MEMORY", "ON DISK", "MEMORY", "LIMIT", "RUNNING", "DONE", "RESTARTS", "STATUS", "LAST SEEN"]
+    right = set(range(2, 12)) | {13}
     rows = [
         [
             w["address"],
@@ -105,9 +113,14 @@ def format_table(summary: dict) -> str:
             str(w["ncores"]),
             str(w["nkeys"]),
             human_bytes(w["nbytes"]),
+            human_bytes(w["bytes_in_memory"]),
+            human_bytes(w["bytes_on_disk"]),
             human_bytes(w["memory"]),
+            human_bytes(w["memory_limit"]),
             str(w["executing"]),
             str(w["tasks_done"]),
+            str(w["restarts"]),
+            str(w["status"]),
             human_age(w["last_seen_age"]),
         ]
         for w in summary["workers"]
@@ -119,9 +132,14 @@ def format_table(summary: dict) -> str:
         str(t["ncores"]),
         str(t["nkeys"]),
         human_bytes(t["nbytes"]),
+        human_bytes(t["bytes_in_memory"]),
+        human_bytes(t["bytes_on_disk"]),
         human_bytes(t["memory"]),
+        "",
         str(t["executing"]),
         str(t["tasks_done"]),
+        str(t["restarts"]),
+        "",
         "",
     ]
     table = [header, *rows, total]

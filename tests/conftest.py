@@ -35,6 +35,10 @@ def run(coroutine: Any, timeout: float = 60.0) -> Any:
 def make_cluster(n_workers: int = 2, **kwargs: Any) -> LocalCluster:
     kwargs.setdefault("heartbeat_timeout", HEARTBEAT_TIMEOUT)
     kwargs.setdefault("heartbeat_interval", HEARTBEAT_INTERVAL)
+    # Bare workers unless a test asks for nannies: many tests kill a worker
+    # (cluster.kill_worker) and count on it staying dead. tests/test_nanny.py
+    # and tests/test_memory.py ask for nanny=True.
+    kwargs.setdefault("nanny", False)
     return LocalCluster(n_workers=n_workers, **kwargs)
 
 

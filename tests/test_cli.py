@@ -176,7 +176,8 @@ def test_center_and_worker_print_their_addresses_and_register(programs):
     assert center_call(center_address, "ncores") == {worker_address: 3}
     info = center_call(center_address, "workers")[worker_address]
     assert info["name"] == "alice" and info["ncores"] == 3
-    assert info["pid"] == worker.pid
+    assert info["nanny"] == worker.pid  # zdist-worker is the nanny; the worker is its child
+    assert info["pid"] != worker.pid and info["restarts"] == 0
 
     # The worker serves data at the address it printed.
     async def use_worker():

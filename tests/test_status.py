@@ -59,7 +59,7 @@ def test_status_table(busy_cluster):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith(f"Center {cluster.center_address} · 2 workers · 2 cores")
-    assert lines[1].split() == ["ADDRESS", "NAME", "CORES", "KEYS", "BYTES", "MEMORY", "RUNNING", "DONE", "LAST", "SEEN"]
+    assert lines[1].split() == ["ADDRESS", "NAME", "CORES", "KEYS", "BYTES", "IN", "MEMORY", "ON", "DISK", "MEMORY", "LIMIT", "RUNNING", "DONE", "RESTARTS", "STATUS", "LAST", "SEEN"]
     info = center_info(cluster.center_address)
     for address in cluster.worker_addresses:
         row = next(line for line in lines if line.startswith(address))

@@ -124,7 +124,15 @@ class Center(Node):
     # -------------------------------------------------------------- membership
 
     def register(
-        self, address: str, ncores: int, name: str | None = None, keys: dict | None = None, pid: int | None = None, sessions: list | None = None, **extra: Any
+        self,
+        address: str,
+        ncores: int,
+        name: str | None = None,
+        keys: dict | None = None,
+        pid: int | None = None,
+        sessions: list | None = None,
+        replaces: str | None = None,
+        **extra: Any,
     ) -> str:
         """A worker joins (or joins again after a Center restart) with the keys it holds.
 
@@ -132,8 +140,19 @@ class Center(Node):
         once of those closed meanwhile; those this Center does not know (it
         restarted) are adopted, open for ``session_timeout`` seconds, so that
         they close unless their client is still there to heartbeat.
+
+        ``replaces`` names the worker this one was started in place of by
+        their nanny (``extra['nanny']``, its pid): that one died, and is
+        dropped now rather than after missing heartbeats. Other ``extra``
+        numbers and strings (``restarts``, ``nanny``, ...) are kept in
+        :meth:`workers`.
         """
         address = normalize_address(address)
+        if replaces is not None and replaces != address:
+            old = self.worker_info.get(replaces)
+            if old is not None and old.get("nanny") is not None and old.get("nanny") == extra.get("nanny"):
+                logger.warning("worker %s (%s) died; its nanny started %s in its place", replaces, old["name"], address)
+                self._remove_worker(replaces, "restarted by its nanny")
         if not isinstance(ncores, int) or ncores < 1:
             raise ValueError(f"ncores must be a positive integer, got {ncores!r}")
         if sessions is not None:

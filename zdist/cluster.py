@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import selectors
 import shutil
@@ -17,8 +18,11 @@ import tempfile
 import time
 from typing import Any
 
+import psutil
+
 from .center import Center
 from .loop import LoopThread
+from .memory import MemoryThresholds, parse_memory_limit
 from .rpc import rpc
 from .worker import Worker
 
@@ -41,6 +45,13 @@ class LocalCluster:
     process (on a background loop when used with ``with``, on the running
     loop when used with ``async with``). Either way everything stops on
     exit, even after an exception, and at interpreter exit.
+
+    With ``nanny=True`` (the default) each worker subprocess runs under a
+    nanny (:mod:`zdist.nanny`) that starts it again when it dies (under a
+    new address, with the same name); ``nanny=False`` starts bare workers,
+    for tests that kill a worker and need it to stay dead. ``memory_limit``
+    (each worker's: ``'400MB'``, bytes, ``'auto'``, ...) and
+    ``memory_thresholds`` are passed to every worker (see :mod:`zdist.memory`).
     """
 
     def __init__(
@@ -56,6 +67,9 @@ class LocalCluster:
         start_timeout: float = 30.0,
         worker_kwargs: dict | None = None,
         dashboard: bool = False,
+        nanny: bool = True,
+        memory_limit: int | str | None = None,
+        memory_thresholds: Any = None,
     ):
         self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
         self.threads_per_worker = threads_per_worker
@@ -65,6 +79,10 @@ class LocalCluster:
         self.heartbeat_interval = heartbeat_interval
         self.start_timeout = start_timeout
         self.worker_kwargs = worker_kwargs or {}
+        self.nanny = nanny and processes
+        # Each worker's limit, in bytes (checked here, before any process starts).
+        self.memory_limit = parse_memory_limit(memory_limit, nworkers=self.n_workers)
+        self.memory_thresholds = MemoryThresholds.of(memory_thresholds)
         # The Center's web dashboard, on a free port (off by default: tests start many clusters).
         self.dashboard = dashboard
         self.dashboard_url: str | None = None
@@ -123,8 +141,9 @@ class LocalCluster:
                 self._loop_thread.stop()
                 self._loop_thread = None
         # Workers first, so that they can unregister from a Center still there.
+        # SIGINT: stop now (SIGTERM would hand their data to each other first).
         for process in self.worker_processes.values():
-            _terminate(process)
+            _terminate(process, signal.SIGINT)
         for process in self.worker_processes.values():
             _wait_or_kill(process)
         if self.center_process is not None:
@@ -178,6 +197,8 @@ class LocalCluster:
             ncores=self.threads_per_worker,
             heartbeat_interval=self.heartbeat_interval,
             security=self.security,
+            memory_limit=self.memory_limit,
+            memory_thresholds=self.memory_thresholds,
             **{**self.worker_kwargs, **kwargs},
         )
         await worker.start()
@@ -234,6 +255,12 @@ class LocalCluster:
             str(self.heartbeat_interval),
             *self._common_args(),
         ]
+        if not self.nanny:
+            args.append("--no-nanny")
+        if self.memory_limit:
+            args += ["--memory-limit", str(self.memory_limit)]
+        for field, value in vars(self.memory_thresholds).items():
+            args += [f"--memory-{field}", "off" if value is None else str(value)]
         return args + (["--name", name] if name else [])
 
     def start_workers(self, n: int) -> list[str]:
@@ -305,10 +332,19 @@ class LocalCluster:
         return [a for a, p in self.worker_processes.items() if p.poll() is None]
 
     def kill_worker(self, address: str, sig: int = signal.SIGKILL) -> None:
-        """Kill a worker subprocess (SIGKILL by default), as a crash would."""
+        """Kill a worker subprocess (SIGKILL by default), as a crash would.
+
+        Under a nanny (``nanny=True``) the worker's process is killed and its
+        nanny starts it again, under a new address; without one, it stays dead.
+        """
         process = self.worker_processes[address]
-        process.send_signal(sig)
-        process.wait(10)
+        if self.nanny:
+            for child in _children(process):
+                with contextlib.suppress(psutil.Error):
+                    child.send_signal(sig)
+        else:
+            process.send_signal(sig)
+            process.wait(10)
         if address in self.worker_addresses:
             self.worker_addresses.remove(address)
 
@@ -413,19 +449,31 @@ def _read_line_with(process: subprocess.Popen, marker: str, timeout: float) -> s
         selector.close()
 
 
-def _terminate(process: subprocess.Popen) -> None:
+def _terminate(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     if process.poll() is None:
         try:
-            process.terminate()
+            process.send_signal(sig)
         except ProcessLookupError:
             pass
+
+
+def _children(process: subprocess.Popen) -> list:
+    """The processes a node process started (a nanny's workers)."""
+    try:
+        return psutil.Process(process.pid).children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def _wait_or_kill(process: subprocess.Popen, timeout: float = 5.0) -> None:
     try:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
+        children = _children(process)  # a nanny's worker would outlive it
         process.kill()
         process.wait()
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
     if process.stdout is not None:
         process.stdout.close()

@@ -33,6 +33,9 @@ import sys
 from typing import Any
 
 from .center import DEFAULT_HEARTBEAT_TIMEOUT, Center
+from .comm import normalize_address
+from .memory import MemoryThresholds, parse_fraction, parse_memory_limit, parse_ncores
+from .nanny import MAX_RESTARTS, RESTART_WINDOW
 from .worker import Worker
 
 #: The Center's port unless told otherwise.
@@ -95,11 +98,45 @@ def worker_parser(prog: str = "python -m zdist.run worker") -> argparse.Argument
     parser.add_argument("center", metavar="CENTER_ADDRESS", help="the Center's HOST:PORT, e.g. 127.0.0.1:8787")
     add_node_arguments(parser)
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
-    parser.add_argument("--ncores", type=int, default=os.cpu_count(), help="threads for user functions (default: this machine's cores)")
-    parser.add_argument("--name", default=None, help="a name shown by the Center (default: the worker's address)")
-    parser.add_argument("--local-dir", default=None, metavar="DIR", help="directory for the worker's files")
+    parser.add_argument(
+        "--ncores", type=_checked(parse_ncores), default=None, help="threads for user functions (default: this machine's cores; split among --nworkers)"
+    )
+    parser.add_argument("--name", default=None, help="a name shown by the Center (default: the worker's address; NAME-0, NAME-1, ... with --nworkers)")
+    parser.add_argument("--local-dir", default=None, metavar="DIR", help="where the worker makes its own directory for spilled data (default: the system's temp dir)")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5, metavar="SECONDS", help="how often to tell the Center this worker lives")
+    parser.add_argument("--nworkers", type=_checked(parse_ncores), default=1, metavar="N", help="start N worker processes, each under the nanny (default 1)")
+    parser.add_argument("--no-nanny", action="store_true", help="run the worker in this process, with no nanny to start it again if it dies")
+    parser.add_argument("--max-restarts", type=int, default=MAX_RESTARTS, metavar="N", help=f"the nanny gives up on a worker that died N times within {RESTART_WINDOW:g} s (default {MAX_RESTARTS})")
+    parser.add_argument(
+        "--memory-limit",
+        default=None,
+        metavar="LIMIT",
+        help="memory of all the workers together, split among --nworkers: 4GB, 4GiB, bytes, a fraction of this machine such as 0.5, or auto (default: no limit)",
+    )
+    defaults = MemoryThresholds()
+    for name, what in (("target", "spill the least recently used values to disk (by the data's size)"), ("spill", "spill by the process's memory"), ("pause", "start no new tasks"), ("terminate", "the nanny restarts the worker")):
+        parser.add_argument(
+            f"--memory-{name}", type=_checked(parse_fraction), default=getattr(defaults, name), metavar="FRACTION",
+            help=f"fraction of --memory-limit at which to {what} (default {getattr(defaults, name)}; off to turn it off)",
+        )
+    # Set by the nanny for the worker it starts.
+    parser.add_argument("--restarts", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--replaces", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--nanny-pid", type=int, default=None, help=argparse.SUPPRESS)
     return parser
+
+
+def _checked(parse: Any) -> Any:
+    """An argparse ``type`` from a parser that raises ValueError: argparse then prints its message."""
+
+    def check(value: str) -> Any:
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    check.__name__ = parse.__name__
+    return check
 
 
 # ------------------------------------------------------------------ serving
@@ -205,7 +242,28 @@ def worker_main(argv: list[str] | None = None, prog: str = "python -m zdist.run 
     parser = worker_parser(prog)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    options = dict(ncores=args.ncores, name=args.name, local_dir=args.local_dir, heartbeat_interval=args.heartbeat_interval, **node_options(args))
+    try:
+        normalize_address(args.center)
+        memory_limit = _memory_limit(args.memory_limit, args.nworkers)
+    except ValueError as exc:
+        parser.exit(2, f"{prog}: {exc}\n")
+    if not args.no_nanny:
+        return _run_nannies(args, memory_limit, parser, prog)
+    if args.nworkers > 1:
+        parser.exit(2, f"{prog}: --nworkers {args.nworkers} needs the nanny to run the workers: leave out --no-nanny\n")
+    thresholds = MemoryThresholds(args.memory_target, args.memory_spill, args.memory_pause, args.memory_terminate)
+    options = dict(
+        ncores=args.ncores,
+        name=args.name,
+        local_dir=args.local_dir,
+        heartbeat_interval=args.heartbeat_interval,
+        memory_limit=memory_limit,
+        memory_thresholds=thresholds,
+        restarts=args.restarts,
+        replaces=args.replaces,
+        nanny=args.nanny_pid,
+        **node_options(args),
+    )
     try:
         run_worker(args.center, args.host, args.port, **options)
     except ValueError as exc:
@@ -213,6 +271,55 @@ def worker_main(argv: list[str] | None = None, prog: str = "python -m zdist.run 
     except OSError as exc:
         parser.exit(1, f"{prog}: {exc}\n")
     return 0
+
+
+def _memory_limit(value: str | None, nworkers: int) -> int | None:
+    """Each worker's share of ``--memory-limit`` (``auto``: the machine's memory over ``nworkers``)."""
+    if value is not None and value.strip().lower() == "auto":
+        return parse_memory_limit(value, nworkers=nworkers)
+    limit = parse_memory_limit(value)
+    return None if limit is None else limit // nworkers
+
+
+def _run_nannies(args: argparse.Namespace, memory_limit: int | None, parser: argparse.ArgumentParser, prog: str) -> int:
+    """This process is the nanny of ``--nworkers`` workers (zdist.nanny)."""
+    from .nanny import Nanny, WorkerSpec
+
+    n = args.nworkers
+    if n > 1 and args.port:
+        parser.exit(2, f"{prog}: --port {args.port} with --nworkers {n}: each worker needs a port of its own; leave --port out\n")
+    ncores = args.ncores or os.cpu_count() or 1
+    if ncores < n:
+        parser.exit(2, f"{prog}: --ncores {ncores} cannot be split among --nworkers {n}: each worker needs at least one core\n")
+    nannies = []
+    for i in range(n):
+        share = ncores // n + (1 if i < ncores % n else 0)
+        name = args.name if n == 1 or args.name is None else f"{args.name}-{i}"
+        nannies.append(
+            Nanny(
+                WorkerSpec(_worker_argv(args, share if args.ncores or n > 1 else None, memory_limit), name, memory_limit, args.memory_terminate, args.local_dir),
+                max_restarts=args.max_restarts,
+            )
+        )
+    from .nanny import supervise
+
+    return supervise(nannies)
+
+
+def _worker_argv(args: argparse.Namespace, ncores: int | None, memory_limit: int | None) -> list[str]:
+    """The options of one worker a nanny starts: this command line's, with its share of cores and memory."""
+    argv = [args.center, "--host", args.host, "--port", str(args.port), "--heartbeat-interval", str(args.heartbeat_interval), "--log-level", args.log_level]
+    if ncores:
+        argv += ["--ncores", str(ncores)]
+    if memory_limit:
+        argv += ["--memory-limit", str(memory_limit)]
+    for name in ("target", "spill", "pause", "terminate"):
+        value = getattr(args, f"memory_{name}")
+        argv += [f"--memory-{name}", "off" if value is None else str(value)]
+    for option, value in (("--local-dir", args.local_dir), ("--max-message-size", args.max_message_size), ("--key", args.key), ("--authorized-keys", args.authorized_keys)):
+        if value is not None:
+            argv += [option, str(value)]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 
 from .errors import MissingDataError, SessionClosedError
 from .loop import Later
+from .memory import MemoryThresholds, parse_memory_limit
 from .node import Node
 from .protocol import Ref, error_fields, serialize
 from .rpc import CommClosedError, ConnectionPool, RPCTimeoutError, rebuild_exception, unwrap_value
@@ -168,6 +169,11 @@ class Worker(Node):
         local_dir: str | None = None,
         heartbeat_interval: float = 0.5,
         peer_timeout: float = 60.0,
+        memory_limit: int | str | None = None,
+        memory_thresholds: Any = None,
+        restarts: int = 0,
+        replaces: str | None = None,
+        nanny: int | None = None,
         **kwargs: Any,
     ):
         super().__init__(host, port, **kwargs)
@@ -177,6 +183,13 @@ class Worker(Node):
         self.local_dir = local_dir
         self.heartbeat_interval = heartbeat_interval
         self.peer_timeout = peer_timeout
+        # Under a nanny: how often it started this worker again, the address of
+        # the one it replaces (the Center drops that one at once), the nanny's pid.
+        self.restarts = restarts
+        self.memory_limit = parse_memory_limit(memory_limit)
+        self.memory_thresholds = MemoryThresholds.of(memory_thresholds)
+        self.replaces = replaces
+        self.nanny = nanny
         self.data: dict[Any, Any] = {}
         self.nbytes: dict[Any, int] = {}
         self.executor: ThreadPoolExecutor | None = None
@@ -251,6 +264,9 @@ class Worker(Node):
             "name": self.name,
             "keys": dict(self.nbytes),
             "pid": os.getpid(),
+            "restarts": self.restarts,
+            **({"memory_limit": self.memory_limit} if self.memory_limit else {}),
+            **({"nanny": self.nanny, "replaces": self.replaces} if self.nanny is not None else {}),
             **({"sessions": list(self.session_keys)} if self.session_keys else {}),
             **({"public_key": self.security.public_key_text} if self.security else {}),
         }
