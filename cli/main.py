@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "center": ("center", "start the Center of a cluster"),
     "worker": ("worker", "start a Worker and register it with a Center"),
     "keys": ("keys", "make CURVE keys for a secure cluster"),
+    "retire": ("retire", "retire workers: each hands the data only it holds to the others, then exits"),
 }
 
 
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zdist: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"zdist_cli.{SUBCOMMANDS[name][0]}")
+    if name == "retire":
+        return module.main(rest, prog="zdist retire")
     if name == "status":
         parser = module.build_parser(prog="zdist status")
         return module.run(parser.parse_args(rest), prog="zdist status")

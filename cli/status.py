@@ -71,7 +71,7 @@ def summarize(info: dict) -> dict:
                 "tasks_done": w.get("tasks_done", 0),
                 "pid": w.get("pid"),
                 "restarts": w.get("restarts", 0),
-                "status": w.get("status", "running"),
+                "status": "retiring" if w.get("retiring") else w.get("status", "running"),
                 "memory_limit": w.get("memory_limit"),
                 "bytes_in_memory": w.get("bytes_in_memory", w.get("nbytes", 0)),
                 "bytes_on_disk": w.get("bytes_on_disk", 0),

@@ -36,6 +36,7 @@ from .center import DEFAULT_HEARTBEAT_TIMEOUT, Center
 from .comm import normalize_address
 from .memory import MemoryThresholds, parse_fraction, parse_memory_limit, parse_ncores
 from .nanny import MAX_RESTARTS, RESTART_WINDOW
+from .retirement import parse_duration
 from .worker import Worker
 
 #: The Center's port unless told otherwise.
@@ -119,6 +120,8 @@ def worker_parser(prog: str = "python -m zdist.run worker") -> argparse.Argument
             f"--memory-{name}", type=_checked(parse_fraction), default=getattr(defaults, name), metavar="FRACTION",
             help=f"fraction of --memory-limit at which to {what} (default {getattr(defaults, name)}; off to turn it off)",
         )
+    parser.add_argument("--lifetime", type=_checked(parse_duration), default=None, metavar="DURATION", help="retire after this long (90s, 15m, 2h): hand the data over, then exit")
+    parser.add_argument("--lifetime-stagger", type=_checked(parse_duration), default=None, metavar="DURATION", help="retire up to this much earlier or later, so that workers started together do not leave together")
     # Set by the nanny for the worker it starts.
     parser.add_argument("--restarts", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--replaces", default=None, help=argparse.SUPPRESS)
@@ -192,6 +195,10 @@ async def _serve_center(center: Center, dashboard_port: int | None) -> None:
 def run_worker(center: str, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
     """Serve a Worker of the Center at ``center`` until SIGINT or SIGTERM (it unregisters first).
 
+    SIGTERM retires the worker first: it hands the keys no other worker
+    holds to the others (:mod:`zdist.retirement`); a second SIGTERM, or
+    SIGINT, stops it at once.
+
     ``options`` are :class:`~zdist.Worker`'s (``ncores``, ``name``, ``local_dir``,
     ``heartbeat_interval``, ``security``, ...). Raises :class:`ValueError` for a
     bad address and :class:`OSError` when the port cannot be had.
@@ -200,6 +207,9 @@ def run_worker(center: str, host: str = "127.0.0.1", port: int = 0, **options: A
 
     def started(node: Worker) -> None:
         say(f"Start worker at: {node.address}")
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGTERM, lambda: asyncio.ensure_future(node.stop() if node.retiring else node.close_gracefully())
+        )
 
         async def announce() -> None:
             waited = False
@@ -262,6 +272,8 @@ def worker_main(argv: list[str] | None = None, prog: str = "python -m zdist.run 
         restarts=args.restarts,
         replaces=args.replaces,
         nanny=args.nanny_pid,
+        lifetime=args.lifetime,
+        lifetime_stagger=args.lifetime_stagger or 0.0,
         **node_options(args),
     )
     try:
@@ -316,7 +328,7 @@ def _worker_argv(args: argparse.Namespace, ncores: int | None, memory_limit: int
     for name in ("target", "spill", "pause", "terminate"):
         value = getattr(args, f"memory_{name}")
         argv += [f"--memory-{name}", "off" if value is None else str(value)]
-    for option, value in (("--local-dir", args.local_dir), ("--max-message-size", args.max_message_size), ("--key", args.key), ("--authorized-keys", args.authorized_keys)):
+    for option, value in (("--lifetime", args.lifetime), ("--lifetime-stagger", args.lifetime_stagger), ("--local-dir", args.local_dir), ("--max-message-size", args.max_message_size), ("--key", args.key), ("--authorized-keys", args.authorized_keys)):
         if value is not None:
             argv += [option, str(value)]
     return argv

@@ -26,6 +26,7 @@ from .node import Node
 from .protocol import Ref, error_fields, serialize
 from .rpc import CommClosedError, ConnectionPool, RPCTimeoutError, rebuild_exception, unwrap_value
 from .comm import normalize_address
+from .datastore import WorkerMemory, work_directory
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +175,8 @@ class Worker(Node):
         restarts: int = 0,
         replaces: str | None = None,
         nanny: int | None = None,
+        lifetime: float | None = None,
+        lifetime_stagger: float = 0.0,
         **kwargs: Any,
     ):
         super().__init__(host, port, **kwargs)
@@ -190,7 +193,14 @@ class Worker(Node):
         self.memory_thresholds = MemoryThresholds.of(memory_thresholds)
         self.replaces = replaces
         self.nanny = nanny
-        self.data: dict[Any, Any] = {}
+        # After ``lifetime`` seconds (give or take ``lifetime_stagger``) the worker retires (zdist.retirement).
+        self.lifetime = lifetime
+        self.lifetime_stagger = lifetime_stagger
+        self.retiring = False
+        # A plain dict, or with a memory limit the spilling store of self.memory (zdist.datastore).
+        self.data: Any = {}
+        self.memory: WorkerMemory | None = None
+        self.work_dir: str | None = None
         self.nbytes: dict[Any, int] = {}
         self.executor: ThreadPoolExecutor | None = None
         self.peers: ConnectionPool | None = None
@@ -228,14 +238,19 @@ class Worker(Node):
                 "get_task_log": self.get_task_log,
                 "fetch_keys": self.fetch_keys,
                 "release_session": self.release_session,
+                "retire": self.retire,
             }
         )
 
     # -------------------------------------------------------------- lifecycle
 
     async def on_start(self) -> None:
-        if self.local_dir:
-            os.makedirs(self.local_dir, exist_ok=True)
+        self.work_dir = work_directory(self.local_dir)  # raises OSError, saying so, if it cannot be made
+        self.memory = WorkerMemory(self.memory_limit, self.memory_thresholds, self.work_dir, self._memory_changed)
+        self.data = self.memory.data
+        self._background.append(asyncio.ensure_future(self.memory.monitor()))
+        if self.lifetime:
+            self._background.append(asyncio.ensure_future(self._retire_later()))
         if self.name is None:
             self.name = self.address
         self.executor = ThreadPoolExecutor(self.ncores, thread_name_prefix=f"zdist-worker-{self.port}")
@@ -255,6 +270,40 @@ class Worker(Node):
             self.executor.shutdown(wait=False, cancel_futures=True)
         if self.peers is not None:
             self.peers.close()
+        if self.memory is not None:
+            self.memory.close()
+
+    async def retire(self, stop: bool = True) -> dict:
+        """Hand every key no other worker holds to other workers, then stop (see :mod:`zdist.retirement`).
+
+        Answers ``{'moved': n, 'to': {address: n}, 'left': [keys not handed over]}``;
+        the worker stops right after (unless ``stop=False``). ``zdist retire``
+        and SIGTERM call this.
+        """
+        from .retirement import retire
+
+        if not self.retiring:
+            self.retiring = True
+            self._memory_changed()  # tell the Center now: no new tasks here
+        try:
+            return await retire(self)
+        finally:
+            if stop:  # after the reply has left
+                asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(self.stop()))
+
+    async def close_gracefully(self) -> None:
+        """Retire, then stop: what SIGTERM does to a worker started by ``zdist-worker``."""
+        try:
+            await self.retire(stop=False)
+        except Exception:  # noqa: BLE001 - leaving anyway; say why
+            logger.exception("retiring %s failed; stopping anyway", self.address)
+        await self.stop()
+
+    async def _retire_later(self) -> None:
+        delay = self.lifetime + random.uniform(-self.lifetime_stagger, self.lifetime_stagger)
+        await asyncio.sleep(max(0.0, delay))
+        logger.warning("worker %s reached its lifetime (%.0f s); retiring", self.address, delay)
+        await self.close_gracefully()
 
     async def _register(self) -> None:
         center = self.peers.get(self.center_address)
@@ -310,7 +359,17 @@ class Worker(Node):
                 await asyncio.sleep(1.0)
 
     def _heartbeat_metrics(self) -> dict:
-        return {"executing": self.executing, "tasks_done": self.tasks_done, "nkeys_local": len(self.data), "memory": _rss()}
+        metrics = {"executing": self.executing, "tasks_done": self.tasks_done, "nkeys_local": len(self.data), "memory": _rss()}
+        if self.memory is not None:
+            metrics.update((k, v) for k, v in self.memory.metrics().items() if v is not None)
+        if self.retiring:  # clients see it as paused: no new tasks
+            metrics.update(status="paused", retiring=1)
+        return metrics
+
+    def _memory_changed(self) -> None:
+        """Paused or resumed: tell the Center now (clients send work elsewhere meanwhile)."""
+        if self.registered.is_set() and self.peers is not None:
+            self.peers.get(self.center_address).send("heartbeat", address=self.address, **self._heartbeat_metrics())
 
     # -------------------------------------------------------------- reporting to the Center
 
@@ -409,9 +468,10 @@ class Worker(Node):
         if missing:
             raise MissingDataError(missing, f"not held by worker {self.address}")
         out = {}
+        stored = data.serialized if self.memory is not None and self.memory.store is not None else data.__getitem__
         for key in keys:
             try:
-                out[key] = serialize(data[key])
+                out[key] = serialize(stored(key))  # a spilled value: its bytes from disk, not unpickled
             except Exception as exc:
                 raise TypeError(f"the value of key {key!r} cannot be serialized to send it: {type(exc).__name__}: {exc}") from None
         self.bytes_served += sum(self.nbytes.get(key, 0) for key in keys)
@@ -470,6 +530,9 @@ class Worker(Node):
             "memory": _rss(),
             "pid": os.getpid(),
             "sessions": len(self.session_keys),
+            "restarts": self.restarts,
+            "memory_limit": self.memory_limit,
+            **(self.memory.metrics() if self.memory is not None else {}),
         }
 
     def get_task_log(self, since: float = 0.0) -> list:
@@ -689,6 +752,11 @@ class Worker(Node):
         if not isinstance(tasks, list):
             raise TypeError("compute_batch needs a list of [key, function, args, kwargs, deps] tasks")
         self._check_session(session)
+        if self.retiring or (self.memory is not None and self.memory.paused):  # no new task until memory is back under the limit
+            waiting = asyncio.ensure_future(self._when_running(tasks, return_values, inline, who_has, report_now, session))
+            self._tasks.add(waiting)
+            waiting.add_done_callback(self._tasks.discard)
+            return waiting
         data = self.data
         needed = []
         for task in tasks:
@@ -703,6 +771,13 @@ class Worker(Node):
             fetching.add_done_callback(self._tasks.discard)
             return fetching
         return self._run_batch(tasks, return_values, {}, inline, report_now, session)
+
+    async def _when_running(self, tasks: list, return_values: int, inline: bool, who_has: dict | None, report_now: bool, session: str | None) -> list:
+        while self.retiring or self.memory.paused:
+            if self.retiring:
+                await asyncio.Future()  # never: the worker is leaving, and stop() cancels this
+            await self.memory.wait_running()
+        return await self._start_batch(tasks, return_values, inline, who_has, report_now, session)
 
     async def _fetch_then_run(self, tasks: list, return_values: int, needed: list, inline: bool, who_has: dict | None, report_now: bool, session: str | None = None) -> list:
         failed: dict[int, BaseException] = {}

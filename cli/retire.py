@@ -1,0 +1,78 @@
+"""zdist retire CENTER WORKER...: workers hand their data to the others, then exit.
+
+Each WORKER is an address or a name as ``zdist status`` shows it. A worker
+asked to retire copies every key no other worker holds to the others, then
+unregisters and exits (its nanny too, if it has one); this prints what moved.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from .common import say
+
+#: Seconds a retirement may take (moving data) before this program gives up waiting.
+DEFAULT_TIMEOUT = 300.0
+
+
+async def retire(center_address: str, wanted: list[str], timeout: float, security: Any = None) -> dict:
+    from zdist.rpc import rpc
+
+    async with rpc(center_address, timeout=min(timeout, 10.0), security=security) as center:
+        workers = await center.workers()
+    chosen, unknown = {}, []
+    for name in wanted:
+        matches = [a for a, info in workers.items() if name in (a, str(info.get("name")))]
+        if matches:
+            chosen.update(dict.fromkeys(matches))
+        else:
+            unknown.append(name)
+    if unknown:
+        raise LookupError(f"no worker named {', '.join(unknown)} at {center_address}; `zdist status {center_address}` lists them")
+
+    async def one(address: str) -> Any:
+        async with rpc(address, timeout=timeout, security=security) as worker:
+            return await worker.retire()
+
+    results = await asyncio.gather(*(one(a) for a in chosen), return_exceptions=True)
+    return dict(zip(chosen, results))
+
+
+def build_parser(prog: str = "zdist retire") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Retire workers: each hands the keys only it holds to the others, then exits.")
+    parser.add_argument("center", metavar="CENTER_ADDRESS", help="the Center's HOST:PORT")
+    parser.add_argument("workers", metavar="WORKER", nargs="+", help="worker addresses or names")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help=f"give up waiting after this long (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--key", default=None, metavar="FILE", help="secret key file, for a cluster that uses CURVE")
+    parser.add_argument("--authorized-keys", default=None, metavar="DIR", help="directory of the public keys to trust")
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "zdist retire") -> int:
+    args = build_parser(prog).parse_args(argv)
+    security = None
+    if args.key:
+        from zdist.security import Security
+
+        security = Security(key=args.key, authorized_keys=args.authorized_keys)
+    try:
+        results = asyncio.run(retire(args.center, args.workers, args.timeout, security))
+    except (LookupError, OSError, ValueError, TimeoutError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    failed = 0
+    for address, result in results.items():
+        if isinstance(result, BaseException):
+            failed += 1
+            print(f"{prog}: {address} did not retire: {type(result).__name__}: {result}", file=sys.stderr)
+            continue
+        moved = ", ".join(f"{n} to {to}" for to, n in result["to"].items()) or "nothing to move"
+        left = f"; {len(result['left'])} keys could not be handed over" if result["left"] else ""
+        say(f"Retired {address}: {moved}{left}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

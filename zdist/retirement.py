@@ -1,0 +1,132 @@
+"""Graceful retirement: a worker hands every key no other worker holds to the others, then leaves.
+
+What starts it: SIGTERM to the worker (or to its nanny, which passes it on),
+``zdist retire CENTER WORKER...`` (the worker's ``retire`` op), and the end of
+its ``--lifetime``. The retiring worker stops taking tasks (it reports itself
+paused, so clients send work elsewhere), asks the Center which of its keys
+have no other holder, and asks the least loaded other workers to copy them
+(``fetch_keys``: they fetch from it peer to peer, spilled values straight from
+disk), in chunks of at most :data:`CHUNK_BYTES`. It waits until the Center
+lists another holder for each, then unregisters and stops. A key of a client
+session stays that session's on its new worker. With no other worker, it
+says so and stops without waiting.
+
+>>> parse_duration('2h'), parse_duration('90s'), parse_duration('1.5m'), parse_duration('30')
+(7200.0, 90.0, 90.0, 30.0)
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .worker import Worker
+
+logger = logging.getLogger(__name__)
+
+#: One fetch_keys request moves at most this many bytes (a message stays well under the size limit).
+CHUNK_BYTES = 256 * 2**20
+#: How long a retirement may take before the worker leaves anyway, saying what it could not move.
+RETIRE_TIMEOUT = 300.0
+
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds from ``'90'``, ``'90s'``, ``'15m'``, ``'2h'``, ``'1d'``; a ValueError that says why otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", str(text).lower())
+        if match is None or match.group(2) not in _UNITS:
+            raise ValueError(f"{text!r} is not a duration such as 90s, 15m or 2h")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if not seconds > 0:
+        raise ValueError(f"{text!r}: a duration must be positive")
+    return seconds
+
+
+async def retire(worker: Worker, timeout: float = RETIRE_TIMEOUT) -> dict:
+    """Move the keys only ``worker`` holds to other workers; ``{'moved': n, 'to': {address: n}, 'left': [...]}``.
+
+    The worker is left running (paused for tasks); the caller stops it.
+    """
+    deadline = time.monotonic() + timeout
+    keys = list(worker.data)
+    result: dict[str, Any] = {"moved": 0, "to": {}, "left": []}
+    if not keys:
+        return result
+    worker.flush_reports()
+    for _attempt in range(3):
+        alone = await _alone(worker, keys)
+        if not alone:
+            return result
+        targets = await _targets(worker)
+        if not targets:
+            logger.warning("retiring %s: no other worker to hand %d keys to; they leave with it", worker.address, len(alone))
+            result["left"] = alone
+            return result
+        plan = _plan(worker, alone, targets)
+        logger.info("retiring %s: handing %d keys to %d workers", worker.address, len(alone), len(plan))
+        jobs = [(target, session, chunk) for (target, session), chunks in plan.items() for chunk in chunks]
+        outcomes = await asyncio.gather(*(_copy(worker, *job, deadline) for job in jobs), return_exceptions=True)
+        for (target, _, chunk), outcome in zip(jobs, outcomes):
+            if isinstance(outcome, BaseException):
+                logger.warning("retiring %s: %s could not take %d keys: %s", worker.address, target, len(chunk), outcome)
+            else:
+                result["to"][target] = result["to"].get(target, 0) + len(chunk)
+        keys = alone
+        if time.monotonic() > deadline:
+            break
+    left = await _alone(worker, keys, settle=True)
+    moved = [key for key in keys if key not in left]
+    result["moved"] = len(moved)
+    result["left"] = left
+    if left:
+        logger.warning("retiring %s: %d keys could not be handed over: %r", worker.address, len(left), left[:10])
+    return result
+
+
+async def _alone(worker: Worker, keys: list, settle: bool = False) -> list:
+    """The keys the Center lists no other holder for (after a short wait for reports in flight, if ``settle``)."""
+    for _ in range(40 if settle else 1):  # bounded: 2 s at most
+        who_has = await worker._ask_center("who_has", {"keys": keys})
+        alone = [key for key in keys if key in worker.data and not (set(who_has.get(key, ())) - {worker.address})]
+        if not alone or not settle:
+            return alone
+        await asyncio.sleep(0.05)
+    return alone
+
+
+async def _targets(worker: Worker) -> dict:
+    """Other workers that take data: address → bytes they hold (retiring ones left out)."""
+    infos = await worker._ask_center("workers", {})
+    return {address: info.get("nbytes", 0) for address, info in infos.items() if address != worker.address and not info.get("retiring")}
+
+
+def _plan(worker: Worker, keys: list, load: dict) -> dict:
+    """(target, session) → chunks of keys: each key to the worker with the fewest bytes so far."""
+    plan: dict[tuple[str, str | None], list[list]] = {}
+    sizes: dict[tuple[str, str | None], int] = {}
+    for key in sorted(keys, key=lambda k: -worker.nbytes.get(k, 0)):
+        target = min(load, key=load.get)
+        nbytes = worker.nbytes.get(key, 0)
+        load[target] += nbytes
+        group = (target, worker.key_session.get(key))
+        chunks = plan.setdefault(group, [[]])
+        if chunks[-1] and sizes.get(group, 0) + nbytes > CHUNK_BYTES:
+            chunks.append([])
+            sizes[group] = 0
+        chunks[-1].append(key)
+        sizes[group] = sizes.get(group, 0) + nbytes
+    return plan
+
+
+async def _copy(worker: Worker, target: str, session: str | None, keys: list, deadline: float) -> None:
+    args: dict[str, Any] = {"keys": keys}
+    if session is not None:
+        args["session"] = session
+    await worker.peers.get(target).request("fetch_keys", args, timeout=max(5.0, deadline - time.monotonic()))
