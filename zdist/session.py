@@ -186,6 +186,8 @@ class Session:
             except asyncio.TimeoutError:
                 pass
             self._poll_now.clear()
+            if self.users <= 0:
+                continue  # lingering with no client: nobody to tell (its cluster may be gone already)
             try:
                 await self.look()
             except asyncio.CancelledError:
