@@ -20,14 +20,17 @@ def problems(s: "Scheduler") -> list[str]:
     v = views(s)
     tasks = s.tasks
     state = {i: STATE_NAMES[ts.state] for i, ts in tasks.items()}
-    holders = {i: ts.holders for i, ts in tasks.items()}
-    problems = check_invariants(state, v.dependencies, v.dependents, holders, v.outputs)
+    # A released value someone else made keeps its holders (theirs): only the copies this client caused count.
+    holders = {i: ts.holders if ts.owned or ts.state != RELEASED else ts.copies for i, ts in tasks.items()}
+    # After Close every value is released on purpose and the tasks still under way are abandoned
+    # (what they make is deleted as it comes): only the counts must still add up.
+    problems = [] if s.closing else check_invariants(state, v.dependencies, v.dependents, holders, v.outputs)
     for i, ts in tasks.items():
         if ts.state == MEMORY and any(w not in s.workers for w in ts.holders) and not s.in_grace:
             problems.append(f"{ts.key!r} is held by a worker that is gone")
-        if ts.state == PROCESSING and (ts.worker not in s.workers or ts.batch not in s.workers[ts.worker].batches):
+        if ts.state == PROCESSING and not s.closing and (ts.worker not in s.workers or ts.batch not in s.workers[ts.worker].batches):
             problems.append(f"{ts.key!r} is processing on {ts.worker}, which does not know it")
-        if ts.state == WAITING and ts.waiting != sum(1 for d in ts.deps if d.state != MEMORY) + (ts in s.deferred):
+        if ts.state == WAITING and not s.closing and ts.waiting != sum(1 for d in ts.deps if d.state != MEMORY) + (ts in s.deferred):
             problems.append(f"{ts.key!r} waits for {ts.waiting} inputs, but not that many are missing")
         pending = sum(1 for d in ts.dependents if d.state in TO_RUN)
         if ts.npending != pending:

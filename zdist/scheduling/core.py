@@ -91,6 +91,7 @@ class Scheduler:
         self._fetches: dict[str, list] = {}
         self._finished: list[TaskState] = []
         self._release: list[TaskState] = []
+        self._delivering: set[int] = set()  # ids of tasks Delivered in this step: their values must outlive it
         self._handlers: dict[type, Callable] = {
             Submit: self._submit, DataPlaced: self._placed, BatchDone: self._batch_done, BatchFailed: self._batch_failed,
             WorkersSeen: partial(recovery.workers_seen, self), Released: self._released, Cancel: self._cancel, Wanted: self._wanted, Fetched: self._fetched,
@@ -104,6 +105,7 @@ class Scheduler:
         if now is not None:
             self.now = now
         self._out = out = []
+        self._delivering.clear()
         for event in events:
             self._handlers[type(event)](event)
             self._release_unneeded()
@@ -216,7 +218,7 @@ class Scheduler:
                     self._make_ready(dependent)
         if ts.deliver:
             if ts.value is not NO_VALUE:
-                self._out.append(Delivered(ts))
+                self._deliver(ts)
             else:
                 self._fetch(ts)
         self._release.append(ts)
@@ -243,7 +245,8 @@ class Scheduler:
             if self._releasable(ts):
                 self._set_state(ts, RELEASED)
                 self._drop_copies(ts)
-                ts.value = NO_VALUE
+                if ts.id not in self._delivering:  # else the shell reads it after this step
+                    ts.value = NO_VALUE
                 ts.deliver = False
             self._maybe_forget(ts)
 
@@ -271,7 +274,7 @@ class Scheduler:
             task = stack.pop()
             if task.wanted > 0 or task.dependents or task.state not in (RELEASED, ERRED, LOST):
                 continue
-            if task.owned and task.holders or task.copies:
+            if recovery.has_copies(task):
                 self._drop_copies(task)
             task.state = FORGOTTEN
             self.tasks.pop(task.id, None)
@@ -296,6 +299,7 @@ class Scheduler:
             for ts, reply in zip(tasks, event.replies):
                 if reply[1] == "ok":  # nobody waits for it any more, nor for the inputs it fetched
                     self._delete(worker.address, ts.key, reply[2])
+                if reply[1] == "ok" or not isinstance(reply[2], MissingDataError):
                     for dep in ts.deps:
                         if worker.address not in dep.holders:
                             self._delete(worker.address, dep.key)
@@ -312,20 +316,13 @@ class Scheduler:
             elif isinstance(reply[2], MissingDataError):
                 recovery.inputs_missing(self, ts, reply[2])
             else:
+                recovery.inputs_kept(self, ts, worker.address)  # it raised, with its inputs fetched
                 self._fail(ts, noted(reply[2], ts.key, worker.address))
         worker.measured(len(tasks), sent, self.now, largest)
 
     def _task_done(self, ts: TaskState, worker: str, nbytes: int, value: Any) -> None:
         ts.holders.add(worker)
-        for dep in ts.deps:  # the worker keeps the inputs it fetched
-            if worker in dep.holders:
-                continue
-            if dep.state != MEMORY:
-                self._delete(worker, dep.key)  # released meanwhile: drop the copy
-                continue
-            dep.holders.add(worker)
-            if not dep.owned:
-                dep.copies.add(worker)
+        recovery.inputs_kept(self, ts, worker)
         ts.nbytes = nbytes
         ts.worker = ts.batch = None
         ts.missing_retries = 0
@@ -372,11 +369,15 @@ class Scheduler:
                 continue
             ts.deliver = True
             if ts.value is not NO_VALUE and ts.state != ERRED:
-                self._out.append(Delivered(ts))
+                self._deliver(ts)
             elif ts.state == MEMORY:
                 self._fetch(ts)
             elif ts.state in (LOST, RELEASED):
                 recovery.recompute(self, [ts])
+
+    def _deliver(self, ts: TaskState) -> None:
+        self._delivering.add(ts.id)
+        self._out.append(Delivered(ts))
 
     def _fetch(self, ts: TaskState) -> None:
         if ts.fetching is not None:
@@ -397,7 +398,7 @@ class Scheduler:
             ts.fetching = None
             ts.value = value
             if ts.deliver:
-                self._out.append(Delivered(ts))
+                self._deliver(ts)
             self._release.append(ts)
 
     def _fetch_failed(self, event: FetchFailed) -> None:
@@ -421,13 +422,14 @@ class Scheduler:
             ts.deliver = False
             if ts.state == MEMORY:
                 self._set_state(ts, RELEASED)
-            if ts.holders or ts.copies:
+            if recovery.has_copies(ts):
                 self._drop_copies(ts)
         if self.dirty:
             # After a failure the records may have missed a copy: sweep every live worker.
             keys = event.sweep if event.sweep is not None else [ts.key for ts in self.tasks.values() if ts.owned]
-            for worker in self.workers:
-                self._deletes[worker] = [list(keys), 0]
+            for worker in self.workers:  # on top of the copies of others' values dropped above
+                keys_, nbytes = self._deletes.get(worker, ([], 0))
+                self._deletes[worker] = [list(dict.fromkeys([*keys_, *keys])), nbytes]
         self.ready, self.suspects = [], []
 
     def problems(self) -> list[str]:

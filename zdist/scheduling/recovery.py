@@ -126,9 +126,9 @@ def worker_lost(s: "Scheduler", worker: WorkerState, why: str) -> None:
             dispatch.push_ready(s, ts)
     gone, refetch = [], []
     for ts in s.tasks.values():
+        ts.copies.discard(address)  # also one it was to fetch for a task
         if address in ts.holders:
             ts.holders.discard(address)
-            ts.copies.discard(address)
             if not ts.holders and ts.state == MEMORY:
                 gone.append(ts)
         if ts.fetching == address:  # its reply will never come: ask another holder
@@ -139,6 +139,39 @@ def worker_lost(s: "Scheduler", worker: WorkerState, why: str) -> None:
     for ts in refetch:
         if ts.state == MEMORY and ts.holders:
             s._fetch(ts)
+
+
+def inputs_kept(s: Scheduler, ts: TaskState, worker: str) -> None:
+    """``ts`` ran on ``worker`` (it returned, or raised): the worker keeps the inputs it fetched for it."""
+    for dep in ts.deps:
+        if worker in dep.holders:
+            continue
+        if dep.state != MEMORY:
+            copy_fetched(s, dep, worker)
+            continue
+        dep.holders.add(worker)
+        if not dep.owned:
+            dep.copies.add(worker)
+
+
+def has_copies(ts: TaskState) -> bool:
+    """Are there copies of ``ts`` for this client to delete? A lost replicated value may have some the Center restored."""
+    return bool(ts.copies) or ts.owned and bool(ts.holders or ts.state == LOST and ts.replicas > 1)
+
+
+def copy_fetched(s: Scheduler, ts: TaskState, worker: str) -> None:
+    """A task done on ``worker`` fetched ``ts``, which is no longer in memory: a lost value is found again.
+
+    Released meanwhile, the copy is deleted; while ``ts`` is computed again,
+    it is left alone (a delete could cross the new value on its way there).
+    """
+    if ts.state == LOST:
+        ts.holders.add(worker)
+        if not ts.owned:
+            ts.copies.add(worker)
+        s._now_in_memory(ts)
+    elif ts.state not in TO_RUN:
+        s._delete(worker, ts.key)
 
 
 def lost(s: "Scheduler", tasks: list[TaskState], address: str | None) -> None:

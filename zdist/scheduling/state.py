@@ -111,6 +111,12 @@ class WorkerState:
     def load(self) -> float:
         return self.inflight / self.ncores
 
+    def answered(self, ntasks: int) -> None:
+        """A batch of ``ntasks`` came back, or failed: they are no longer in flight; idle, it is no longer isolated."""
+        self.inflight -= ntasks
+        if self.inflight <= 0:
+            self.isolated = False
+
     def measured(self, ntasks: int, sent: float, now: float, largest_result: int) -> None:
         """Fold one batch's timing and result sizes into the in-flight limit.
 
