@@ -8,7 +8,7 @@ from typing import Any, Callable
 import psutil
 import pytest
 
-from zdist import LocalCluster
+from zdist import LocalCluster, rpc
 
 # Short heartbeats so that tests that kill workers see them dropped quickly.
 HEARTBEAT_TIMEOUT = 2.0
@@ -30,6 +30,16 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: floa
 def run(coroutine: Any, timeout: float = 60.0) -> Any:
     """Run a coroutine on a fresh event loop, bounded in time."""
     return asyncio.run(asyncio.wait_for(coroutine, timeout))
+
+
+def center_call(address: str, op: str, **args: Any) -> Any:
+    """Call one op of the node at ``address`` (the Center, usually) and return its answer."""
+
+    async def call() -> Any:
+        async with rpc(address, timeout=20) as node:
+            return await getattr(node, op)(**args)
+
+    return run(call())
 
 
 def make_cluster(n_workers: int = 2, **kwargs: Any) -> LocalCluster:

@@ -17,7 +17,7 @@ import pytest
 
 from zdist import ProtocolError, rpc
 
-from .conftest import run
+from .conftest import center_call, run
 
 START_TIMEOUT = 60.0  # generous: the machine is shared and small
 STOP_TIMEOUT = 20.0  # a bound, not a measurement
@@ -143,14 +143,6 @@ def start_worker(start, center_address: str, *args: str, wait_registered: bool =
         printed = center_address.removeprefix("tcp://")
         worker.wait_for_line(rf"^Registered with center at: {re.escape(printed)}$")
     return worker, match.group(1)
-
-
-def center_call(address: str, op: str, **args):
-    async def call():
-        async with rpc(address, timeout=20) as center:
-            return await getattr(center, op)(**args)
-
-    return run(call())
 
 
 # ---------------------------------------------------------------- tests

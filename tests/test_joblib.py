@@ -1,7 +1,6 @@
 """The joblib backend "zdist" on a real cluster: Parallel and scikit-learn's n_jobs run on the workers."""
 from __future__ import annotations
 
-import asyncio
 import os
 
 import numpy as np
@@ -10,8 +9,10 @@ import pytest
 joblib = pytest.importorskip("joblib")
 
 import zdist.joblib  # noqa: E402  (registers the backend)
-from zdist import Executor, rpc  # noqa: E402
+from zdist import Executor  # noqa: E402
 from zdist.joblib import ZdistBackend  # noqa: E402
+
+from .conftest import center_call  # noqa: E402
 
 
 def pid_of(i):
@@ -26,14 +27,6 @@ def fails(i):
 
 def row_sum(a, i):
     return float(a[i].sum())
-
-
-def center_call(address: str, op: str, **args):
-    async def ask():
-        async with rpc(address, timeout=10) as center:
-            return await getattr(center, op)(**args)
-
-    return asyncio.run(ask())
 
 
 @pytest.fixture

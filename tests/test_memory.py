@@ -13,17 +13,9 @@ from zdist import Worker, rpc
 from zdist.center import Center
 from zdist.memory import MemoryThresholds
 
-from .conftest import make_cluster, run, wait_for
+from .conftest import center_call, make_cluster, run, wait_for
 
 MB = 10**6
-
-
-def center_call(address: str, op: str, **args):
-    async def ask():
-        async with rpc(address, timeout=10) as center:
-            return await getattr(center, op)(**args)
-
-    return asyncio.run(ask())
 
 
 def digest(array: np.ndarray) -> str:

@@ -1,7 +1,6 @@
 """The nanny: workers started again when they die, on real processes on 127.0.0.1."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -10,20 +9,12 @@ import time
 
 import pytest
 
-from zdist import Pool, rpc
+from zdist import Pool
 from zdist.errors import TaskKilledWorkersError
 
-from .conftest import make_cluster, wait_for
+from .conftest import center_call, make_cluster, wait_for
 
 STOP_TIMEOUT = 30.0
-
-
-def center_call(address: str, op: str, **args):
-    async def ask():
-        async with rpc(address, timeout=10) as center:
-            return await getattr(center, op)(**args)
-
-    return asyncio.run(ask())
 
 
 def inc(x):

@@ -1,7 +1,6 @@
 """Graceful retirement end to end: SIGTERM, `zdist retire`, --lifetime; on real processes on 127.0.0.1."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -11,17 +10,9 @@ import numpy as np
 
 from zdist import rpc
 
-from .conftest import make_cluster, run, wait_for
+from .conftest import center_call, make_cluster, run, wait_for
 
 STOP_TIMEOUT = 30.0
-
-
-def center_call(address: str, op: str, **args):
-    async def ask():
-        async with rpc(address, timeout=10) as center:
-            return await getattr(center, op)(**args)
-
-    return asyncio.run(ask())
 
 
 def scatter(address: str, values: dict, session: str | None = None) -> None:

@@ -56,6 +56,10 @@ STREAM_WINDOW = 256
 CANCELLABLE = frozenset({NEW, WAITING, READY})
 
 
+def _no_handle() -> None:
+    return None
+
+
 class _PoolTask(TaskState):
     """A task of a Pool: also knows its handle (weakly: a dropped handle releases the value)."""
 
@@ -63,7 +67,7 @@ class _PoolTask(TaskState):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.handle: Callable[[], "RemoteData | None"] | None = None
+        self.handle: Callable[[], RemoteData | None] = _no_handle  # a weakref once its handle exists
 
 
 class RemoteData(Future):
@@ -562,7 +566,7 @@ class Pool:
         if shell is not None:  # futures still pending never finish now: say so to whoever waits on them
             closed = RuntimeError("the Pool was closed before this task finished")
             for ts in list(shell.core.tasks.values()):
-                handle = ts.handle() if getattr(ts, "handle", None) is not None else None
+                handle = ts.handle()
                 if handle is not None:
                     handle._mark_done(closed)
         self._notify()
@@ -620,14 +624,14 @@ class _PoolShell(Shell):
     def _on_finished(self, command: events.Finished) -> None:
         self._news = True
         for ts in command.tasks:
-            handle = ts.handle() if ts.handle is not None else None
+            handle = ts.handle()
             if handle is not None:
                 handle._mark_done(None)
 
     def _on_erred(self, command: events.Erred) -> None:
         self._news = True
         ts = command.task
-        handle = ts.handle() if getattr(ts, "handle", None) is not None else None
+        handle = ts.handle()
         if handle is not None:
             cancelled = type(ts.error) is CancelledError
             handle._mark_done(None if cancelled else ts.error, cancelled=cancelled)
@@ -677,8 +681,7 @@ class _PoolShell(Shell):
     async def live_handles(self) -> list[RemoteData]:
         """The handles still referenced, of every task (run on the loop: after the tasks posted before this call)."""
         self._read_mail()
-        refs = (getattr(ts, "handle", None) for ts in self.core.tasks.values())
-        return [handle for handle in (ref() for ref in refs if ref is not None) if handle is not None]
+        return [handle for handle in (ts.handle() for ts in self.core.tasks.values()) if handle is not None]
 
     async def cancel(self, tasks: list[TaskState]) -> set:
         self.feed(events.Cancel(tasks))
