@@ -132,6 +132,7 @@ class Center(Node):
         pid: int | None = None,
         sessions: list | None = None,
         replaces: str | None = None,
+        resources: dict | None = None,
         **extra: Any,
     ) -> str:
         """A worker joins (or joins again after a Center restart) with the keys it holds.
@@ -145,7 +146,8 @@ class Center(Node):
         their nanny (``extra['nanny']``, its pid): that one died, and is
         dropped now rather than after missing heartbeats. Other ``extra``
         numbers and strings (``restarts``, ``nanny``, ...) are kept in
-        :meth:`workers`.
+        :meth:`workers`, and so are ``resources`` (``{'GPU': 2}``: what
+        tasks with resource needs may use there; ``zdist-worker --resources``).
         """
         address = normalize_address(address)
         if replaces is not None and replaces != address:
@@ -155,6 +157,11 @@ class Center(Node):
                 self._remove_worker(replaces, "restarted by its nanny")
         if not isinstance(ncores, int) or ncores < 1:
             raise ValueError(f"ncores must be a positive integer, got {ncores!r}")
+        if resources is not None and not (
+            isinstance(resources, dict)
+            and all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for k, v in resources.items())
+        ):
+            raise ValueError(f"resources must map names to non-negative numbers, e.g. {{'GPU': 2}}; got {resources!r:.200}")
         if sessions is not None:
             if not isinstance(sessions, (list, tuple)):
                 raise TypeError(f"sessions must be a list of session ids, got {type(sessions).__name__}")
@@ -170,6 +177,7 @@ class Center(Node):
             "nkeys": 0,
             "nbytes": 0,
             **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))},
+            **({"resources": dict(resources)} if resources else {}),
         }
         self.has_what_table[address] = set()
         self.generation += 1

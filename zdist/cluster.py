@@ -276,9 +276,15 @@ class LocalCluster:
         self.wait_for_workers(len(self.live_worker_addresses()))
         return addresses
 
-    def start_worker(self, name: str | None = None) -> str:
-        """Start one more worker subprocess; return its address once it registered."""
-        label, process, log_path = self._popen(f"worker-{len(self.worker_processes)}", self._worker_args(name))
+    def start_worker(self, name: str | None = None, resources: dict | None = None) -> str:
+        """Start one more worker subprocess; return its address once it registered.
+
+        ``resources`` (``{'GPU': 1}``) is what tasks with resource needs may use there.
+        """
+        args = self._worker_args(name)
+        if resources:
+            args += ["--resources", ",".join(f"{k}={v!r}" for k, v in resources.items())]
+        label, process, log_path = self._popen(f"worker-{len(self.worker_processes)}", args)
         line = self._await_line(label, process, log_path, "Start worker at:")
         address = line.split("Start worker at:", 1)[1].strip()
         self.worker_processes[address] = process

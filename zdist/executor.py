@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-from .pool import Pool, RemoteData, _chunks, _results_in_order, _run_chunk, _run_star_chunk
+from .pool import Pool, RemoteData, _chunks, _results_in_order, _run_chunk, _run_star_chunk, merge_controls
 from .scheduling import NO_VALUE
 
 __all__ = ["Executor", "as_completed", "wait"]
@@ -45,12 +45,34 @@ class Executor(concurrent.futures.Executor):
     Futures keep their values after :meth:`shutdown`, as the standard
     library's do: ``shutdown(wait=True)`` fetches the values of the futures
     still referenced before it ends the session.
+
+    Task controls (``retries``, ``priority``, ``resources``, ``workers``,
+    ``allow_other_workers``, as for the :class:`~zdist.Pool`) are defaults
+    given here, or per call through :meth:`options`, since every keyword
+    of ``submit`` goes to the function.
     """
 
     def __init__(self, center: Any = None, **pool_options: Any):
         self._pool = Pool(center, **pool_options)
         self._shutdown_lock = threading.Lock()
-        self._shutdown = False
+        self._closed = [False]  # shared with the views made by options()
+        self._controls = self._pool._controls
+
+    @property
+    def _shutdown(self) -> bool:
+        return self._closed[0]
+
+    def options(self, **controls: Any) -> "Executor":
+        """A view of this executor whose tasks have other controls (as Ray's ``.options()``).
+
+        >>> with Executor(processes=1) as ex:
+        ...     ex.options(retries=2, priority=10).submit(abs, -3).result()
+        3
+        """
+        view = object.__new__(Executor)
+        view.__dict__.update(self.__dict__)
+        view._controls = merge_controls(self._controls, controls)
+        return view
 
     @property
     def center_address(self) -> str:
@@ -66,7 +88,7 @@ class Executor(concurrent.futures.Executor):
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            return self._pool._submit(fn, [args], kwargs or None)[0]
+            return self._pool._submit(fn, [args], kwargs or None, self._controls)[0]
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None, chunksize: int = 1) -> Iterator:
         """``map(fn, *iterables)`` on the cluster; results in order, as the standard library's.
@@ -81,15 +103,16 @@ class Executor(concurrent.futures.Executor):
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
+            controls = self._controls
             if chunksize == 1:
-                handles = self._pool._submit(fn, zip(*iterables))
+                handles = self._pool._submit(fn, zip(*iterables), None, controls)
             else:
                 if self._pool._initializer is not None:
                     fn = self._pool._with_initializer(fn)
                 if len(iterables) == 1:
-                    handles = self._pool._submit(_run_chunk, ((fn, chunk) for chunk in _chunks(iterables[0], chunksize)))
+                    handles = self._pool._submit(_run_chunk, ((fn, chunk) for chunk in _chunks(iterables[0], chunksize)), None, controls)
                 else:
-                    handles = self._pool._submit(_run_star_chunk, ((fn, chunk) for chunk in _chunks(zip(*iterables), chunksize)))
+                    handles = self._pool._submit(_run_star_chunk, ((fn, chunk) for chunk in _chunks(zip(*iterables), chunksize)), None, controls)
         return _results_in_order(self._pool, handles, end, flatten=chunksize > 1)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -97,7 +120,7 @@ class Executor(concurrent.futures.Executor):
         with self._shutdown_lock:
             if self._shutdown:
                 return
-            self._shutdown = True
+            self._closed[0] = True
         pool = self._pool
         if pool._state != "running":
             return

@@ -37,6 +37,7 @@ from .errors import LostDataError, NoWorkersError, noted
 from .protocol import OK, Ref, Serialized, deserialize
 from .rpc import ThreadSockets, rebuild_exception
 from .scheduling import NO_VALUE, Scheduler, TaskState, events
+from .scheduling.controls import CONTROL_NAMES, Controls, controls_from
 from .scheduling.policy import spread
 from .scheduling.state import ERRED, NEW, PROCESSING, READY, WAITING
 from .session import client_loop, open_session
@@ -196,6 +197,19 @@ class Pool:
     runs them on its event loop, which saves two thread hand-overs per
     batch, but a slow one holds up everything else that worker does
     (heartbeats included) while it runs.
+
+    Task controls, as defaults for every task of this pool and as keywords
+    of each method (``apply_async(f, args, retries=2)``,
+    ``map(f, items, resources={'GPU': 1})``):
+
+    - ``retries=N``: a task that raises runs again, on another worker when
+      there is one, up to N times before its exception is final;
+    - ``priority=P``: among this pool's tasks ready to run, higher first;
+    - ``resources={'GPU': 1}``: runs only on a worker started with
+      ``--resources GPU=...`` while that much of it is free (waits, said in
+      the pool's repr, while no worker has it);
+    - ``workers=[address, ...]``: runs only there, or there first with
+      ``allow_other_workers=True`` (elsewhere when none of them is left).
     """
 
     def __init__(
@@ -211,6 +225,11 @@ class Pool:
         initargs: tuple = (),
         maxtasksperchild: int | None = None,
         cluster_kwargs: dict | None = None,
+        retries: int | None = None,
+        priority: int | None = None,
+        resources: dict | None = None,
+        workers: Iterable[str] | None = None,
+        allow_other_workers: bool | None = None,
     ):
         if maxtasksperchild is not None:
             raise ValueError(
@@ -221,6 +240,7 @@ class Pool:
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {type(initializer).__name__}")
         self._initializer = (initializer, tuple(initargs)) if initializer is not None else None
+        self._controls: Controls | None = controls_from(retries, priority, resources, workers, allow_other_workers, normalize=normalize_address)
         self._wrapped: dict = {}
         self.security = security
         self._cluster = None
@@ -262,7 +282,11 @@ class Pool:
 
     # -------------------------------------------------------------- submitting work
 
-    def _make_tasks(self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None) -> list[RemoteData]:
+    def _task_controls(self, controls: dict) -> Controls | None:
+        """This pool's task controls, with those given to one call on top."""
+        return merge_controls(self._controls, controls) if controls else self._controls
+
+    def _make_tasks(self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None, controls: Controls | None = None) -> list[RemoteData]:
         self._check_running()
         if not callable(function):
             raise TypeError(f"the function to run must be callable, got {type(function).__name__}")
@@ -279,7 +303,10 @@ class Pool:
             deps = tuple(dict.fromkeys(deps))
             key = f"{prefix}{next(counter)}"
             payload = (function, list(args), task_kwargs or {}, [d.key for d in deps])
-            handles.append(RemoteData(self, _PoolTask(key, payload, deps)))
+            ts = _PoolTask(key, payload, deps)
+            if controls is not None:
+                ts.controls = controls
+            handles.append(RemoteData(self, ts))
         return handles
 
     def _with_initializer(self, function: Callable) -> Callable:
@@ -296,28 +323,32 @@ class Pool:
             self._wrapped[function] = wrapped
         return wrapped
 
-    def _submit(self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None) -> list[RemoteData]:
-        handles = self._make_tasks(function, arg_tuples, kwargs)
+    def _submit(self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None, controls: Controls | None = None) -> list[RemoteData]:
+        handles = self._make_tasks(function, arg_tuples, kwargs, controls)
         self._shell.post(events.Submit([h._task for h in handles]), urgent=True)
         return handles
 
-    def apply_async(self, func: Callable, args: tuple = (), kwds: dict | None = None, callback: Callable | None = None, error_callback: Callable | None = None) -> RemoteData:
+    def apply_async(
+        self, func: Callable, args: tuple = (), kwds: dict | None = None, callback: Callable | None = None, error_callback: Callable | None = None, **controls: Any
+    ) -> RemoteData:
         """Run ``func(*args, **kwds)`` on the cluster; return its :class:`RemoteData` at once.
 
         As in multiprocessing, ``callback(value)`` or ``error_callback(exception)``
         is called once the task is done, on the pool's callback thread.
+        ``controls``: ``retries``, ``priority``, ``resources``, ``workers``,
+        ``allow_other_workers`` (see :class:`Pool`).
         """
-        handle = self._submit(func, [tuple(args)], kwds)[0]
+        handle = self._submit(func, [tuple(args)], kwds, self._task_controls(controls))[0]
         _when_done([handle], callback, error_callback, single=True)
         return handle
 
-    def apply(self, func: Callable, args: tuple = (), kwds: dict | None = None) -> RemoteData:
+    def apply(self, func: Callable, args: tuple = (), kwds: dict | None = None, **controls: Any) -> RemoteData:
         """Run ``func(*args, **kwds)``; return its :class:`RemoteData` once it is done (raise if it failed)."""
-        handle = self._apply_here(func, tuple(args), kwds)
+        handle = self._apply_here(func, tuple(args), kwds, self._task_controls(controls))
         self._wait([handle], None, raise_errors=True)
         return handle
 
-    def _apply_here(self, func: Callable, args: tuple, kwds: dict | None) -> RemoteData:
+    def _apply_here(self, func: Callable, args: tuple, kwds: dict | None, controls: Controls | None) -> RemoteData:
         """Submit one task; when it has no RemoteData inputs, send it from this thread and wait here.
 
         ``apply`` blocks anyway, so it takes the round trip on a socket of
@@ -329,11 +360,11 @@ class Pool:
         has not returned yet.
         """
         if threading.current_thread() is self._loop.thread:
-            return self.apply_async(func, args, kwds)
+            return self._submit(func, [args], kwds, controls)[0]
         shell = self._shell
-        (handle,) = self._make_tasks(func, [args], kwds)
+        (handle,) = self._make_tasks(func, [args], kwds, controls)
         ts = handle._task
-        worker = None if ts.deps else shell.core.pick_worker()
+        worker = None if ts.deps or controls is not None else shell.core.pick_worker()
         if worker is None:
             shell.post(events.Submit([ts]), urgent=True)
             return handle
@@ -365,28 +396,30 @@ class Pool:
         shell.post(events.BatchDone(worker, batch_id, [entry]))
         return handle
 
-    def map_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None, callback: Callable | None = None, error_callback: Callable | None = None) -> list[RemoteData]:
+    def map_async(
+        self, func: Callable, iterable: Iterable, chunksize: int | None = None, callback: Callable | None = None, error_callback: Callable | None = None, **controls: Any
+    ) -> list[RemoteData]:
         """Like :meth:`map` but returns the list of :class:`RemoteData` at once.
 
         ``callback(list_of_values)`` or ``error_callback(first_exception)`` is
         called once every task is done, as in multiprocessing.
         """
-        handles = self._submit(func, [(item,) for item in iterable])
+        handles = self._submit(func, [(item,) for item in iterable], None, self._task_controls(controls))
         _when_done(handles, callback, error_callback)
         return handles
 
-    def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None, progress: bool = False) -> list[RemoteData]:
+    def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None, progress: bool = False, **controls: Any) -> list[RemoteData]:
         """``[func(x) for x in iterable]`` on the cluster, results left there as RemoteData.
 
         Returns once every task is done; raises the first task's exception if
         any failed. ``progress=True`` shows a tqdm progress bar (terminal or
-        Jupyter).
+        Jupyter). ``controls``: see :class:`Pool`.
         """
-        handles = self.map_async(func, iterable)
+        handles = self.map_async(func, iterable, **controls)
         self._wait(handles, None, raise_errors=True, progress=progress)
         return handles
 
-    def imap(self, func: Callable, iterable: Iterable, chunksize: int = 1) -> Iterator:
+    def imap(self, func: Callable, iterable: Iterable, chunksize: int = 1, **controls: Any) -> Iterator:
         """``func`` over ``iterable``, results in order as they come (multiprocessing's ``imap``).
 
         A window of tasks is in flight at a time, read from ``iterable`` as
@@ -398,14 +431,15 @@ class Pool:
         ...     list(pool.imap(abs, range(-3, 3), chunksize=2))
         [3, 2, 1, 0, 1, 2]
         """
-        return self._stream(func, iterable, chunksize, ordered=True)
+        return self._stream(func, iterable, chunksize, ordered=True, controls=controls)
 
-    def imap_unordered(self, func: Callable, iterable: Iterable, chunksize: int = 1) -> Iterator:
+    def imap_unordered(self, func: Callable, iterable: Iterable, chunksize: int = 1, **controls: Any) -> Iterator:
         """As :meth:`imap`, but results in the order they finish."""
-        return self._stream(func, iterable, chunksize, ordered=False)
+        return self._stream(func, iterable, chunksize, ordered=False, controls=controls)
 
-    def _stream(self, func: Callable, iterable: Iterable, chunksize: int, ordered: bool) -> Iterator:
+    def _stream(self, func: Callable, iterable: Iterable, chunksize: int, ordered: bool, controls: dict) -> Iterator:
         self._check_running()
+        task_controls = self._task_controls(controls)
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
         calls: Iterator = ((item,) for item in iterable)
@@ -414,17 +448,19 @@ class Pool:
             func = self._with_initializer(func) if self._initializer is not None else func
             calls, function = ((func, chunk) for chunk in _chunks(iterable, chunksize)), _run_chunk
         window = max(STREAM_WINDOW, 8 * sum(self.available_cores.values()))
-        return _stream(self, function, calls, window, ordered, flatten=chunksize > 1)
+        return _stream(self, function, calls, window, ordered, flatten=chunksize > 1, controls=task_controls)
 
-    def starmap_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None, callback: Callable | None = None, error_callback: Callable | None = None) -> list[RemoteData]:
+    def starmap_async(
+        self, func: Callable, iterable: Iterable, chunksize: int | None = None, callback: Callable | None = None, error_callback: Callable | None = None, **controls: Any
+    ) -> list[RemoteData]:
         """Like :meth:`starmap` but returns the list of :class:`RemoteData` at once (callbacks as for :meth:`map_async`)."""
-        handles = self._submit(func, [tuple(args) for args in iterable])
+        handles = self._submit(func, [tuple(args) for args in iterable], None, self._task_controls(controls))
         _when_done(handles, callback, error_callback)
         return handles
 
-    def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None, progress: bool = False) -> list[RemoteData]:
+    def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None, progress: bool = False, **controls: Any) -> list[RemoteData]:
         """``[func(*args) for args in iterable]`` on the cluster."""
-        handles = self.starmap_async(func, iterable)
+        handles = self.starmap_async(func, iterable, **controls)
         self._wait(handles, None, raise_errors=True, progress=progress)
         return handles
 
@@ -591,7 +627,10 @@ class Pool:
             pass
 
     def __repr__(self) -> str:
-        return f"<Pool center={self.center_address} workers={len(self.available_cores)} cores={sum(self.available_cores.values())}>"
+        shell = getattr(self, "_shell", None)
+        waiting = shell.core.waiting_for_workers() if shell is not None and shell.core.restricted else {}
+        stuck = "".join(f" waiting: {n} task(s) for {what} (no such worker)" for what, n in waiting.items())
+        return f"<Pool center={self.center_address} workers={len(self.available_cores)} cores={sum(self.available_cores.values())}{stuck}>"
 
 
 class _PoolShell(Shell):
@@ -689,6 +728,14 @@ class _PoolShell(Shell):
         await self.session.outbox.flush_and_wait()
 
 
+def merge_controls(defaults: Controls | None, controls: dict) -> Controls | None:
+    """``defaults`` with the task-control keywords in ``controls`` on top; a clear error for any other keyword."""
+    unknown = sorted(set(controls) - set(CONTROL_NAMES))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; the task controls are {', '.join(CONTROL_NAMES)}")
+    return controls_from(**controls, defaults=defaults, normalize=normalize_address)
+
+
 def _when_done(handles: list[RemoteData], callback: Callable | None, error_callback: Callable | None, single: bool = False) -> None:
     """multiprocessing's callbacks: ``callback`` with the value(s) once all are done, else ``error_callback`` with the first error."""
     if callback is None and error_callback is None:
@@ -722,7 +769,7 @@ def _when_done(handles: list[RemoteData], callback: Callable | None, error_callb
         handle.add_done_callback(one_done)
 
 
-def _stream(pool: Pool, function: Callable, calls: Iterator, window: int, ordered: bool, flatten: bool) -> Iterator:
+def _stream(pool: Pool, function: Callable, calls: Iterator, window: int, ordered: bool, flatten: bool, controls: Controls | None) -> Iterator:
     """Keep up to ``window`` tasks in flight from ``calls``; yield their values in order (or as they finish)."""
     pending: collections.deque = collections.deque()
     try:
@@ -730,7 +777,7 @@ def _stream(pool: Pool, function: Callable, calls: Iterator, window: int, ordere
             if len(pending) <= window // 2:
                 more = list(itertools.islice(calls, window - len(pending)))
                 if more:
-                    pending.extend(pool._submit(function, more))
+                    pending.extend(pool._submit(function, more, None, controls))
             if not pending:
                 return
             if ordered:

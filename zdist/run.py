@@ -37,6 +37,7 @@ from .comm import normalize_address
 from .memory import MemoryThresholds, parse_fraction, parse_memory_limit, parse_ncores
 from .nanny import MAX_RESTARTS, RESTART_WINDOW
 from .retirement import parse_duration
+from .scheduling.controls import parse_resources
 from .worker import Worker
 
 #: The Center's port unless told otherwise.
@@ -122,6 +123,10 @@ def worker_parser(prog: str = "python -m zdist.run worker") -> argparse.Argument
         )
     parser.add_argument("--lifetime", type=_checked(parse_duration), default=None, metavar="DURATION", help="retire after this long (90s, 15m, 2h): hand the data over, then exit")
     parser.add_argument("--lifetime-stagger", type=_checked(parse_duration), default=None, metavar="DURATION", help="retire up to this much earlier or later, so that workers started together do not leave together")
+    parser.add_argument(
+        "--resources", type=_checked(parse_resources), default=None, metavar="NAME=AMOUNT,...",
+        help="what tasks with resource needs may use on each worker process, e.g. GPU=2,MEM=64e9 (tasks ask with resources={'GPU': 1})",
+    )
     # Set by the nanny for the worker it starts.
     parser.add_argument("--restarts", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--replaces", default=None, help=argparse.SUPPRESS)
@@ -274,6 +279,7 @@ def worker_main(argv: list[str] | None = None, prog: str = "python -m zdist.run 
         nanny=args.nanny_pid,
         lifetime=args.lifetime,
         lifetime_stagger=args.lifetime_stagger or 0.0,
+        resources=args.resources,
         **node_options(args),
     )
     try:
@@ -328,6 +334,8 @@ def _worker_argv(args: argparse.Namespace, ncores: int | None, memory_limit: int
     for name in ("target", "spill", "pause", "terminate"):
         value = getattr(args, f"memory_{name}")
         argv += [f"--memory-{name}", "off" if value is None else str(value)]
+    if args.resources:
+        argv += ["--resources", ",".join(f"{name}={amount!r}" for name, amount in args.resources.items())]
     for option, value in (("--lifetime", args.lifetime), ("--lifetime-stagger", args.lifetime_stagger), ("--local-dir", args.local_dir), ("--max-message-size", args.max_message_size), ("--key", args.key), ("--authorized-keys", args.authorized_keys)):
         if value is not None:
             argv += [option, str(value)]

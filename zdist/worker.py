@@ -177,6 +177,7 @@ class Worker(Node):
         nanny: int | None = None,
         lifetime: float | None = None,
         lifetime_stagger: float = 0.0,
+        resources: dict | None = None,
         **kwargs: Any,
     ):
         super().__init__(host, port, **kwargs)
@@ -196,6 +197,8 @@ class Worker(Node):
         # After ``lifetime`` seconds (give or take ``lifetime_stagger``) the worker retires (zdist.retirement).
         self.lifetime = lifetime
         self.lifetime_stagger = lifetime_stagger
+        # What tasks with resource needs may use here ({'GPU': 2}); clients place such tasks by it.
+        self.resources = dict(resources or {})
         self.retiring = False
         # A plain dict, or with a memory limit the spilling store of self.memory (zdist.datastore).
         self.data: Any = {}
@@ -315,6 +318,7 @@ class Worker(Node):
             "pid": os.getpid(),
             "restarts": self.restarts,
             **({"memory_limit": self.memory_limit} if self.memory_limit else {}),
+            **({"resources": self.resources} if self.resources else {}),
             **({"nanny": self.nanny, "replaces": self.replaces} if self.nanny is not None else {}),
             **({"sessions": list(self.session_keys)} if self.session_keys else {}),
             **({"public_key": self.security.public_key_text} if self.security else {}),

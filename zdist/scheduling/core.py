@@ -34,6 +34,7 @@ from .events import (
     BatchDone, BatchFailed, Close, DataPlaced, Delete, DeleteEverywhere, Delivered, Erred, Fetch, Fetched,
     FetchFailed, Finished, HoldersFound, PollCenter, Released, Submit, Wanted, WorkersSeen, Cancel,
 )
+from .controls import PRIORITY_SHIFT
 from .policy import least_loaded
 from .state import (
     ERRED, FORGOTTEN, LOST, MEMORY, NEW, NO_VALUE, PROCESSING, READY, RELEASED, TO_RUN, WAITING,
@@ -74,6 +75,7 @@ class Scheduler:
         self.worker_list: tuple[WorkerState, ...] = ()  # replaced, never changed: other threads read it
         self.ready: list[int] = []  # heap of task ids (lower id: higher priority)
         self.suspects: list[int] = []  # ready tasks that were in flight on a worker that died: run alone
+        self.restricted: list[int] = []  # heap of ready tasks whose controls limit where they run
         self.deferred: list[TaskState] = []  # waiting for the next look at the Center
         self.center_id: str | None = None
         self.grace_until = float("-inf")
@@ -163,6 +165,8 @@ class Scheduler:
 
     def _register(self, ts: TaskState) -> None:
         ts.id = next(self._ids)
+        if ts.controls is not None and ts.controls.priority:
+            ts.id -= ts.controls.priority << PRIORITY_SHIFT  # lower ids run first: the ready heaps need no tuples
         self.tasks[ts.id] = ts
         self.by_key[ts.key] = ts
         for dep in ts.deps:
@@ -294,7 +298,7 @@ class Scheduler:
         if entry is None:
             return  # its worker was declared dead, and its tasks sent elsewhere
         tasks, sent = entry
-        worker.answered(len(tasks))
+        worker.answered(tasks)
         if self.closing:
             for ts, reply in zip(tasks, event.replies):
                 if reply[1] == "ok":  # nobody waits for it any more, nor for the inputs it fetched
@@ -317,7 +321,12 @@ class Scheduler:
                 recovery.inputs_missing(self, ts, reply[2])
             else:
                 recovery.inputs_kept(self, ts, worker.address)  # it raised, with its inputs fetched
-                self._fail(ts, noted(reply[2], ts.key, worker.address))
+                if ts.controls is not None and len(ts.failed_on) < ts.controls.retries:
+                    logger.info("task %s raised %r on %s; trying again", ts.key, reply[2], worker.address)
+                    ts.failed_on += (worker.address,)  # dispatch prefers another worker next time
+                    self._enqueue(ts)
+                else:
+                    self._fail(ts, noted(reply[2], ts.key, worker.address))
         worker.measured(len(tasks), sent, self.now, largest)
 
     def _task_done(self, ts: TaskState, worker: str, nbytes: int, value: Any) -> None:
@@ -338,7 +347,7 @@ class Scheduler:
         if entry is None:
             return
         tasks, _ = entry
-        worker.answered(len(tasks))  # a suspect's failed batch must not leave its worker isolated for good
+        worker.answered(tasks)  # a suspect's failed batch must not leave its worker isolated for good
         mine = [ts for ts in tasks if ts.state == PROCESSING and ts.batch == event.batch_id]
         if isinstance(event.error, (ConnectionError, TimeoutError)):
             # The worker may be dying: look at the Center now, and send the tasks again.
@@ -430,7 +439,20 @@ class Scheduler:
             for worker in self.workers:  # on top of the copies of others' values dropped above
                 keys_, nbytes = self._deletes.get(worker, ([], 0))
                 self._deletes[worker] = [list(dict.fromkeys([*keys_, *keys])), nbytes]
-        self.ready, self.suspects = [], []
+        self.ready, self.suspects, self.restricted = [], [], []
+
+    def waiting_for_workers(self) -> dict[str, int]:
+        """Tasks that no live worker can run (resources nobody has, workers that are not there): ``{what they need: count}``.
+
+        Safe to call from another thread (a repr): it only reads.
+        """
+        waiting: dict[str, int] = {}
+        for task_id in list(self.restricted):
+            ts = self.tasks.get(task_id)
+            if ts is not None and ts.state == READY and not dispatch.could_run_somewhere(self, ts):
+                what = ts.controls.describe()
+                waiting[what] = waiting.get(what, 0) + 1
+        return waiting
 
     def problems(self) -> list[str]:
         """What is inconsistent in the state; empty when all is well (see :mod:`zdist.scheduling.checks`)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 from typing import TYPE_CHECKING, Any
 
+from .controls import could_fit, fits
 from .events import SendBatch
 from .policy import choose_worker, worth_moving
 from .state import PROCESSING, READY, TaskState, WorkerState
@@ -53,12 +54,15 @@ NBYTES = _Attribute("nbytes")
 
 
 def push_ready(s: "Scheduler", ts: TaskState) -> None:
-    heapq.heappush(s.suspects if ts.deaths else s.ready, ts.id)
+    if ts.failed_on or (ts.controls is not None and ts.controls.places):
+        heapq.heappush(s.restricted, ts.id)
+    else:
+        heapq.heappush(s.suspects if ts.deaths else s.ready, ts.id)
 
 
 def dispatch(s: "Scheduler") -> None:
     free = [w for w in s.workers.values() if w.free() > 0]
-    if not free or not (s.ready or s.suspects or any(w.held for w in s.workers.values())):
+    if not free or not (s.ready or s.suspects or s.restricted or any(w.held for w in s.workers.values())):
         return
     tasks = s.tasks
     out: dict[WorkerState, list] = {}
@@ -67,9 +71,13 @@ def dispatch(s: "Scheduler") -> None:
         s._set_state(ts, PROCESSING)
         ts.worker = worker.address
         worker.inflight += 1
+        if ts.controls is not None and ts.controls.resources:
+            worker.take(ts.controls.resources)
         out.setdefault(worker, []).append(ts)
 
     _run_suspects(s, free, assign)
+    if s.restricted:
+        _run_restricted(s, free, assign)
     for worker in free:  # tasks held back for a worker that holds their inputs
         held = worker.held
         while held and worker.free() > 0:
@@ -130,6 +138,56 @@ def _run_suspects(s: "Scheduler", free: list, assign: Any) -> None:
         assign(ts, worker)
         worker.isolated = True
         free.remove(worker)
+
+
+def _run_restricted(s: "Scheduler", free: list, assign: Any) -> None:
+    """Tasks whose controls limit where they run go to a free worker that suits them, in priority order; the rest wait."""
+    heap, tasks = s.restricted, s.tasks
+    waiting, unplaceable = [], set()
+    while heap and free:
+        task_id = heapq.heappop(heap)
+        ts = tasks.get(task_id)
+        if ts is None or ts.state != READY:
+            continue
+        worker = None if ts.controls in unplaceable else _place_controlled(s, ts, free)
+        if worker is None:
+            unplaceable.add(ts.controls)  # its equals need not be tried again in this step
+            waiting.append(task_id)
+            continue
+        assign(ts, worker)
+        if worker.free() <= 0:
+            free.remove(worker)
+    for task_id in waiting:
+        heapq.heappush(heap, task_id)
+
+
+def _allowed(worker: WorkerState, controls: Any) -> bool:
+    if controls is None:
+        return True
+    if controls.workers is not None and not controls.allow_other_workers and worker.address not in controls.workers:
+        return False
+    return could_fit(controls.resources, worker.resources)
+
+
+def _place_controlled(s: "Scheduler", ts: TaskState, free: list) -> WorkerState | None:
+    """A free worker allowed by ``ts``'s controls with its resources free now: preferred workers first, then one it did not fail on."""
+    controls = ts.controls
+    candidates = [w for w in free if _allowed(w, controls)]
+    if controls is not None:
+        if controls.resources:
+            candidates = [w for w in candidates if fits(controls.resources, w.resources, w.used)]
+        if controls.prefers and any(a in s.workers and not s.workers[a].paused for a in controls.prefers):
+            candidates = [w for w in candidates if w.address in controls.prefers]  # wait for a preferred one that lives
+    if not candidates:
+        return None
+    fresh = [w for w in candidates if w.address not in ts.failed_on]
+    loads = {w.address: w.load() for w in fresh or candidates}
+    return s.workers[choose_worker(ts.deps, HOLDERS, NBYTES, loads)]
+
+
+def could_run_somewhere(s: "Scheduler", ts: TaskState) -> bool:
+    """Is there a live worker that ``ts``'s controls allow (its resources free or not)?"""
+    return any(_allowed(w, ts.controls) for w in s.workers.values())
 
 
 def _place(s: "Scheduler", ts: TaskState, free: list) -> WorkerState | None:

@@ -81,7 +81,7 @@ def workers_seen(s: "Scheduler", event: WorkersSeen) -> None:
         s.grace_until = s.now + event.heartbeat_timeout + 2.0
         s.stall_grace_used = True
     if s.in_grace:
-        infos = {**{a: {"ncores": w.ncores, "pid": w.pid} for a, w in s.workers.items()}, **infos}
+        infos = {**{a: {"ncores": w.ncores, "pid": w.pid, "resources": w.resources} for a, w in s.workers.items()}, **infos}
     for address, worker in list(s.workers.items()):
         info = infos.get(address)
         if info is None:
@@ -92,7 +92,7 @@ def workers_seen(s: "Scheduler", event: WorkersSeen) -> None:
             worker.paused = info.get("status") == "paused"
     for address, info in infos.items():
         if address not in s.workers:
-            s.workers[address] = WorkerState(address, info.get("ncores", 1), info.get("pid"))
+            s.workers[address] = WorkerState(address, info.get("ncores", 1), info.get("pid"), info.get("resources"))
     s.worker_list = tuple(s.workers.values())
     if not s.workers and s.ntorun and not s.in_grace:
         error = NoWorkersError(f"every worker of {s.name} died or left; start workers and submit the work again")

@@ -37,7 +37,7 @@ class TaskState:
     __slots__ = (
         "id", "key", "payload", "deps", "dependents", "state", "waiting", "npending", "wanted", "deliver",
         "holders", "copies", "nbytes", "worker", "batch", "value", "error", "owned", "replicas",
-        "deaths", "missing_retries", "lost_on", "fetching", "__weakref__",
+        "deaths", "missing_retries", "lost_on", "fetching", "controls", "failed_on", "__weakref__",
     )
 
     def __init__(self, key: Any, payload: Any = None, deps: tuple = (), *, wanted: int = 1, deliver: bool = False, owned: bool = True):
@@ -64,6 +64,8 @@ class TaskState:
         self.missing_retries = 0
         self.lost_on: str | None = None
         self.fetching: str | None = None
+        self.controls: Any = None  # a zdist.scheduling.controls.Controls, or None: no retries, priority or restriction
+        self.failed_on: tuple = ()  # workers where it raised, while it had retries left
 
     @property
     def recomputable(self) -> bool:
@@ -87,10 +89,10 @@ class WorkerState:
 
     __slots__ = (
         "address", "ncores", "pid", "inflight", "batches", "limit", "recent", "recent_nbytes",
-        "task_seconds", "busy_since", "held", "isolated", "paused",
+        "task_seconds", "busy_since", "held", "isolated", "paused", "resources", "used",
     )
 
-    def __init__(self, address: str, ncores: int = 1, pid: Any = None):
+    def __init__(self, address: str, ncores: int = 1, pid: Any = None, resources: dict | None = None):
         self.address = address
         self.ncores = max(1, int(ncores or 1))
         self.pid = pid
@@ -104,6 +106,8 @@ class WorkerState:
         self.held: list[int] = []  # heap of task ids waiting for the inputs this worker holds
         self.isolated = False  # running a suspect task alone
         self.paused = False
+        self.resources: dict[str, float] = dict(resources or {})  # what it advertises (zdist-worker --resources)
+        self.used: dict[str, float] = {}  # of those, what this client's tasks in flight there take
 
     def free(self) -> int:
         return 0 if self.isolated or self.paused else self.limit - self.inflight
@@ -111,11 +115,25 @@ class WorkerState:
     def load(self) -> float:
         return self.inflight / self.ncores
 
-    def answered(self, ntasks: int) -> None:
-        """A batch of ``ntasks`` came back, or failed: they are no longer in flight; idle, it is no longer isolated."""
-        self.inflight -= ntasks
+    def answered(self, tasks: list) -> None:
+        """A batch came back, or failed: its tasks are no longer in flight (nor their resources); idle, it is no longer isolated."""
+        self.inflight -= len(tasks)
         if self.inflight <= 0:
             self.isolated = False
+        if self.used:
+            for ts in tasks:
+                if ts.controls is not None:
+                    self.take(ts.controls.resources, -1)
+
+    def take(self, resources: tuple, sign: int = 1) -> None:
+        """Count ``resources`` as taken (``sign=-1``: given back) by a task of this client."""
+        used = self.used
+        for name, amount in resources:
+            left = used.get(name, 0.0) + sign * amount
+            if left > 1e-9:
+                used[name] = left
+            else:
+                used.pop(name, None)
 
     def measured(self, ntasks: int, sent: float, now: float, largest_result: int) -> None:
         """Fold one batch's timing and result sizes into the in-flight limit.
