@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+#: The exit status of a worker that stopped because no Center answered for
+#: its ``--death-timeout``: its nanny does not start it again, and a batch
+#: job's script can tell it from a crash (1) or a clean stop (0).
+EXIT_NO_CENTER = 3
+
 
 class MissingDataError(KeyError):
     """Some keys a task needs are held by no live worker.

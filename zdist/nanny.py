@@ -20,7 +20,9 @@ each supervised on its own. For each worker the nanny
   worker to exit (``stop_timeout``, then SIGKILL), and exits.
 
 A worker that exits by itself with status 0 (it was retired, or its
-``--lifetime`` ended) is not started again. A worker that fails before it
+``--lifetime`` ended) is not started again, nor one that found no Center
+for its ``--death-timeout`` (status :data:`~zdist.errors.EXIT_NO_CENTER`:
+the nanny exits with that status too, so a batch job ends). A worker that fails before it
 ever started (a bad option) is not either: the nanny exits with its status.
 
 The nanny imports no node code and opens no socket; it tells the Center
@@ -48,6 +50,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import psutil
+
+from .errors import EXIT_NO_CENTER
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +167,11 @@ class Nanny:
         self._reap()
         if self.stopping_since is not None or code == 0:
             self.exit_code = 0 if code == 0 or self.stopping_since is not None else code
+            return
+        if code == EXIT_NO_CENTER:
+            # Its Center is gone (--death-timeout): a new worker would find none either.
+            print(f"zdist nanny: worker {self.label} found no Center for its --death-timeout; not starting it again", file=sys.stderr, flush=True)
+            self.exit_code = code
             return
         if not self.started_ok:
             # It never started: a bad option or address. Starting it again would fail again.

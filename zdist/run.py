@@ -33,7 +33,9 @@ import sys
 from typing import Any
 
 from .center import DEFAULT_HEARTBEAT_TIMEOUT, Center
+from .centerfile import read_center_file, remove_center_file, write_center_file
 from .comm import normalize_address
+from .errors import EXIT_NO_CENTER
 from .memory import MemoryThresholds, parse_fraction, parse_memory_limit, parse_ncores
 from .nanny import MAX_RESTARTS, RESTART_WINDOW
 from .retirement import parse_duration
@@ -56,7 +58,8 @@ def say(line: str) -> None:
 
 def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every node takes: where to listen, message size, keys, logging."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--interface", default=None, metavar="NAME", help="listen on this network interface's IPv4 address (eth0, ib0, lo, ...) instead of --host")
     parser.add_argument("--max-message-size", type=int, default=None, metavar="BYTES", help="largest message a peer may send (default: 2 GiB)")
     parser.add_argument("--key", default=None, metavar="FILE", help="secret key file (from zdist-keys) to turn on CURVE authentication and encryption")
     parser.add_argument("--authorized-keys", default=None, metavar="DIR", help="directory of public keys allowed to connect (default: the key file's directory)")
@@ -73,6 +76,35 @@ def node_options(args: argparse.Namespace) -> dict:
 
         options["security"] = Security(key=args.key, authorized_keys=args.authorized_keys)
     return options
+
+
+def interface_address(name: str) -> str:
+    """The IPv4 address of the network interface ``name``; a ValueError naming those there are otherwise.
+
+    >>> interface_address('lo')
+    '127.0.0.1'
+    """
+    import socket
+
+    import psutil
+
+    interfaces = psutil.net_if_addrs()
+    if name not in interfaces:
+        raise ValueError(f"no network interface {name!r} on this machine; it has {', '.join(sorted(interfaces))}")
+    for address in interfaces[name]:
+        if address.family == socket.AF_INET:
+            return address.address
+    with_ipv4 = sorted(n for n, addresses in interfaces.items() if any(a.family == socket.AF_INET for a in addresses))
+    raise ValueError(f"network interface {name!r} has no IPv4 address; these have one: {', '.join(with_ipv4)}")
+
+
+def resolve_host(args: argparse.Namespace) -> str:
+    """``--host`` or ``--interface`` (not both) as the address to listen on; a ValueError that says why."""
+    if args.interface is not None:
+        if args.host is not None:
+            raise ValueError(f"give --host or --interface, not both (--host {args.host} --interface {args.interface})")
+        return interface_address(args.interface)
+    return args.host or "127.0.0.1"
 
 
 def setup_logging(level: str) -> None:
@@ -92,12 +124,24 @@ def center_parser(prog: str = "python -m zdist.run center") -> argparse.Argument
         help=f"HTTP port of the web dashboard (default {DEFAULT_DASHBOARD_PORT}; 0 picks a free one; a busy port falls back to a free one)",
     )
     parser.add_argument("--no-dashboard", action="store_true", help="do not serve the web dashboard")
+    parser.add_argument(
+        "--center-file", default=None, metavar="PATH",
+        help="once listening, write the address (and public key) here as JSON, for workers and clients started with --center-file (a batch job's way to find its Center)",
+    )
     return parser
 
 
 def worker_parser(prog: str = "python -m zdist.run worker") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Start a zdist Worker and register it with the Center.")
-    parser.add_argument("center", metavar="CENTER_ADDRESS", help="the Center's HOST:PORT, e.g. 127.0.0.1:8787")
+    parser.add_argument("center", metavar="CENTER_ADDRESS", nargs="?", default=None, help="the Center's HOST:PORT, e.g. 127.0.0.1:8787 (or give --center-file)")
+    parser.add_argument(
+        "--center-file", default=None, metavar="PATH",
+        help="read the Center's address from this file (written by zdist-center --center-file), waiting for it to appear (up to --death-timeout, or 60 s)",
+    )
+    parser.add_argument(
+        "--death-timeout", type=_checked(parse_duration), default=None, metavar="DURATION",
+        help=f"exit (status {EXIT_NO_CENTER}, not restarted by the nanny) when no Center answered for this long: 60s, 5m (default: keep trying)",
+    )
     add_node_arguments(parser)
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
     parser.add_argument(
@@ -157,11 +201,14 @@ def run_center(
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
     dashboard_port: int | None = None,
     prog: str = "zdist-center",
+    center_file: str | None = None,
     **options: Any,
 ) -> None:
     """Serve a Center (and its dashboard, unless ``dashboard_port`` is None) until SIGINT or SIGTERM.
 
-    Without aiohttp the dashboard is left out, said in one line on stderr.
+    With ``center_file`` the Center writes its address there once it listens
+    (:mod:`zdist.centerfile`) and removes it when it stops. Without aiohttp
+    the dashboard is left out, said in one line on stderr.
     Raises :class:`OSError` when the port cannot be had.
     """
     if dashboard_port is not None:
@@ -173,10 +220,10 @@ def run_center(
             print(f"{prog}: no dashboard: {exc}", file=sys.stderr, flush=True)
             dashboard_port = None
     center = Center(host, port, heartbeat_timeout=heartbeat_timeout, **options)
-    asyncio.run(_serve_center(center, dashboard_port))
+    asyncio.run(_serve_center(center, dashboard_port, center_file))
 
 
-async def _serve_center(center: Center, dashboard_port: int | None) -> None:
+async def _serve_center(center: Center, dashboard_port: int | None, center_file: str | None = None) -> None:
     await center.start()
     dashboard = None
     try:
@@ -187,17 +234,39 @@ async def _serve_center(center: Center, dashboard_port: int | None) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, lambda: asyncio.ensure_future(center.stop()))
+        if center_file is not None:  # before the line: whoever waits for it finds the file too
+            write_center_file(
+                center_file, _reachable(center.address), center.security.public_key_text if center.security else None, dashboard.url if dashboard else None
+            )
         say(f"Start center at {center.address}")  # after the dashboard: info() then names it
         if dashboard is not None:
             say(f"Dashboard at {dashboard.url}")
         await center.finished()
     finally:
+        if center_file is not None:
+            remove_center_file(center_file, _reachable(center.address))
         if dashboard is not None:
             await dashboard.stop()
         await center.stop()
 
 
-def run_worker(center: str, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
+def _reachable(address: str) -> str:
+    """``address`` with a wildcard host (0.0.0.0) replaced by this machine's first non-loopback IPv4 address."""
+    host, port = address.rsplit(":", 1)
+    if host not in ("0.0.0.0", "*", ""):
+        return address
+    import socket
+
+    import psutil
+
+    for name, addresses in sorted(psutil.net_if_addrs().items()):
+        for item in addresses:
+            if item.family == socket.AF_INET and not item.address.startswith("127."):
+                return f"{item.address}:{port}"
+    return f"127.0.0.1:{port}"
+
+
+def run_worker(center: str, host: str = "127.0.0.1", port: int = 0, **options: Any) -> int:
     """Serve a Worker of the Center at ``center`` until SIGINT or SIGTERM (it unregisters first).
 
     SIGTERM retires the worker first: it hands the keys no other worker
@@ -205,8 +274,10 @@ def run_worker(center: str, host: str = "127.0.0.1", port: int = 0, **options: A
     SIGINT, stops it at once.
 
     ``options`` are :class:`~zdist.Worker`'s (``ncores``, ``name``, ``local_dir``,
-    ``heartbeat_interval``, ``security``, ...). Raises :class:`ValueError` for a
-    bad address and :class:`OSError` when the port cannot be had.
+    ``heartbeat_interval``, ``death_timeout``, ``security``, ...). Returns the
+    exit status: 0, or :data:`~zdist.errors.EXIT_NO_CENTER` after a
+    ``death_timeout`` with no Center. Raises :class:`ValueError` for a bad
+    address and :class:`OSError` when the port cannot be had.
     """
     worker = Worker(center, host, port, **options)
 
@@ -230,6 +301,7 @@ def run_worker(center: str, host: str = "127.0.0.1", port: int = 0, **options: A
         asyncio.ensure_future(announce())
 
     worker.serve_forever(on_started=started)
+    return worker.exit_code
 
 
 # ------------------------------------------------------------------ command lines
@@ -240,12 +312,17 @@ def center_main(argv: list[str] | None = None, prog: str = "python -m zdist.run 
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     try:
+        args.host = resolve_host(args)
+    except ValueError as exc:
+        parser.exit(2, f"{prog}: {exc}\n")
+    try:
         run_center(
             args.host,
             args.port,
             heartbeat_timeout=args.heartbeat_timeout,
             dashboard_port=None if args.no_dashboard else args.dashboard_port,
             prog=prog,
+            center_file=args.center_file,
             **node_options(args),
         )
     except OSError as exc:
@@ -257,9 +334,17 @@ def worker_main(argv: list[str] | None = None, prog: str = "python -m zdist.run 
     parser = worker_parser(prog)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    if (args.center is None) == (args.center_file is None):
+        parser.exit(2, f"{prog}: give the Center's address or --center-file PATH (one of the two)\n")
     try:
+        args.host = resolve_host(args)
+        if args.center_file is not None:
+            args.center = read_center_file(args.center_file, args.death_timeout or 60.0).center_address
         normalize_address(args.center)
         memory_limit = _memory_limit(args.memory_limit, args.nworkers)
+    except TimeoutError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_NO_CENTER
     except ValueError as exc:
         parser.exit(2, f"{prog}: {exc}\n")
     if not args.no_nanny:
@@ -280,15 +365,15 @@ def worker_main(argv: list[str] | None = None, prog: str = "python -m zdist.run 
         lifetime=args.lifetime,
         lifetime_stagger=args.lifetime_stagger or 0.0,
         resources=args.resources,
+        death_timeout=args.death_timeout,
         **node_options(args),
     )
     try:
-        run_worker(args.center, args.host, args.port, **options)
+        return run_worker(args.center, args.host, args.port, **options)
     except ValueError as exc:
         parser.exit(2, f"{prog}: {exc}\n")
     except OSError as exc:
         parser.exit(1, f"{prog}: {exc}\n")
-    return 0
 
 
 def _memory_limit(value: str | None, nworkers: int) -> int | None:
@@ -336,7 +421,7 @@ def _worker_argv(args: argparse.Namespace, ncores: int | None, memory_limit: int
         argv += [f"--memory-{name}", "off" if value is None else str(value)]
     if args.resources:
         argv += ["--resources", ",".join(f"{name}={amount!r}" for name, amount in args.resources.items())]
-    for option, value in (("--lifetime", args.lifetime), ("--lifetime-stagger", args.lifetime_stagger), ("--local-dir", args.local_dir), ("--max-message-size", args.max_message_size), ("--key", args.key), ("--authorized-keys", args.authorized_keys)):
+    for option, value in (("--lifetime", args.lifetime), ("--lifetime-stagger", args.lifetime_stagger), ("--death-timeout", args.death_timeout), ("--local-dir", args.local_dir), ("--max-message-size", args.max_message_size), ("--key", args.key), ("--authorized-keys", args.authorized_keys)):
         if value is not None:
             argv += [option, str(value)]
     return argv

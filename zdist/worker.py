@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
-from .errors import MissingDataError, SessionClosedError
+from .errors import EXIT_NO_CENTER, MissingDataError, SessionClosedError
 from .loop import Later
 from .memory import MemoryThresholds, parse_memory_limit
 from .node import Node
@@ -178,6 +178,7 @@ class Worker(Node):
         lifetime: float | None = None,
         lifetime_stagger: float = 0.0,
         resources: dict | None = None,
+        death_timeout: float | None = None,
         **kwargs: Any,
     ):
         super().__init__(host, port, **kwargs)
@@ -200,6 +201,10 @@ class Worker(Node):
         # What tasks with resource needs may use here ({'GPU': 2}); clients place such tasks by it.
         self.resources = dict(resources or {})
         self.retiring = False
+        # With no Center reachable for ``death_timeout`` seconds the worker stops
+        # and ``exit_code`` says why (a batch job's worker must not outlive its Center).
+        self.death_timeout = death_timeout
+        self.exit_code = 0
         # A plain dict, or with a memory limit the spilling store of self.memory (zdist.datastore).
         self.data: Any = {}
         self.memory: WorkerMemory | None = None
@@ -333,6 +338,7 @@ class Worker(Node):
     async def _stay_registered(self) -> None:
         """Register, then heartbeat; register again whenever the Center forgets us."""
         said_waiting = False
+        last_contact = time.monotonic()
         while True:
             try:
                 if not self.registered.is_set():
@@ -341,16 +347,22 @@ class Worker(Node):
                     self.flush_reports()  # what changed while registering
                     logger.info("registered with center at %s", self.center_address)
                     said_waiting = False
+                    last_contact = time.monotonic()
                 await asyncio.sleep(self.heartbeat_interval)
                 answer = await self.peers.get(self.center_address).request(
                     "heartbeat", {"address": self.address, **self._heartbeat_metrics()}, timeout=max(2.0, self.heartbeat_interval * 4)
                 )
+                last_contact = time.monotonic()
                 if answer == "unknown":
                     logger.warning("center at %s does not know this worker (restarted?); registering again", self.center_address)
                     self.registered.clear()
             except (RPCTimeoutError, CommClosedError, ConnectionError) as exc:
+                if self.death_timeout is not None and time.monotonic() - last_contact >= self.death_timeout:
+                    self._die_without_center()
+                    return
                 if not said_waiting:
-                    logger.warning("center at %s is not answering (%s); will keep trying", self.center_address, exc)
+                    how_long = f"for {self.death_timeout:g} s (--death-timeout)" if self.death_timeout is not None else ""
+                    logger.warning("center at %s is not answering (%s); will keep trying %s", self.center_address, exc, how_long)
                     said_waiting = True
                 self.registered.clear()
                 # A fresh socket so that stale requests queued for a dead Center are dropped.
@@ -361,6 +373,16 @@ class Worker(Node):
             except Exception:
                 logger.exception("unexpected error talking to the center")
                 await asyncio.sleep(1.0)
+
+    def _die_without_center(self) -> None:
+        """No Center for ``death_timeout`` seconds: stop, with :data:`~zdist.errors.EXIT_NO_CENTER` as exit code."""
+        logger.error(
+            "no center at %s for %g s (--death-timeout): worker %s exits (status %d); its data is dropped",
+            self.center_address, self.death_timeout, self.address, EXIT_NO_CENTER,
+        )
+        self.exit_code = EXIT_NO_CENTER
+        self.registered.clear()  # nothing to unregister from
+        asyncio.ensure_future(self.stop())
 
     def _heartbeat_metrics(self) -> dict:
         metrics = {"executing": self.executing, "tasks_done": self.tasks_done, "nkeys_local": len(self.data), "memory": _rss()}
