@@ -6,9 +6,10 @@ import os
 
 from zdist.security import create_keys
 
-from .common import say
+from .common import add_version, program, say
 
 
+@program
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="zdist-keys",
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         "Give every node and client --key DIR/NAME.key_secret; DIR then holds the authorized public keys.",
     )
     parser.add_argument("directory", metavar="DIR")
+    add_version(parser)
     parser.add_argument("--name", default="zdist", help="file name of the pair (default: zdist)")
     args = parser.parse_args(argv)
     secret = os.path.join(args.directory, f"{args.name}.key_secret")

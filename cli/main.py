@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .common import program
+
 #: subcommand → (module in zdist_cli, one line of help)
 SUBCOMMANDS = {
     "status": ("status", "show the workers of a running cluster and its totals (table or --json)"),
@@ -22,12 +24,18 @@ SUBCOMMANDS = {
 def usage() -> str:
     lines = ["usage: zdist COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-    lines += ["", "'zdist COMMAND --help' tells more about each."]
+    lines += ["", "'zdist COMMAND --help' tells more about each; 'zdist --version' prints zdist's version."]
     return "\n".join(lines)
 
 
+@program
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--version":
+        from zdist import __version__
+
+        print(f"zdist {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0 if argv else 2

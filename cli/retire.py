@@ -11,7 +11,7 @@ import asyncio
 import sys
 from typing import Any
 
-from .common import say
+from .common import add_version, program, say
 
 #: Seconds a retirement may take (moving data) before this program gives up waiting.
 DEFAULT_TIMEOUT = 300.0
@@ -47,9 +47,11 @@ def build_parser(prog: str = "zdist retire") -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help=f"give up waiting after this long (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--key", default=None, metavar="FILE", help="secret key file, for a cluster that uses CURVE")
     parser.add_argument("--authorized-keys", default=None, metavar="DIR", help="directory of the public keys to trust")
+    add_version(parser)
     return parser
 
 
+@program
 def main(argv: list[str] | None = None, prog: str = "zdist retire") -> int:
     args = build_parser(prog).parse_args(argv)
     security = None

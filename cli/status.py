@@ -18,6 +18,10 @@ import sys
 import time
 from typing import Any
 
+from .common import add_version, program
+
+from .common import program
+
 #: Seconds to wait for the Center by default.
 DEFAULT_TIMEOUT = 5.0
 
@@ -172,6 +176,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help=f"give up when the Center does not answer within this long (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--key", default=None, metavar="FILE", help="secret key file, for a cluster that uses CURVE (see zdist-keys)")
     parser.add_argument("--authorized-keys", default=None, metavar="DIR", help="directory of the public keys to trust (default: the key file's directory)")
+    add_version(parser)
 
 
 def run(args: argparse.Namespace, prog: str = "zdist-status") -> int:
@@ -183,7 +188,8 @@ def run(args: argparse.Namespace, prog: str = "zdist-status") -> int:
     try:
         info = asyncio.run(asyncio.wait_for(fetch_info(args.center, args.timeout, security), args.timeout + 1))
     except (TimeoutError, asyncio.TimeoutError):
-        print(f"{prog}: the Center at {args.center} did not answer within {args.timeout:g} s; is it running, and is the address right?", file=sys.stderr)
+        hint = "" if args.key else "; if the cluster uses CURVE keys, give this program the secret key file: --key ~/.zdist/zdist.key_secret (a CURVE Center does not answer a client without the key)"
+        print(f"{prog}: the Center at {args.center} did not answer within {args.timeout:g} s; is it running, and is the address right?{hint}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
         print(f"{prog}: cannot ask the Center at {args.center}: {exc}", file=sys.stderr)
@@ -196,6 +202,7 @@ def run(args: argparse.Namespace, prog: str = "zdist-status") -> int:
     return 0
 
 
+@program
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run(args)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from zdist.run import worker_main
 
+from .common import program
 
+
+@program
 def main(argv: list[str] | None = None) -> int:
     return worker_main(argv, prog="zdist-worker")
 

@@ -21,7 +21,7 @@ from zdist.center import Center
 
 from .conftest import make_cluster, wait_for
 
-aiohttp = pytest.importorskip("aiohttp", reason="the dashboard needs aiohttp (pip install zdist[dashboard])")
+aiohttp = pytest.importorskip("aiohttp", reason="the dashboard needs aiohttp (pip install '.[dashboard]')")
 
 from zdist.dashboard import Dashboard, serve_dashboard  # noqa: E402
 
@@ -213,7 +213,7 @@ def test_center_cli_runs_on_without_aiohttp():
         assert not any("Dashboard" in line for line in lines)
     finally:
         err = stop(process)
-    assert "pip install zdist[dashboard]" in err
+    assert "pip install '.[dashboard]'" in err
     assert len([line for line in err.splitlines() if "dashboard" in line]) == 1
 
 
@@ -221,9 +221,9 @@ def test_missing_aiohttp_is_a_clear_import_error(monkeypatch):
     import zdist.dashboard
 
     monkeypatch.setattr(zdist.dashboard, "web", None)
-    with pytest.raises(ImportError, match=r"pip install zdist\[dashboard\]"):
+    with pytest.raises(ImportError, match=r"pip install '\.\[dashboard\]'"):
         zdist.dashboard.Dashboard(Center().info)
-    with pytest.raises(ImportError, match=r"pip install zdist\[dashboard\]"):
+    with pytest.raises(ImportError, match=r"pip install '\.\[dashboard\]'"):
         LocalCluster(n_workers=1, dashboard=True)
 
 

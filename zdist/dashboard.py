@@ -5,7 +5,7 @@ reads the Center's tables, and the Center does not know it exists (beyond
 the ``dashboard_url`` its ``info()`` reports). Whoever starts a Center
 starts its dashboard: ``zdist-center`` and ``LocalCluster(dashboard=True)``
 call :func:`serve_dashboard`, which serves, on the same asyncio loop as the
-Center's ROUTER socket (aiohttp; ``pip install zdist[dashboard]``):
+Center's ROUTER socket (aiohttp; ``pip install '.[dashboard]'`` from a clone):
 
 - ``/`` — a page that polls the JSON below every second: the workers, the
   totals, tasks running and done per second as a plot (uPlot, shipped in
@@ -64,7 +64,8 @@ LOG_TIMEOUT = 2.0
 #: A worker's tasks/s in the table is averaged over its heartbeats of this many seconds.
 RATE_WINDOW = 5.0
 
-INSTALL_HINT = "the zdist dashboard needs aiohttp: pip install zdist[dashboard]  (or: pip install aiohttp)"
+#: zdist is not on a package index: the extra is installed from a clone of its source.
+INSTALL_HINT = "the zdist dashboard needs aiohttp: in zdist's source directory, pip install '.[dashboard]'  (or: pip install aiohttp)"
 
 
 def require_aiohttp() -> None:

@@ -38,6 +38,11 @@ def main() -> None:
         else:
             from functools import partial
 
+            # dask takes a scheduler as a function of (graph, keys): zdist.dask.get
+            # with the cluster's address filled in runs every task of the graph there.
+            print(">>> from functools import partial")
+            print(">>> from zdist.dask import get")
+            print(f">>> get2 = partial(get, {pool.center_address!r})   # a dask scheduler: runs the graph on this cluster")
             get2 = partial(get, pool.center_address)
             print(">>> da.arange(10, chunks=(5,)).sum().compute(scheduler=get2)")
             print(da.arange(10, chunks=(5,)).sum().compute(scheduler=get2))

@@ -118,5 +118,7 @@ def noted(error: BaseException, key: Any, worker: str | None = None) -> BaseExce
     """
     if hasattr(error, "add_note"):
         where = f" on worker {worker}" if worker else ""
-        error.add_note(f"(while computing key {key!r}{where} on the zdist cluster)")
+        note = f"(while computing key {key!r}{where} on the zdist cluster)"
+        if note not in getattr(error, "__notes__", ()):  # the same error can pass through twice (shell and core)
+            error.add_note(note)
     return error

@@ -65,6 +65,11 @@ def rebuild_exception(error: dict, address: str = "") -> BaseException:
         exc = RemoteError(f"{error.get('type', 'Error')}{where}: {error.get('message', '')}", error.get("type", ""), tb)
     exc.remote_traceback = tb
     if tb:
+        # Once, as text from the node (with its source lines). A pickled
+        # exception can also bring its frames spliced in (tblib's pickling
+        # support, which importing dask.multiprocessing installs): drop them,
+        # or every frame would show twice, as the cause and again below it.
+        exc.__traceback__ = None
         exc.__cause__ = _RemoteTraceback(tb)
     return exc
 

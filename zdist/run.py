@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
+from . import __version__
 from .center import DEFAULT_HEARTBEAT_TIMEOUT, Center
 from .centerfile import read_center_file, remove_center_file, write_center_file
 from .comm import normalize_address
@@ -53,6 +55,31 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
+def program(main: Callable[..., int]) -> Callable[..., int]:
+    """A program's ``main`` that ends quietly when its reader goes away (``zdist-status CENTER | head -3``).
+
+    Without this, a write to a closed pipe ends in a ``BrokenPipeError``
+    traceback, and Python's flush at exit prints another. The output then
+    goes to /dev/null, so that nothing else is written, and the program
+    exits 0: it was the reader's choice to stop reading, not a failure.
+    """
+
+    @functools.wraps(main)
+    def run(*args: Any, **kwargs: Any) -> int:
+        try:
+            try:
+                return main(*args, **kwargs)
+            finally:  # also after --help or --version (SystemExit): a broken pipe surfaces here, not at exit
+                sys.stdout.flush()
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return 0
+
+    return run
+
+
 # ------------------------------------------------------------------ arguments
 
 
@@ -64,6 +91,7 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", default=None, metavar="FILE", help="secret key file (from zdist-keys) to turn on CURVE authentication and encryption")
     parser.add_argument("--authorized-keys", default=None, metavar="DIR", help="directory of public keys allowed to connect (default: the key file's directory)")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"], help="how much to log on stderr (default: warning)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s (zdist) {__version__}")
 
 
 def node_options(args: argparse.Namespace) -> dict:
@@ -427,9 +455,13 @@ def _worker_argv(args: argparse.Namespace, ncores: int | None, memory_limit: int
     return argv
 
 
+@program
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     programs = {"center": center_main, "worker": worker_main}
+    if argv[:1] == ["--version"]:
+        say(f"zdist {__version__}")
+        return 0
     if not argv or argv[0] not in programs:
         print("usage: python -m zdist.run {center,worker} [OPTIONS]   ('python -m zdist.run center --help' tells more)", file=sys.stderr)
         return 2

@@ -92,11 +92,12 @@ class Security:
 
     ``key`` is a secret key file written by ``zdist-keys``;
     ``authorized_keys`` is a directory of public keys allowed to connect
-    (default: the key file's own directory).
+    (default: the key file's own directory). Both may start with ``~``, as
+    in the docs' ``Security(key='~/.zdist/zdist.key_secret')``.
     """
 
     def __init__(self, key: str, authorized_keys: str | None = None):
-        self.key_file = os.path.abspath(key)
+        self.key_file = os.path.abspath(os.path.expanduser(key))
         if not os.path.exists(self.key_file):
             raise FileNotFoundError(f"no key file at {self.key_file}; create a key pair with `zdist-keys DIR`")
         public, secret = zmq.auth.load_certificate(self.key_file)
@@ -104,7 +105,7 @@ class Security:
             raise ValueError(f"{self.key_file} holds only a public key; pass the secret key file (NAME.key_secret)")
         self.public_key: bytes = public
         self.secret_key: bytes = secret
-        self.authorized_keys = os.path.abspath(authorized_keys or os.path.dirname(self.key_file))
+        self.authorized_keys = os.path.abspath(os.path.expanduser(authorized_keys) if authorized_keys else os.path.dirname(self.key_file))
         if not os.path.isdir(self.authorized_keys):
             raise NotADirectoryError(f"authorized keys must be a directory of public key files, got {self.authorized_keys}")
         #: Public keys of nodes whose key pair differs from ours, by address.
