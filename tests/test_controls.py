@@ -132,3 +132,24 @@ def test_controls_are_checked_with_clear_errors():
         controls_from(priority="high")
     with pytest.raises(ValueError, match="workers must be a worker address"):
         controls_from(workers=[])
+
+
+def test_dask_get_honours_annotations_and_controls(two_workers, tmp_path):
+    import functools
+
+    import dask
+    from dask import delayed
+
+    from zdist.dask import get
+
+    scheduler = functools.partial(get, two_workers.center_address)
+    with dask.annotate(retries=2):
+        value = delayed(flaky)(str(tmp_path / "d"), 2)
+    assert value.compute(scheduler=scheduler) == "ok after 2 failures"
+    with pytest.raises(RuntimeError, match="flaky failure 1"):
+        delayed(flaky)(str(tmp_path / "e"), 1).compute(scheduler=scheduler)
+    assert delayed(flaky)(str(tmp_path / "f"), 1).compute(scheduler=functools.partial(scheduler, retries=1)) == "ok after 1 failures"
+    infos = center_call(two_workers.center_address, "workers")
+    target = sorted(infos)[0]
+    pids = dask.compute(*[delayed(pid)(dask_key_name=f"pid-{i}") for i in range(6)], scheduler=functools.partial(scheduler, workers=[target]))
+    assert set(pids) == {infos[target]["pid"]}

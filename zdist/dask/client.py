@@ -13,10 +13,13 @@ import concurrent.futures
 import time
 from typing import Any, Iterable
 
+import dask
+
 from ..comm import normalize_address
 from ..errors import MissingDataError
 from ..session import client_loop, close_all_sessions, open_session
-from .graph import convert_recording_literals, flatten_keys, nest_results, to_task_graph
+from ..scheduling.controls import CONTROL_NAMES, controls_from
+from .graph import annotations_of, controls_by_key, convert_recording_literals, flatten_keys, nest_results, to_task_graph
 from .plan import Plan, make_plan
 from .scheduler import Computation
 
@@ -39,6 +42,15 @@ def _parse_center(center: Any, args: tuple) -> tuple[str, tuple]:
     if len(args) != 2:
         raise TypeError("call get(center, dsk, keys) or get(host, port, dsk, keys)")
     return normalize_address(center), args
+
+
+def _known_controls(annotations: dict) -> dict:
+    return {name: value for name, value in annotations.items() if name in CONTROL_NAMES and value is not None}
+
+
+def _given(retries: Any, priority: Any, resources: Any, workers: Any, allow_other_workers: Any) -> dict:
+    given = dict(retries=retries, priority=priority, resources=resources, workers=workers, allow_other_workers=allow_other_workers)
+    return {name: value for name, value in given.items() if value is not None}
 
 
 async def _ask_center(address: str, op: str, keys: Iterable, security: Any) -> dict:
@@ -85,6 +97,11 @@ def get(
     security: Any = None,
     validate: bool = False,
     progress: bool = False,
+    retries: int | None = None,
+    priority: int | None = None,
+    resources: dict | None = None,
+    workers: Any = None,
+    allow_other_workers: bool | None = None,
     **kwargs: Any,
 ) -> Any:
     """Compute ``keys`` of the dask graph ``dsk`` on the cluster of the Center at ``center``.
@@ -118,6 +135,13 @@ def get(
     after every step (slow, for tests). Other keyword arguments (dask passes
     some) are ignored.
 
+    Task controls (``retries``, ``priority``, ``resources``, ``workers``,
+    ``allow_other_workers``; see :class:`~zdist.Pool`) apply to every task
+    of the graph; ``dask.annotate(...)`` with the same names sets them per
+    task (as far as dask keeps annotations through its optimisations: with
+    dask.array's expressions only a ``compute`` inside the ``annotate``
+    block sees them, as with dask.distributed).
+
     >>> from operator import add
     >>> from zdist import LocalCluster
     >>> with LocalCluster(n_workers=2) as cluster:
@@ -125,6 +149,8 @@ def get(
     2
     """
     address, (dsk, keys) = _parse_center(center, args)
+    defaults = controls_from(**{**_known_controls(dask.get_annotations()), **_given(retries, priority, resources, workers, allow_other_workers)}, normalize=normalize_address)
+    annotations = annotations_of(dsk)
     thread = client_loop()
     graph, candidates = convert_recording_literals(dsk)
     if candidates:
@@ -134,6 +160,8 @@ def get(
         if known:
             graph = to_task_graph(dsk, known_keys=known)
     plan = make_plan(graph, flatten_keys(keys))
+    if annotations or defaults is not None:
+        plan.controls = controls_by_key(plan.keys, annotations, defaults, normalize_address)
     external: dict = {}
     if plan.external:
         who_has = thread.run(_ask_center(address, "who_has", plan.external, security))

@@ -25,6 +25,8 @@ from dask.core import reverse_dict
 from dask.local import nested_get
 from dask.order import order
 
+from ..scheduling.controls import CONTROL_NAMES, controls_from
+
 __all__ = [
     "cull",
     "dependencies_of",
@@ -204,6 +206,40 @@ def priorities(graph: Mapping) -> dict:
     {'a': 0, 'b': 1}
     """
     return order(graph)
+
+
+def annotations_of(dsk: Any) -> dict:
+    """The per-key annotations of what dask handed the scheduler: ``{name: {key: value}}`` (``{}`` for a plain dict).
+
+    >>> annotations_of({'a': 1})
+    {}
+    """
+    annotations = getattr(dsk, "__dask_annotations__", None)
+    return dict(annotations()) if callable(annotations) else {}
+
+
+def controls_by_key(keys: Iterable[Hashable], annotations: Mapping, defaults: Any = None, normalize: Any = None) -> dict:
+    """Task controls (:mod:`zdist.scheduling.controls`) of the ``keys`` that ``annotations`` or ``defaults`` give any.
+
+    ``annotations`` is :func:`annotations_of`'s ``{name: {key: value}}``,
+    from ``dask.annotate(priority=..., retries=..., resources=..., workers=...,
+    allow_other_workers=...)``; annotations zdist does not know are ignored,
+    as dask's schedulers do. ``defaults`` apply to every key.
+
+    >>> c = controls_by_key(['a', 'b'], {'priority': {'a': 5}, 'span': {'a': 'x'}})
+    >>> c['a'].priority, 'b' in c
+    (5, False)
+    """
+    known = {name: values for name, values in annotations.items() if name in CONTROL_NAMES and values}
+    if not known:
+        return dict.fromkeys(keys, defaults) if defaults is not None else {}
+    result = {}
+    for key in keys:
+        given = {name: (v(key) if callable(v) else v) for name, values in known.items() if (v := values.get(key)) is not None}
+        controls = controls_from(**given, defaults=defaults, normalize=normalize) if given else defaults
+        if controls is not None:
+            result[key] = controls
+    return result
 
 
 def ready_keys(dependencies: Mapping, available: Collection, pending: Iterable[Hashable]) -> list:

@@ -34,6 +34,8 @@ class Plan:
     external_outputs: list = field(default_factory=list)
     #: every key outside the graph that some task needs
     external: set = field(default_factory=set)
+    #: task controls (retries, priority, ...) of the keys that have any: ``{key: Controls}``
+    controls: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -65,12 +65,15 @@ class Computation(Shell):
             ts = self.external[key] = TaskState(key, wanted=0, owned=False)
             ts.holders, ts.nbytes = set(holders), nbytes
         outputs = set(plan.output_ids.values())
+        index_of = {key: i for i, key in enumerate(plan.keys)} if plan.controls else {}
         self.tasks: list[TaskState] = []
         ext_deps, ext = plan.ext_deps, self.external
         for i, deps in enumerate(plan.deps):
             inputs = tuple(self.tasks[d] for d in deps) + tuple(ext[key] for key in ext_deps[i])
             output = i in outputs
             self.tasks.append(TaskState(f"{self.prefix}{i}", i, inputs, wanted=int(output), deliver=output))
+        for key, controls in plan.controls.items():
+            self.tasks[index_of[key]].controls = controls
         self.pending_outputs = len(outputs)
 
     @property
