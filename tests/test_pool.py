@@ -12,7 +12,7 @@ import pytest
 import zdist
 from zdist import LostDataError, Pool, RemoteData, rpc
 
-from .conftest import make_cluster, wait_for
+from .conftest import center_call, make_cluster, wait_for
 
 
 def inc(x):
@@ -380,3 +380,32 @@ def test_a_task_longer_than_the_heartbeat_timeout_keeps_its_worker(cluster):
         workers = set(pool.sync_center())
         assert pool.apply(slow_inc, (1, 6.0)).get(timeout=60) == 2
         assert set(pool.sync_center()) == workers
+
+
+def test_map_with_chunksize_gives_a_handle_per_item(cluster):
+    import concurrent.futures
+
+    with Pool(cluster.center_address) as pool:
+        handles = pool.map(lambda x: x * 10, range(23), chunksize=5)
+        assert len(handles) == 23 and len({h._task for h in handles}) == 5
+        assert pool.gather(handles) == [x * 10 for x in range(23)]
+        assert handles[22].get() == 220 and handles[0].ready() and handles[0].successful()
+        done, _ = concurrent.futures.wait(handles[:7])
+        assert len(done) == 7
+        # Item handles as inputs, alone and in a list: resolved on the worker.
+        assert pool.gather(pool.map(lambda x: -x, handles[:3])) == [0, -10, -20]
+        assert pool.apply(sum, [handles]).get() == sum(x * 10 for x in range(23))
+        pairs = pool.starmap(pow, [(2, i) for i in range(7)], chunksize=3)
+        assert pool.gather(pairs) == [2**i for i in range(7)]
+        async_handles = pool.map_async(abs, range(-4, 0), chunksize=2)
+        assert [h.result() for h in async_handles] == [4, 3, 2, 1]
+        with pytest.raises(ZeroDivisionError):
+            pool.map(lambda x: 1 / x, [1, 2, 0, 4], chunksize=2)
+        with pytest.raises(ValueError, match="chunksize must be a positive integer"):
+            pool.map(abs, [1], chunksize=0)
+        # Dropping the handles releases the chunks on the workers.
+        del handles, pairs, async_handles, done
+        import gc
+
+        gc.collect()
+        wait_for(lambda: not any(info["nkeys"] for info in center_call(cluster.center_address, "workers").values()), timeout=10, message="chunks released")

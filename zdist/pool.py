@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import itertools
 import logging
+import operator
 import threading
 import time
 import uuid
@@ -184,6 +186,57 @@ class RemoteData(Future):
             pass
 
 
+class _ChunkData(RemoteData):
+    """The handle of one task of a chunked map: its value is the list of a chunk's results; it tells its items when done."""
+
+    def __init__(self, pool: "Pool", task: _PoolTask):
+        super().__init__(pool, task)
+        self._items: list = []  # weak references to the _ItemData of this chunk
+
+    def _mark_done(self, error: BaseException | None, cancelled: bool = False) -> None:
+        super()._mark_done(error, cancelled)
+        with self._condition:  # an item made from now on copies the final state instead
+            items = list(self._items)
+        for ref in items:
+            item = ref()
+            if item is not None:
+                item._mark_done(error, cancelled)
+
+
+class _ItemData(RemoteData):
+    """One result of a chunked map: item ``index`` of its chunk's value.
+
+    It reads its chunk's task (done, failed, value) and keeps the chunk's
+    handle, hence its value, alive. Passed to another task it becomes a
+    small ``getitem`` task on the worker that holds the chunk (made once,
+    on first use).
+    """
+
+    def __init__(self, pool: "Pool", chunk: _ChunkData, index: int):
+        self._condition = pool._changed
+        self._result = None
+        self._waiters: list = []
+        self._done_callbacks: list = []
+        self.key = f"{chunk.key}[{index}]"
+        self._pool = pool
+        self._task = chunk._task
+        self._early = None
+        self._chunk = chunk
+        self._index = index
+        self._derived: RemoteData | None = None
+        with self._condition:
+            self._state, self._exception = chunk._state, chunk._exception
+            chunk._items.append(weakref.ref(self))
+
+    def _as_input(self) -> RemoteData:
+        if self._derived is None:
+            self._derived = self._pool._submit(operator.getitem, [(self._chunk, self._index)])[0]
+        return self._derived
+
+    def __del__(self) -> None:
+        pass  # the chunk's handle releases the value
+
+
 class Pool:
     """A ``multiprocessing.Pool`` whose workers are a zdist cluster.
 
@@ -286,7 +339,9 @@ class Pool:
         """This pool's task controls, with those given to one call on top."""
         return merge_controls(self._controls, controls) if controls else self._controls
 
-    def _make_tasks(self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None, controls: Controls | None = None) -> list[RemoteData]:
+    def _make_tasks(
+        self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None, controls: Controls | None = None, handle_type: type = RemoteData
+    ) -> list[RemoteData]:
         self._check_running()
         if not callable(function):
             raise TypeError(f"the function to run must be callable, got {type(function).__name__}")
@@ -306,7 +361,7 @@ class Pool:
             ts = _PoolTask(key, payload, deps)
             if controls is not None:
                 ts.controls = controls
-            handles.append(RemoteData(self, ts))
+            handles.append(handle_type(self, ts))
         return handles
 
     def _with_initializer(self, function: Callable) -> Callable:
@@ -323,8 +378,10 @@ class Pool:
             self._wrapped[function] = wrapped
         return wrapped
 
-    def _submit(self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None, controls: Controls | None = None) -> list[RemoteData]:
-        handles = self._make_tasks(function, arg_tuples, kwargs, controls)
+    def _submit(
+        self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None, controls: Controls | None = None, handle_type: type = RemoteData
+    ) -> list[RemoteData]:
+        handles = self._make_tasks(function, arg_tuples, kwargs, controls, handle_type)
         self._shell.post(events.Submit([h._task for h in handles]), urgent=True)
         return handles
 
@@ -404,9 +461,20 @@ class Pool:
         ``callback(list_of_values)`` or ``error_callback(first_exception)`` is
         called once every task is done, as in multiprocessing.
         """
-        handles = self._submit(func, [(item,) for item in iterable], None, self._task_controls(controls))
+        if _checked_chunksize(chunksize) > 1:
+            handles = self._submit_chunks(func, iterable, chunksize, _run_chunk, self._task_controls(controls))
+        else:
+            handles = self._submit(func, [(item,) for item in iterable], None, self._task_controls(controls))
         _when_done(handles, callback, error_callback)
         return handles
+
+    def _submit_chunks(self, func: Callable, iterable: Iterable, chunksize: int, runner: Callable, controls: Controls | None) -> list[RemoteData]:
+        """One task per ``chunksize`` items (``runner(func, chunk)``); a handle per item, reading its chunk's result."""
+        if self._initializer is not None:
+            func = self._with_initializer(func)
+        chunks = list(_chunks(iterable, chunksize))
+        chunk_handles = self._submit(runner, [(func, chunk) for chunk in chunks], None, controls, _ChunkData)
+        return [_ItemData(self, handle, i) for handle, chunk in zip(chunk_handles, chunks) for i in range(len(chunk))]
 
     def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None, progress: bool = False, **controls: Any) -> list[RemoteData]:
         """``[func(x) for x in iterable]`` on the cluster, results left there as RemoteData.
@@ -415,7 +483,7 @@ class Pool:
         any failed. ``progress=True`` shows a tqdm progress bar (terminal or
         Jupyter). ``controls``: see :class:`Pool`.
         """
-        handles = self.map_async(func, iterable, **controls)
+        handles = self.map_async(func, iterable, chunksize, **controls)
         self._wait(handles, None, raise_errors=True, progress=progress)
         return handles
 
@@ -440,8 +508,7 @@ class Pool:
     def _stream(self, func: Callable, iterable: Iterable, chunksize: int, ordered: bool, controls: dict) -> Iterator:
         self._check_running()
         task_controls = self._task_controls(controls)
-        if not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
+        _checked_chunksize(chunksize)
         calls: Iterator = ((item,) for item in iterable)
         function = func
         if chunksize > 1:
@@ -454,13 +521,16 @@ class Pool:
         self, func: Callable, iterable: Iterable, chunksize: int | None = None, callback: Callable | None = None, error_callback: Callable | None = None, **controls: Any
     ) -> list[RemoteData]:
         """Like :meth:`starmap` but returns the list of :class:`RemoteData` at once (callbacks as for :meth:`map_async`)."""
-        handles = self._submit(func, [tuple(args) for args in iterable], None, self._task_controls(controls))
+        if _checked_chunksize(chunksize) > 1:
+            handles = self._submit_chunks(func, iterable, chunksize, _run_star_chunk, self._task_controls(controls))
+        else:
+            handles = self._submit(func, [tuple(args) for args in iterable], None, self._task_controls(controls))
         _when_done(handles, callback, error_callback)
         return handles
 
     def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None, progress: bool = False, **controls: Any) -> list[RemoteData]:
         """``[func(*args) for args in iterable]`` on the cluster."""
-        handles = self.starmap_async(func, iterable, **controls)
+        handles = self.starmap_async(func, iterable, chunksize, **controls)
         self._wait(handles, None, raise_errors=True, progress=progress)
         return handles
 
@@ -503,15 +573,20 @@ class Pool:
             self._until(lambda: all(ts.value is not NO_VALUE or ts.state == ERRED for ts in missing), deadline, timeout)
             for ts in missing:
                 if ts.value is NO_VALUE and ts.state == ERRED:
-                    raise ts.error
+                    raise _fresh(ts.error)
         values = []
+        loaded: dict = {}  # task -> its value, deserialized once (a chunk's, for its many items)
         for handle in handles:
-            value = _local_value(handle)
+            ts = handle._task
+            value = loaded.get(ts, NO_VALUE)
             if value is NO_VALUE:
-                value = handle._task.value
-            if isinstance(value, Serialized):
-                value = deserialize(value.kind, value.blob, value.buffers)
-            values.append(value)
+                value = _local_value(handle)
+                if value is NO_VALUE:
+                    value = ts.value
+                if isinstance(value, Serialized):
+                    value = deserialize(value.kind, value.blob, value.buffers)
+                loaded[ts] = value
+            values.append(value[handle._index] if type(handle) is _ItemData else value)
         return values
 
     def _wait(self, handles: list[RemoteData], timeout: float | None, raise_errors: bool, progress: bool = False) -> None:
@@ -526,7 +601,7 @@ class Pool:
                 if raise_errors:
                     error = handles[i]._error()
                     if error is not None:
-                        raise error
+                        raise _fresh(error)
                 i += 1
             position[0] = i
             if bar is not None:
@@ -829,6 +904,32 @@ def _run_star_chunk(fn: Callable, chunk: list) -> list:
     return [fn(*args) for args in chunk]
 
 
+def _fresh(error: BaseException) -> BaseException:
+    """A copy of a task's stored error, to raise: raising the stored one would hang the caller's frames on it.
+
+    Those frames hold the caller's handles; the core holds the error as long
+    as the task: the handles, hence the task and its value, would never be
+    released. The copy keeps the remote traceback, cause and notes.
+    """
+    try:
+        new = copy.copy(error)
+    except Exception:  # noqa: BLE001 - an exception type that cannot be rebuilt from its args
+        return error
+    if type(new) is not type(error):
+        return error
+    new.__cause__, new.__context__, new.__suppress_context__ = error.__cause__, error.__context__, error.__suppress_context__
+    return new.with_traceback(error.__traceback__)
+
+
+def _checked_chunksize(chunksize: Any) -> int:
+    """``chunksize`` as given (None: 1), or a clear error."""
+    if chunksize is None:
+        return 1
+    if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
+        raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
+    return chunksize
+
+
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
     it = iter(items)
     return iter(lambda: list(itertools.islice(it, size)), [])
@@ -882,9 +983,11 @@ _PLAIN_ITEMS = frozenset({int, float, str, bytes, bool, type(None), complex})
 def _to_refs(obj: Any, deps: list) -> Any:
     """Replace every RemoteData (any depth of lists, tuples, dicts) with a Ref; collect their tasks."""
     cls = type(obj)
-    if cls is RemoteData:
+    if cls is RemoteData or cls is _ChunkData:
         deps.append(obj._task)
         return Ref(obj.key)
+    if cls is _ItemData:
+        return _to_refs(obj._as_input(), deps)
     if cls is tuple or cls is list:
         if _PLAIN_ITEMS.issuperset(map(type, obj)):
             return obj  # the common case, plain values: nothing to replace
