@@ -18,26 +18,9 @@ DEFAULT_TIMEOUT = 300.0
 
 
 async def retire(center_address: str, wanted: list[str], timeout: float, security: Any = None) -> dict:
-    from zdist.rpc import rpc
+    from zdist.retirement import retire_workers
 
-    async with rpc(center_address, timeout=min(timeout, 10.0), security=security) as center:
-        workers = await center.workers()
-    chosen, unknown = {}, []
-    for name in wanted:
-        matches = [a for a, info in workers.items() if name in (a, str(info.get("name")))]
-        if matches:
-            chosen.update(dict.fromkeys(matches))
-        else:
-            unknown.append(name)
-    if unknown:
-        raise LookupError(f"no worker named {', '.join(unknown)} at {center_address}; `zdist status {center_address}` lists them")
-
-    async def one(address: str) -> Any:
-        async with rpc(address, timeout=timeout, security=security) as worker:
-            return await worker.retire()
-
-    results = await asyncio.gather(*(one(a) for a in chosen), return_exceptions=True)
-    return dict(zip(chosen, results))
+    return await retire_workers(center_address, wanted, timeout, security)
 
 
 def build_parser(prog: str = "zdist retire") -> argparse.ArgumentParser:

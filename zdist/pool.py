@@ -305,6 +305,8 @@ class Pool:
             self._cluster.start()
             center = self._cluster.center_address
             self.security = self._cluster.security
+        if self.security is None:  # a cluster object (zdist.deploy.Cluster) brings its keys
+            self.security = getattr(center, "security", None)
         self.center_address = normalize_address(getattr(center, "center_address", center))
         self.timeout = timeout
         self._prefix = uuid.uuid4().hex[:8]

@@ -130,3 +130,33 @@ async def _copy(worker: Worker, target: str, session: str | None, keys: list, de
     if session is not None:
         args["session"] = session
     await worker.peers.get(target).request("fetch_keys", args, timeout=max(5.0, deadline - time.monotonic()))
+
+
+async def retire_workers(center_address: str, wanted: list[str], timeout: float = RETIRE_TIMEOUT, security: Any = None) -> dict:
+    """Ask workers (addresses or names, as ``zdist status`` shows them) to retire; address → their answer or exception.
+
+    Each hands the keys only it holds to the others and exits (its nanny
+    too). A name or address the Center does not know raises
+    :class:`LookupError`. ``zdist retire`` and cluster objects' ``scale``
+    call this.
+    """
+    from .rpc import rpc  # the client side of retirement; the worker side above needs no rpc
+
+    async with rpc(center_address, timeout=min(timeout, 10.0), security=security) as center:
+        workers = await center.workers()
+    chosen, unknown = {}, []
+    for name in wanted:
+        matches = [a for a, info in workers.items() if name in (a, str(info.get("name")))]
+        if matches:
+            chosen.update(dict.fromkeys(matches))
+        else:
+            unknown.append(name)
+    if unknown:
+        raise LookupError(f"no worker named {', '.join(unknown)} at {center_address}; `zdist status {center_address}` lists them")
+
+    async def one(address: str) -> Any:
+        async with rpc(address, timeout=timeout, security=security) as worker:
+            return await worker.retire()
+
+    results = await asyncio.gather(*(one(a) for a in chosen), return_exceptions=True)
+    return dict(zip(chosen, results))

@@ -145,9 +145,14 @@ def get(
     >>> from operator import add
     >>> from zdist import LocalCluster
     >>> with LocalCluster(n_workers=2) as cluster:
-    ...     get(cluster.center_address, {'a': 1, 'b': (add, 'a', 1)}, 'b')
+    ...     get(cluster, {'a': 1, 'b': (add, 'a', 1)}, 'b')
     2
+
+    ``center`` is an address or any cluster object (:class:`zdist.deploy.Cluster`),
+    whose ``security`` is then used unless ``security=`` is given.
     """
+    if security is None:  # a cluster object (zdist.deploy.Cluster) brings its keys
+        security = getattr(center, "security", None)
     address, (dsk, keys) = _parse_center(center, args)
     defaults = controls_from(**{**_known_controls(dask.get_annotations()), **_given(retries, priority, resources, workers, allow_other_workers)}, normalize=normalize_address)
     annotations = annotations_of(dsk)

@@ -1,7 +1,22 @@
-"""Running zdist beyond one machine: cluster objects, and the Center file batch jobs find their Center by.
+"""Running zdist beyond one machine: cluster objects with one interface, and the Center file.
 
->>> from zdist.deploy import read_center_file
+Every cluster object is a :class:`Cluster` (``center_address``,
+``security``, ``scale(n)``, ``adapt(minimum=, maximum=)``, ``close()``, a
+context manager) and is taken wherever a Center's address is:
+``Pool(cluster)``, ``Executor(cluster)``, ``zdist.dask.get(cluster, ...)``.
+
+>>> from zdist import Pool
+>>> from zdist.deploy import LocalCluster
+>>> with LocalCluster(n_workers=1) as cluster, Pool(cluster) as pool:
+...     pool.gather(pool.map(abs, [-3]))
+[3]
+
+Batch jobs find their Center through the Center file
+(``zdist-center --center-file PATH``): :func:`read_center_file`.
 """
 from ..centerfile import CenterFile, read_center_file, write_center_file
+from .adaptive import Adaptive
+from .base import Cluster
+from .local import LocalCluster
 
-__all__ = ["CenterFile", "read_center_file", "write_center_file"]
+__all__ = ["Adaptive", "CenterFile", "Cluster", "LocalCluster", "read_center_file", "write_center_file"]
