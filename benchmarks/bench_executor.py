@@ -10,7 +10,7 @@ processes against two-process peers:
   and dask.distributed's ``client.submit(inc, 1).result()`` (target: at
   least 10x faster); medians of samples taken in alternating chunks;
 * chunked maps: ``Executor.map`` and ``Pool.imap`` of ``inc`` over
-  ``range(items)`` with ``chunksize`` against
+  ``range(items)`` with ``chunksize`` (and ``Pool.map`` + ``gather``) against
   ``multiprocessing.Pool(2).map`` with the same chunksize (target: at least
   0.5x its items/s); best of three;
 * bounded memory: ``Pool.imap(inc, generator, chunksize)`` over
@@ -114,6 +114,7 @@ def main() -> None:
         for name, run in {
             "zdist Executor.map": lambda: list(ex.map(inc, range(n), chunksize=chunk))[-1] == expected or exit(1),
             "zdist Pool.imap": lambda: list(ex.pool.imap(inc, range(n), chunksize=chunk))[-1] == expected or exit(1),
+            "zdist Pool.map + gather": lambda: ex.pool.gather(ex.pool.map(inc, range(n), chunksize=chunk))[-1] == expected or exit(1),
             "multiprocessing Pool(2).map": lambda: mp_pool.map(inc, range(n), chunksize=chunk)[-1] == expected or exit(1),
             "ProcessPoolExecutor(2).map": lambda: list(ppe.map(inc, range(n), chunksize=chunk))[-1] == expected or exit(1),
         }.items():
@@ -156,6 +157,7 @@ def main() -> None:
     mp_rate = rates["multiprocessing Pool(2).map"]
     print(f"chunked map: Executor.map / multiprocessing = {rates['zdist Executor.map'] / mp_rate:.2f}x   (target >= 0.5)")
     print(f"chunked map: Pool.imap / multiprocessing    = {rates['zdist Pool.imap'] / mp_rate:.2f}x   (target >= 0.5)")
+    print(f"chunked map: Pool.map+gather / multiprocessing = {rates['zdist Pool.map + gather'] / mp_rate:.2f}x   (target >= 0.5)")
 
 
 if __name__ == "__main__":

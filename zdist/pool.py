@@ -21,7 +21,9 @@ core and carries out its commands.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import collections.abc
 import copy
 import itertools
 import logging
@@ -235,6 +237,49 @@ class _ItemData(RemoteData):
 
     def __del__(self) -> None:
         pass  # the chunk's handle releases the value
+
+
+class ChunkedResults(collections.abc.Sequence):
+    """The results of a chunked ``map``: a sequence with a :class:`RemoteData` per item, made when first asked for.
+
+    ``pool.gather(results)`` fetches whole chunks; passed to a task
+    (``pool.apply(sum, [results])``) it arrives as the list of values,
+    joined on a worker.
+    """
+
+    def __init__(self, pool: "Pool", chunks: list, sizes: list[int]):
+        self._pool = pool
+        self.chunks: list = chunks
+        self._starts = list(itertools.accumulate(sizes, initial=0))
+        self._items: dict[int, _ItemData] = {}
+        self._joined: RemoteData | None = None
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("map result index out of range")
+        item = self._items.get(index)
+        if item is None:
+            chunk = bisect.bisect_right(self._starts, index) - 1
+            item = self._items[index] = _ItemData(self._pool, self.chunks[chunk], index - self._starts[chunk])
+        return item
+
+    def _as_input(self) -> RemoteData:
+        if self._joined is None:
+            self._joined = self._pool._submit(_join_chunks, [tuple(self.chunks)])[0]
+        return self._joined
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} results of a map, in {len(self.chunks)} chunks>"
+
+    def __reduce__(self):
+        raise TypeError("map results belong to their Pool and cannot be pickled; pass them to the Pool's map/apply instead")
 
 
 class Pool:
@@ -463,6 +508,7 @@ class Pool:
         ``callback(list_of_values)`` or ``error_callback(first_exception)`` is
         called once every task is done, as in multiprocessing.
         """
+        handles: Any
         if _checked_chunksize(chunksize) > 1:
             handles = self._submit_chunks(func, iterable, chunksize, _run_chunk, self._task_controls(controls))
         else:
@@ -470,13 +516,13 @@ class Pool:
         _when_done(handles, callback, error_callback)
         return handles
 
-    def _submit_chunks(self, func: Callable, iterable: Iterable, chunksize: int, runner: Callable, controls: Controls | None) -> list[RemoteData]:
-        """One task per ``chunksize`` items (``runner(func, chunk)``); a handle per item, reading its chunk's result."""
+    def _submit_chunks(self, func: Callable, iterable: Iterable, chunksize: int, runner: Callable, controls: Controls | None) -> "ChunkedResults":
+        """One task per ``chunksize`` items (``runner(func, chunk)``); a handle per item, made when asked for."""
         if self._initializer is not None:
             func = self._with_initializer(func)
         chunks = list(_chunks(iterable, chunksize))
         chunk_handles = self._submit(runner, [(func, chunk) for chunk in chunks], None, controls, _ChunkData)
-        return [_ItemData(self, handle, i) for handle, chunk in zip(chunk_handles, chunks) for i in range(len(chunk))]
+        return ChunkedResults(self, chunk_handles, [len(chunk) for chunk in chunks])
 
     def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None, progress: bool = False, **controls: Any) -> list[RemoteData]:
         """``[func(x) for x in iterable]`` on the cluster, results left there as RemoteData.
@@ -486,7 +532,7 @@ class Pool:
         Jupyter). ``controls``: see :class:`Pool`.
         """
         handles = self.map_async(func, iterable, chunksize, **controls)
-        self._wait(handles, None, raise_errors=True, progress=progress)
+        self._wait(_watched(handles), None, raise_errors=True, progress=progress)
         return handles
 
     def imap(self, func: Callable, iterable: Iterable, chunksize: int = 1, **controls: Any) -> Iterator:
@@ -523,6 +569,7 @@ class Pool:
         self, func: Callable, iterable: Iterable, chunksize: int | None = None, callback: Callable | None = None, error_callback: Callable | None = None, **controls: Any
     ) -> list[RemoteData]:
         """Like :meth:`starmap` but returns the list of :class:`RemoteData` at once (callbacks as for :meth:`map_async`)."""
+        handles: Any
         if _checked_chunksize(chunksize) > 1:
             handles = self._submit_chunks(func, iterable, chunksize, _run_star_chunk, self._task_controls(controls))
         else:
@@ -533,7 +580,7 @@ class Pool:
     def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None, progress: bool = False, **controls: Any) -> list[RemoteData]:
         """``[func(*args) for args in iterable]`` on the cluster."""
         handles = self.starmap_async(func, iterable, chunksize, **controls)
-        self._wait(handles, None, raise_errors=True, progress=progress)
+        self._wait(_watched(handles), None, raise_errors=True, progress=progress)
         return handles
 
     def scatter(self, values: Iterable, workers: Iterable[str] | None = None, replicas: int = 1) -> list[RemoteData]:
@@ -556,6 +603,8 @@ class Pool:
 
     def gather(self, remote_data: Iterable[RemoteData], timeout: float | None = None) -> list:
         """The values of many RemoteData, fetched together (one request per worker)."""
+        if isinstance(remote_data, ChunkedResults):  # a chunked map's: fetch the chunks, not item by item
+            return list(itertools.chain.from_iterable(self._get_values(remote_data.chunks, timeout)))
         return self._get_values(list(remote_data), timeout)
 
     def delete(self, remote_data: Iterable[RemoteData]) -> None:
@@ -569,7 +618,7 @@ class Pool:
                 raise TypeError(f"gather takes RemoteData handles, got {type(handle).__name__}")
         deadline = None if timeout is None else time.monotonic() + timeout
         self._wait(handles, timeout, raise_errors=True)
-        missing = [h._task for h in handles if _local_value(h) is NO_VALUE]
+        missing = list({h._task: None for h in handles if _local_value(h) is NO_VALUE})  # one per task: a chunk's items share theirs
         if missing:
             self._shell.post(events.Wanted(missing), urgent=True)
             self._until(lambda: all(ts.value is not NO_VALUE or ts.state == ERRED for ts in missing), deadline, timeout)
@@ -813,8 +862,11 @@ def merge_controls(defaults: Controls | None, controls: dict) -> Controls | None
     return controls_from(**controls, defaults=defaults, normalize=normalize_address)
 
 
-def _when_done(handles: list[RemoteData], callback: Callable | None, error_callback: Callable | None, single: bool = False) -> None:
+def _when_done(handles: Any, callback: Callable | None, error_callback: Callable | None, single: bool = False) -> None:
     """multiprocessing's callbacks: ``callback`` with the value(s) once all are done, else ``error_callback`` with the first error."""
+    results = handles
+    if isinstance(handles, ChunkedResults):
+        handles = handles.chunks
     if callback is None and error_callback is None:
         return
     left = [len(handles)]
@@ -828,7 +880,7 @@ def _when_done(handles: list[RemoteData], callback: Callable | None, error_callb
         error = next((e for e in (h._error() for h in handles) if e is not None), None)
         if error is None:
             try:
-                values = handles[0]._pool.gather(handles)
+                values = handles[0]._pool.gather(results)
             except Exception as exc:  # noqa: BLE001 - lost on the way: the error callback hears of it
                 error = exc
             else:
@@ -900,6 +952,15 @@ def _run_initializer(token: str, initializer: Callable, initargs: tuple) -> None
 def _run_chunk(fn: Callable, chunk: list) -> list:
     """One task of a chunked map: ``fn`` over a chunk of single arguments (a plain list: cheap to scan and send)."""
     return [fn(item) for item in chunk]
+
+
+def _join_chunks(*chunks: list) -> list:
+    return [value for chunk in chunks for value in chunk]
+
+
+def _watched(handles: Any) -> list:
+    """What to wait on for ``handles``: a chunked map's chunks, not its items."""
+    return handles.chunks if isinstance(handles, ChunkedResults) else handles
 
 
 def _run_star_chunk(fn: Callable, chunk: list) -> list:
@@ -988,7 +1049,7 @@ def _to_refs(obj: Any, deps: list) -> Any:
     if cls is RemoteData or cls is _ChunkData:
         deps.append(obj._task)
         return Ref(obj.key)
-    if cls is _ItemData:
+    if cls is _ItemData or cls is ChunkedResults:
         return _to_refs(obj._as_input(), deps)
     if cls is tuple or cls is list:
         if _PLAIN_ITEMS.issuperset(map(type, obj)):
