@@ -13,10 +13,19 @@ context manager) and is taken wherever a Center's address is:
 
 Batch jobs find their Center through the Center file
 (``zdist-center --center-file PATH``): :func:`read_center_file`.
+
+The engines: :class:`SLURMCluster`, :class:`PBSCluster`, :class:`LSFCluster`
+(:mod:`zdist.deploy.jobqueue`), :class:`KubeCluster`
+(:mod:`zdist.deploy.kubernetes`, with kr8s), and inside one MPI job
+:mod:`zdist.deploy.mpi` (``zdist-mpi``, with mpi4py).
 """
 from ..centerfile import CenterFile, read_center_file, write_center_file
 from .adaptive import Adaptive
 from .base import Cluster
+from .jobqueue import LSFCluster, PBSCluster, SLURMCluster
+from .kubernetes import KubeCluster
 from .local import LocalCluster
 
-__all__ = ["Adaptive", "CenterFile", "Cluster", "LocalCluster", "read_center_file", "write_center_file"]
+__all__ = [
+    "Adaptive", "CenterFile", "Cluster", "KubeCluster", "LSFCluster", "LocalCluster", "PBSCluster", "SLURMCluster", "read_center_file", "write_center_file",
+]
