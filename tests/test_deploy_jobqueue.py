@@ -140,3 +140,17 @@ def test_slurm_job_exits_when_its_center_vanishes(slurm_env, tmp_path):
     finally:
         cluster.units.clear()  # the job is gone: nothing to cancel
         cluster.close()
+
+
+@pytest.mark.engines
+def test_slurm_adapt_submits_jobs_while_tasks_wait_and_cancels_idle_ones(slurm_env, tmp_path):
+    with SLURMCluster(cores=1, death_timeout=30, shared_directory=str(tmp_path), **NO_SITE_CONFIG) as cluster:
+        adaptive = cluster.adapt(minimum=1, maximum=2, interval=0.5, wait=2.0)
+        wait_for(lambda: len(cluster.jobs()) == 1, timeout=30, interval=0.5, message="adapt submits the minimum: one job")
+        cluster.wait_for_workers(1, timeout=60)
+        with Pool(cluster) as pool:
+            done = pool.map(time.sleep, [0.5] * 40)  # a backlog: adapt asks for a second job
+            wait_for(lambda: len(cluster.jobs()) == 2, timeout=60, interval=0.5, message="adapt submits a second job")
+            pool.gather(done)
+        wait_for(lambda: len(cluster.jobs()) == 1, timeout=60, interval=0.5, message="adapt cancels the idle job")
+        assert [what for _, what, _ in adaptive.log][:2] == ["up", "up"] and adaptive.log[-1][1] == "down"
