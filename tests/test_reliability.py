@@ -76,3 +76,22 @@ def test_center_restart_mid_map(cluster):
         assert pool.gather(before) == list(range(1, 11))
         later = pool.map(slow_inc, before)  # data on workers untouched, locality intact
         assert pool.gather(later) == list(range(2, 12))
+
+
+def test_scattered_values_of_a_worker_dropped_for_a_stall_are_found_again():
+    """A worker that misses heartbeats (stopped, not dead) is dropped by the Center; it comes back with its data."""
+    import os
+    import signal
+
+    with make_cluster(2) as cluster, Pool(cluster.center_address) as pool:
+        stalled = cluster.worker_addresses[0]
+        [handle] = pool.scatter([list(range(100))], workers=[stalled])
+        pid = cluster.worker_processes[stalled].pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: stalled not in ask(cluster.center_address, "workers"), timeout=20, message="the Center dropped the stalled worker")
+            time.sleep(0.5)  # the pool notices it too
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert handle.get(timeout=30) == list(range(100))
+        assert pool.apply(sum, [handle]).get() == 4950

@@ -103,6 +103,24 @@ def workers_seen(s: "Scheduler", event: WorkersSeen) -> None:
     for ts in deferred:
         if ts.state == WAITING:
             s._enqueue(ts)
+    s.heartbeat_timeout = event.heartbeat_timeout
+    if s.lost_deadlines:
+        _look_for_lost(s)
+
+
+def _look_for_lost(s: "Scheduler") -> None:
+    """Ask the Center again for lost values we cannot make; fail what needs those looked for long enough."""
+    ask = []
+    for task_id, deadline in list(s.lost_deadlines.items()):
+        ts = s.tasks.get(task_id)
+        if ts is None or ts.state != LOST:
+            del s.lost_deadlines[task_id]
+        elif s.now >= deadline:
+            unrecoverable(s, ts)
+        else:
+            ask.append(ts.key)
+    if ask:
+        s._out.append(AskWhoHas(ask))
 
 
 def worker_lost(s: "Scheduler", worker: WorkerState, why: str) -> None:
@@ -208,13 +226,22 @@ def recompute(s: "Scheduler", lost: list[TaskState]) -> None:
 
 
 def unrecoverable(s: "Scheduler", ts: TaskState) -> None:
-    """A value we cannot make again is gone: unless the Center keeps copies, whatever needs it fails."""
-    if ts.replicas > 1 or not ts.owned:
-        if ts.lost_on != "asked":
-            ts.lost_on = "asked"
-            s._out.append(AskWhoHas([ts.key]))
-            return
-    error = LostDataError(ts.key, None if ts.lost_on == "asked" else ts.lost_on)
+    """A value we cannot make again is gone: look for it a while, then whatever needs it fails.
+
+    The Center may know other copies (replicas it restored, someone else's
+    value), and a worker it dropped for missed heartbeats (a stall, not a
+    death) registers again with everything it holds: the Center is asked
+    at every look until a heartbeat timeout has passed.
+    """
+    deadline = s.lost_deadlines.get(ts.id)
+    if deadline is None:
+        s.lost_deadlines[ts.id] = s.now + s.heartbeat_timeout + 2.0
+        s._out.append(AskWhoHas([ts.key]))
+        return
+    if s.now < deadline:
+        return  # asked again at the next look at the Center (workers_seen)
+    del s.lost_deadlines[ts.id]
+    error = LostDataError(ts.key, ts.lost_on)
     for dependent in list(ts.dependents):
         if dependent.state in (WAITING, READY):
             s._fail(dependent, error)
@@ -230,6 +257,7 @@ def holders_found(s: "Scheduler", event: HoldersFound) -> None:
         live = {a for a in addresses if a in s.workers}
         if live:
             ts.holders |= live
+            s.lost_deadlines.pop(ts.id, None)
             if ts.state == LOST:
                 s._now_in_memory(ts)
         elif ts.state == LOST:
