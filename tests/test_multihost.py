@@ -17,88 +17,20 @@ a test fails. Only addresses inside these namespaces are used.
 from __future__ import annotations
 
 import json
-import os
-import random
-import secrets
-import selectors
-import shutil
 import subprocess
 import sys
-import time
 
 import pytest
+
+from .netns import Hosts, Processes, namespace_skip_reason
 
 N_HOSTS = 4
 WARNING = "anyone who can reach this port can run code"
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=check)
-
-
-class Hosts:
-    """Namespaces ``zd-<tag>-1..N`` on a bridge in ``zd-<tag>-br``, addresses ``10.a.b.1..N``."""
-
-    def __init__(self, n: int):
-        self.tag = secrets.token_hex(3)
-        self.subnet = f"10.{random.randrange(1, 255)}.{random.randrange(0, 255)}"
-        self.bridge_ns = f"zd-{self.tag}-br"
-        self.names = [f"zd-{self.tag}-{i}" for i in range(1, n + 1)]
-        self.addresses = [f"{self.subnet}.{i}" for i in range(1, n + 1)]
-        self.created: list[str] = []
-
-    def build(self) -> None:
-        for ns in [self.bridge_ns, *self.names]:
-            _ip("netns", "add", ns)
-            self.created.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
-        _ip("-n", self.bridge_ns, "link", "set", "br0", "up")
-        for i, (ns, address) in enumerate(zip(self.names, self.addresses), start=1):
-            # Both ends are created inside our namespaces: the bridge end stays in
-            # the bridge namespace, the other moves into the host namespace as eth0.
-            _ip("-n", self.bridge_ns, "link", "add", f"v{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-            _ip("-n", self.bridge_ns, "link", "set", f"v{i}", "master", "br0")
-            _ip("-n", self.bridge_ns, "link", "set", f"v{i}", "up")
-            _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
-            _ip("-n", ns, "link", "set", "eth0", "up")
-
-    def destroy(self) -> None:
-        for ns in reversed(self.created):
-            # Anything still running inside (there should be nothing): kill it by PID.
-            pids = _ip("netns", "pids", ns, check=False).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
-            _ip("netns", "del", ns, check=False)  # takes its veth ends (and the bridge) with it
-        self.created = []
-
-
-def _skip_reason() -> str | None:
-    if not sys.platform.startswith("linux"):
-        return "network namespaces need Linux"
-    if shutil.which("ip") is None:
-        return "the `ip` command (iproute2) is not installed: apt-get install -y iproute2"
-    if os.geteuid() != 0:
-        return "creating network namespaces needs root"
-    probe = f"zd-{secrets.token_hex(3)}-probe"
-    try:
-        result = _ip("netns", "add", probe, check=False)
-        if result.returncode != 0:
-            return f"cannot create a network namespace here: {result.stderr.strip()}"
-        result = _ip("netns", "exec", probe, "true", check=False)
-        if result.returncode != 0:
-            return f"cannot run a program in a network namespace here: {result.stderr.strip()}"
-    finally:
-        _ip("netns", "del", probe, check=False)
-    return None
-
-
 @pytest.fixture(scope="module")
 def hosts():
-    reason = _skip_reason()
+    reason = namespace_skip_reason()
     if reason:
         pytest.skip(reason)
     hosts = Hosts(N_HOSTS)
@@ -110,65 +42,6 @@ def hosts():
         yield hosts
     finally:
         hosts.destroy()
-
-
-class Processes:
-    """Programs started in namespaces; all killed by PID at the end."""
-
-    def __init__(self, log_dir):
-        self.log_dir = log_dir
-        self.started: list[tuple[str, subprocess.Popen, str]] = []
-
-    def start(self, ns: str, label: str, args: list[str]) -> subprocess.Popen:
-        log_path = os.path.join(self.log_dir, f"{label}.log")
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, *args],  # ip execs python: same PID
-                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            )
-        self.started.append((label, process, log_path))
-        return process
-
-    def wait_line(self, process: subprocess.Popen, marker: str, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        buffer = b""
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if selector.select(0.1):
-                    chunk = os.read(process.stdout.fileno(), 4096)
-                    if not chunk:
-                        break
-                    buffer += chunk
-                    for line in buffer.decode(errors="replace").splitlines():
-                        if marker in line:
-                            return line
-                elif process.poll() is not None:
-                    break
-        raise AssertionError(f"no {marker!r} from {process.args[3:]} (exit {process.poll()}):\n{buffer.decode(errors='replace')}\n{self.logs()}")
-
-    def log(self, label: str) -> str:
-        for name, _, path in self.started:
-            if name == label:
-                with open(path, errors="replace") as f:
-                    return f.read()
-        return ""
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {label} ---\n{self.log(label)[-3000:]}" for label, _, _ in self.started)
-
-    def stop_all(self) -> None:
-        for _, process, _ in self.started:
-            if process.poll() is None:
-                process.kill()
-        for _, process, _ in self.started:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-            if process.stdout is not None:
-                process.stdout.close()
 
 
 CLIENT = r'''

@@ -11,7 +11,8 @@ context manager) and is taken wherever a Center's address is:
 ...     pool.gather(pool.map(abs, [-3]))
 [3]
 
-Batch jobs find their Center through the Center file
+:class:`SSHCluster` starts the Center and workers on other machines over SSH
+(``pip install 'zdist[ssh]'``). Batch jobs find their Center through the Center file
 (``zdist-center --center-file PATH``): :func:`read_center_file`.
 
 The engines: :class:`SLURMCluster`, :class:`PBSCluster`, :class:`LSFCluster`
@@ -25,7 +26,9 @@ from .base import Cluster
 from .jobqueue import LSFCluster, PBSCluster, SLURMCluster
 from .kubernetes import KubeCluster
 from .local import LocalCluster
+from .ssh import SSHCluster  # asyncssh is imported when an SSHCluster is made
 
 __all__ = [
-    "Adaptive", "CenterFile", "Cluster", "KubeCluster", "LSFCluster", "LocalCluster", "PBSCluster", "SLURMCluster", "read_center_file", "write_center_file",
+    "Adaptive", "CenterFile", "Cluster", "KubeCluster", "LSFCluster", "LocalCluster", "PBSCluster", "SLURMCluster", "SSHCluster",
+    "read_center_file", "write_center_file",
 ]

@@ -1,0 +1,202 @@
+"""SSHCluster against real OpenSSH servers, one in each of four network-namespace hosts.
+
+The set-up (as root) installs Debian's ``openssh-server`` if it is missing,
+builds five namespaces on a bridge (tests/netns.py), starts an ``sshd`` in
+four of them reached by a key made here, and runs the client (SSHCluster,
+the README's Pool session, a dask graph) in the fifth: the machine's own
+network namespace is never touched, and it has no route to these hosts.
+Everything is stopped by PID and every namespace deleted at teardown. After
+``close()``, or after the client is killed, no process of ours may be left
+on any host but its listening sshd (``ip netns pids``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .netns import Hosts, SSHDaemons, namespace_skip_reason
+
+pytest.importorskip("asyncssh", reason="SSHCluster needs asyncssh: pip install 'zdist[ssh]'")
+
+#: Bounds, not measurements.
+CLIENT_TIMEOUT = 300.0
+DRAIN_TIMEOUT = 60.0
+
+CLIENT = r'''
+import asyncio, functools, json, sys, time
+import zdist
+from zdist import Pool, rpc
+from zdist.deploy import SSHCluster
+
+hosts, key, known, per_host = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+mode = sys.argv[5]
+report = {}
+connect = dict(username="root", client_keys=[key], known_hosts=known)
+t0 = time.monotonic()
+cluster = SSHCluster(
+    [hosts[0], *hosts], connect_options=connect, remote_python=sys.executable, nworkers_per_host=per_host,
+    worker_options={"ncores": per_host, "heartbeat_interval": 0.25}, center_options={"heartbeat_timeout": 5},
+)
+report["start_s"] = time.monotonic() - t0
+report["workers"] = cluster.worker_addresses
+report["pids"] = [w["pid"] for w in cluster.center_info()["workers"].values()]
+if mode == "die":
+    print("READY " + json.dumps(report), flush=True)
+    time.sleep(600)  # killed by the test
+report["secure"] = cluster.security is not None
+report["repr"] = repr(cluster)
+with Pool(cluster) as pool:
+    A = pool.map(lambda x: x**2, range(10))
+    B = pool.map(lambda x: -x, A)
+    report["total"] = pool.apply(sum, [B]).get()
+    report["A"] = pool.gather(A)
+    report["available"] = len(pool.available_cores)
+
+import dask.array as da
+from zdist.dask import get
+x = da.arange(100_000, chunks=5_000, dtype="int64")
+report["dask"] = int((x * 2 + 1).sum().compute(scheduler=functools.partial(get, cluster, timeout=120)))
+
+async def stranger(address):
+    try:
+        async with rpc(address, timeout=2.0) as node:  # no key
+            return await node.ping()
+    except zdist.RPCTimeoutError:
+        return "no answer"
+report["stranger"] = asyncio.run(stranger(cluster.center_address))
+
+cluster.scale(per_host)  # one unit left: the others retire
+cluster.wait_for_workers(per_host)
+deadline = time.monotonic() + 60
+while len(cluster.worker_addresses) > per_host and time.monotonic() < deadline:
+    time.sleep(0.1)
+report["after_scale_down"] = len(cluster.worker_addresses)
+report["units_after_scale_down"] = len(cluster.units)
+logs = cluster.logs()
+report["log_names"] = list(logs)
+report["center_log_has_start"] = "Start center at" in logs["center"]
+t1 = time.monotonic()
+cluster.close()
+report["close_s"] = time.monotonic() - t1
+print("REPORT " + json.dumps(report), flush=True)
+'''
+
+
+@pytest.fixture(scope="module")
+def ssh_hosts(tmp_path_factory):
+    reason = namespace_skip_reason() or SSHDaemons.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    hosts = Hosts(5)  # four sshd hosts and a client host
+    daemons = None
+    try:
+        try:
+            hosts.build()
+        except subprocess.CalledProcessError as exc:
+            pytest.skip(f"cannot build the namespaces: {' '.join(exc.cmd)}: {exc.stderr.strip()}")
+        daemons = SSHDaemons(hosts.names[:4], hosts.addresses[:4], str(tmp_path_factory.mktemp("sshd")))
+        daemons.start()
+        yield hosts, daemons
+    finally:
+        if daemons is not None:
+            daemons.stop()
+        hosts.destroy()
+
+
+def start_client(hosts, daemons, per_host: int, mode: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["ip", "netns", "exec", hosts.names[4], sys.executable, "-c", CLIENT, json.dumps(hosts.addresses[:4]), daemons.client_key, daemons.known_hosts, str(per_host), mode],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+
+
+def read_marked(process: subprocess.Popen, marker: str, timeout: float) -> dict:
+    import selectors
+
+    deadline = time.monotonic() + timeout
+    seen = []
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if selector.select(0.5):
+                line = process.stdout.readline()
+                if not line:
+                    break
+                seen.append(line)
+                if line.startswith(marker):
+                    return json.loads(line[len(marker):])
+    process.kill()
+    _, err = process.communicate(timeout=30)
+    raise AssertionError(f"no {marker!r} from the client (exit {process.returncode}); stdout {seen!r}\nstderr:\n{err[-6000:]}")
+
+
+def assert_hosts_drain(hosts, daemons) -> float:
+    """Every host is left with its sshd only, within DRAIN_TIMEOUT; how long that took."""
+    start = time.monotonic()
+    while True:
+        left = {ns: daemons.pids(ns) for ns in hosts.names[:4]}
+        if not any(left.values()):
+            return time.monotonic() - start
+        if time.monotonic() - start > DRAIN_TIMEOUT:
+            described = {ns: [_cmdline(pid) for pid in pids] for ns, pids in left.items() if pids}
+            raise AssertionError(f"processes left on the hosts: {described}")
+        time.sleep(0.1)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f"{pid}: " + f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return f"{pid}: (gone)"
+
+
+def test_sshcluster_runs_the_seed_session_and_a_dask_graph_then_leaves_nothing(ssh_hosts):
+    hosts, daemons = ssh_hosts
+    client = start_client(hosts, daemons, per_host=2, mode="run")
+    try:
+        report = read_marked(client, "REPORT ", CLIENT_TIMEOUT)
+        client.wait(60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(30)
+        client.stdout.close()
+        client.stderr.close()
+    assert len(report["workers"]) == 8, report  # 4 hosts x 2, the Center's host too
+    assert {w.rsplit(":", 1)[0] for w in report["workers"]} == set(hosts.addresses[:4])
+    assert report["secure"] and report["stranger"] == "no answer"  # CURVE on by default off loopback
+    assert report["total"] == -285 and report["A"] == [x**2 for x in range(10)] and report["available"] == 8
+    assert report["dask"] == 2 * (100_000 * 99_999 // 2) + 100_000
+    assert report["after_scale_down"] == 2 and report["units_after_scale_down"] == 1
+    assert report["log_names"][0] == "center" and report["center_log_has_start"]
+    assert report["repr"].startswith("<SSHCluster center=") and "units=4 x 2" in report["repr"]
+    drained = assert_hosts_drain(hosts, daemons)
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in report["pids"])
+    print(f"SSHCluster 4 hosts x 2 workers: up and registered in {report['start_s']:.1f} s, close() {report['close_s']:.1f} s, "
+          f"hosts empty {drained:.1f} s after")
+
+
+def test_remote_processes_stop_when_the_client_dies(ssh_hosts):
+    hosts, daemons = ssh_hosts
+    client = start_client(hosts, daemons, per_host=1, mode="die")
+    try:
+        report = read_marked(client, "READY ", CLIENT_TIMEOUT)
+        assert len(report["workers"]) == 4
+        client.send_signal(signal.SIGKILL)  # no close(), no atexit: the connections just drop
+        client.wait(30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(30)
+        client.stdout.close()
+        client.stderr.close()
+    drained = assert_hosts_drain(hosts, daemons)
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in report["pids"])
+    print(f"client SIGKILLed: every host empty {drained:.1f} s later")
