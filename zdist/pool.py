@@ -113,6 +113,7 @@ class Pool:
         self._initializer = (initializer, tuple(initargs)) if initializer is not None else None
         self._controls: Controls | None = controls_from(retries, priority, resources, workers, allow_other_workers, normalize=normalize_address)
         self._wrapped: dict = {}
+        self._kept_for_callbacks: dict[int, Any] = {}  # handles whose callbacks have not run yet
         self.security = security
         self._cluster = None
         self._state = "closed"
@@ -637,11 +638,20 @@ def merge_controls(defaults: Controls | None, controls: dict) -> Controls | None
 
 def _when_done(handles: Any, callback: Callable | None, error_callback: Callable | None, single: bool = False) -> None:
     """multiprocessing's callbacks: ``callback`` with the value(s) once all are done, else ``error_callback`` with the first error."""
+    if callback is None and error_callback is None:
+        return
     results = handles
     if isinstance(handles, ChunkedResults):
         handles = handles.chunks
-    if callback is None and error_callback is None:
+    if not handles:
+        if callback is not None:
+            callback([])
         return
+    # As multiprocessing keeps an AsyncResult in its cache: a caller may drop
+    # the handles at once (apply_async(f, callback=...)); the callback still runs.
+    pool = handles[0]._pool
+    kept = pool._kept_for_callbacks
+    kept[id(results)] = results
     left = [len(handles)]
     lock = threading.Lock()
 
@@ -650,6 +660,12 @@ def _when_done(handles: Any, callback: Callable | None, error_callback: Callable
             left[0] -= 1
             if left[0]:
                 return
+        try:
+            report()
+        finally:
+            kept.pop(id(results), None)
+
+    def report() -> None:
         error = next((e for e in (h._error() for h in handles) if e is not None), None)
         if error is None:
             try:
@@ -663,10 +679,6 @@ def _when_done(handles: Any, callback: Callable | None, error_callback: Callable
         if error_callback is not None:
             error_callback(error)
 
-    if not handles:
-        if callback is not None:
-            callback([])
-        return
     for handle in handles:
         handle.add_done_callback(one_done)
 
