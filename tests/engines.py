@@ -221,3 +221,12 @@ def slurm():
         yield cluster
     finally:
         cluster.stop()
+
+
+def documented_code(page: str, marker: str = "run by tests/") -> str:
+    """The ```python block right after the HTML comment holding ``marker`` in ``page`` (a docs/ file), to run in a test."""
+    lines = open(page).read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("<!--") and marker in line)
+    assert lines[start + 1] == "```python", f"{page}: the comment must be followed by a ```python block"
+    end = lines.index("```", start + 2)
+    return "\n".join(lines[start + 2:end]) + "\n"

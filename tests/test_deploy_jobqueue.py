@@ -6,6 +6,8 @@ installed here: only their job scripts are checked.
 """
 from __future__ import annotations
 
+import os
+import pathlib
 import signal
 import subprocess
 import time
@@ -16,7 +18,7 @@ from zdist import Pool
 from zdist.deploy.jobqueue import LSFCluster, PBSCluster, SLURMCluster, load_config
 
 from .conftest import wait_for
-from .engines import slurm  # noqa: F401 - a fixture
+from .engines import documented_code, slurm  # noqa: F401 - slurm is a fixture
 
 NO_SITE_CONFIG = {"config_file": None}
 
@@ -154,3 +156,13 @@ def test_slurm_adapt_submits_jobs_while_tasks_wait_and_cancels_idle_ones(slurm_e
             pool.gather(done)
         wait_for(lambda: len(cluster.jobs()) == 1, timeout=60, interval=0.5, message="adapt cancels the idle job")
         assert [what for _, what, _ in adaptive.log][:2] == ["up", "up"] and adaptive.log[-1][1] == "down"
+
+
+@pytest.mark.engines
+def test_the_deploying_page_example_runs_on_slurm(slurm_env, capsys):
+    page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "deploying-jobqueue.md"
+    before = set(os.listdir(os.path.expanduser("~/.zdist/jobqueue"))) if os.path.isdir(os.path.expanduser("~/.zdist/jobqueue")) else set()
+    exec(compile(documented_code(str(page)), str(page), "exec"), {"__name__": "__docs__"})
+    assert capsys.readouterr().out == "[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]\n"
+    assert set(os.listdir(os.path.expanduser("~/.zdist/jobqueue"))) == before  # its shared directory is removed on close
+    wait_for(lambda: not job_states(slurm_env), timeout=60, interval=0.5, message="its jobs leave squeue")

@@ -27,6 +27,8 @@ from zdist.deploy.kubernetes import KubeCluster, manifests, manifests_yaml  # no
 from zdist.loop import LoopThread  # noqa: E402
 from zdist.security import Security  # noqa: E402
 
+from .engines import documented_code  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONVERSATION = json.loads((ROOT / "tests" / "data" / "kubernetes-conversation.json").read_text())
 NAMESPACE = CONVERSATION["namespace"]
@@ -200,3 +202,12 @@ def test_kubecluster_attaches_reads_keys_and_retires_chosen_pods(replay, tmp_pat
     annotate, _, shrink = (r for r in server.requests if r["method"] in ("PATCH", "GET") and r["path"] != "/version" and "secrets" not in r["path"])
     assert annotate["body"] == {"metadata": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": "-1000"}}}
     assert shrink["body"] == {"spec": {"replicas": 2}}
+
+
+def test_the_deploying_page_example_makes_the_recorded_requests(replay, tmp_path, monkeypatch, capsys):
+    server = replay("create")
+    monkeypatch.setenv("KUBECONFIG", server.kubeconfig(tmp_path))
+    page = ROOT / "docs" / "deploying-kubernetes.md"
+    exec(compile(documented_code(str(page)), str(page), "exec"), {"__name__": "__docs__"})
+    assert capsys.readouterr().out == "3\n"
+    assert asked(server) == recorded("create")

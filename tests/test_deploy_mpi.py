@@ -21,7 +21,11 @@ EXAMPLE = ROOT / "docs" / "examples" / "mpi_pool.py"
 #: Seconds one mpirun may take (start-up of 4 ranks on a busy 2-core machine included).
 RUN_TIMEOUT = 180
 
-pytestmark = pytest.mark.engines
+
+
+def test_the_deploying_page_shows_the_example_file():
+    page = (ROOT / "docs" / "deploying-mpi.md").read_text()
+    assert "```python\n" + EXAMPLE.read_text() + "```" in page
 
 
 @pytest.fixture
@@ -55,12 +59,14 @@ def mpirun():
     assert not left, f"processes left after mpirun: {[(p.pid, p.info) for p in left]}"
 
 
+@pytest.mark.engines
 def test_docs_example_runs_the_pool_session_on_four_ranks(mpirun):
     out = mpirun(4, sys.executable, str(EXAMPLE))
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.splitlines() == ["workers: 2", "total: -285", "A: [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]"], out.stdout + out.stderr
 
 
+@pytest.mark.engines
 def test_zdist_mpi_runs_an_unchanged_script_and_passes_its_exit_status(mpirun, tmp_path):
     script = tmp_path / "plain.py"
     script.write_text(
@@ -76,6 +82,7 @@ def test_zdist_mpi_runs_an_unchanged_script_and_passes_its_exit_status(mpirun, t
     assert "sum 6 ['--flag', 'x']" in out.stdout
 
 
+@pytest.mark.engines
 def test_an_uncaught_exception_ends_every_rank_with_status_1(mpirun, tmp_path):
     script = tmp_path / "fails.py"
     script.write_text("from zdist.deploy.mpi import initialize\ninitialize()\nraise RuntimeError('the script failed')\n")
