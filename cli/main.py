@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "worker": ("worker", "start a Worker and register it with a Center"),
     "keys": ("keys", "make CURVE keys for a secure cluster"),
     "retire": ("retire", "retire workers: each hands the data only it holds to the others, then exits"),
+    "ssh": ("ssh", "start a cluster over SSH: the Center on the first host, workers on the others"),
 }
 
 

@@ -117,20 +117,26 @@ def start_client(hosts, daemons, per_host: int, mode: str) -> subprocess.Popen:
 
 
 def read_marked(process: subprocess.Popen, marker: str, timeout: float) -> dict:
+    """The JSON after ``marker`` on the line of the client's output that starts with it."""
+    return json.loads(read_lines(process, marker, timeout)[-1][len(marker):])
+
+
+def read_lines(process: subprocess.Popen, marker: str, timeout: float) -> list[str]:
+    """Lines of ``process``'s output up to the first that starts with ``marker``, within ``timeout`` s."""
     import selectors
 
     deadline = time.monotonic() + timeout
-    seen = []
+    seen: list[str] = []
     with selectors.DefaultSelector() as selector:
         selector.register(process.stdout, selectors.EVENT_READ)
         while time.monotonic() < deadline:
             if selector.select(0.5):
-                line = process.stdout.readline()
+                line = process.stdout.readline()  # the programs print whole lines at once
                 if not line:
                     break
                 seen.append(line)
                 if line.startswith(marker):
-                    return json.loads(line[len(marker):])
+                    return seen
     process.kill()
     _, err = process.communicate(timeout=30)
     raise AssertionError(f"no {marker!r} from the client (exit {process.returncode}); stdout {seen!r}\nstderr:\n{err[-6000:]}")
@@ -200,3 +206,38 @@ def test_remote_processes_stop_when_the_client_dies(ssh_hosts):
     drained = assert_hosts_drain(hosts, daemons)
     assert all(not os.path.exists(f"/proc/{pid}") for pid in report["pids"])
     print(f"client SIGKILLed: every host empty {drained:.1f} s later")
+
+
+def test_zdist_ssh_command(ssh_hosts, tmp_path):
+    hosts, daemons = ssh_hosts
+    center_file = tmp_path / "center.json"
+    command = subprocess.Popen(
+        ["ip", "netns", "exec", hosts.names[4], sys.executable, "-m", "zdist_cli.main", "ssh", *hosts.addresses[:3],
+         "--user", "root", "-i", daemons.client_key, "--known-hosts", daemons.known_hosts, "--remote-python", sys.executable,
+         "--worker-option", "ncores=1", "--center-file", str(center_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    try:
+        lines = read_lines(command, "Key: ", CLIENT_TIMEOUT)
+        assert lines[0].startswith(f"Start center at {hosts.addresses[0]}:") and lines[1].startswith("Workers: 2 on 2 hosts"), lines
+        key = lines[-1].split()[1]
+        use = subprocess.run(
+            ["ip", "netns", "exec", hosts.names[4], sys.executable, "-c",
+             "import sys; from zdist import Pool, Security; from zdist.deploy import read_center_file\n"
+             "with Pool(read_center_file(sys.argv[1], timeout=30), security=Security(key=sys.argv[2])) as pool:\n"
+             "    print(pool.gather(pool.map(abs, [-1, -2, -3])), len(pool.available_cores))",
+             str(center_file), key],
+            capture_output=True, text=True, timeout=CLIENT_TIMEOUT,
+        )
+        assert use.stdout.strip() == "[1, 2, 3] 2", use.stderr
+        assert json.loads(center_file.read_text())["public_key"]
+        command.send_signal(signal.SIGINT)
+        assert command.wait(60) == 0, command.stderr.read()[-4000:]
+        assert not center_file.exists()
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait(30)
+        command.stdout.close()
+        command.stderr.close()
+    assert_hosts_drain(hosts, daemons)
