@@ -241,3 +241,24 @@ def test_zdist_ssh_command(ssh_hosts, tmp_path):
         command.stdout.close()
         command.stderr.close()
     assert_hosts_drain(hosts, daemons)
+
+
+def test_the_ssh_example_of_the_docs_runs_as_written(ssh_hosts):
+    """docs/deploying-ssh.md's example, with only its host names, user and Python replaced."""
+    import pathlib
+    import re
+
+    hosts, daemons = ssh_hosts
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "deploying-ssh.md").read_text()
+    code = re.search(r"<!-- ssh-example[^>]*-->\n```python\n(.*?)```", text, re.S).group(1)
+    replaced = (
+        code.replace('["node0", "node1", "node2"]', json.dumps(hosts.addresses[:3]))
+        .replace('{"username": "me"}', repr({"username": "root", "client_keys": [daemons.client_key], "known_hosts": daemons.known_hosts}))
+        .replace('"/opt/venv/bin/python"', repr(sys.executable))
+    )
+    assert replaced.count(hosts.addresses[0]) == 1 and daemons.client_key in replaced and sys.executable in replaced
+    ran = subprocess.run(["ip", "netns", "exec", hosts.names[4], sys.executable, "-c", replaced], capture_output=True, text=True, timeout=CLIENT_TIMEOUT)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    lines = ran.stdout.splitlines()
+    assert lines[0] == "[1, 2, 3]" and lines[1].startswith(f"Start center at {hosts.addresses[0]}:"), ran.stdout
+    assert_hosts_drain(hosts, daemons)
