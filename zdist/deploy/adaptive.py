@@ -46,19 +46,26 @@ DEFAULT_INTERVAL = 1.0
 DEFAULT_WAIT = 3.0
 
 
-def queued_and_idle(workers: dict) -> tuple[int, int]:
+def queued_and_idle(workers: dict, newcomers: Any = ()) -> tuple[int, int]:
     """(tasks waiting on workers beyond their cores, cores running nothing), from ``Center.workers()``.
 
     Retiring and paused workers count for neither: they take no new tasks.
+    The idle cores of ``newcomers`` (workers seen idle only lately) do not
+    count either: a client has not had time to give them work yet, and
+    counting them would hold growth back to one worker a step.
+
+    >>> queued_and_idle({'a': {'ncores': 1, 'executing': 2}, 'b': {'ncores': 2, 'executing': 0}}, newcomers={'b'})
+    (1, 0)
     """
     queued = idle = 0
-    for info in workers.values():
+    for address, info in workers.items():
         if info.get("retiring") or info.get("status") == "paused":
             continue
         ncores = _number(info.get("ncores")) or 1
         executing = _number(info.get("executing"))
         queued += max(0, executing - ncores)
-        idle += max(0, ncores - executing)
+        if address not in newcomers:
+            idle += max(0, ncores - executing)
     return queued, idle
 
 
@@ -148,7 +155,9 @@ class Adaptive:
         workers = {address: w for address, w in info.get("workers", {}).items() if not w.get("retiring")}
         now = time.monotonic()
         self.idle_since = track_idle(workers, self.idle_since, now)
-        queued, idle_cores = queued_and_idle(workers)
+        # Idle for less than two looks: a newcomer the clients have not fed yet.
+        newcomers = {address for address, since in self.idle_since.items() if now - since < 2 * self.interval}
+        queued, idle_cores = queued_and_idle(workers, newcomers)
         current = cluster.planned_workers()
         cores = max(1, round(sum(int(w.get("ncores") or 1) for w in workers.values()) / len(workers))) if workers else 1
         candidates = retirable(workers, self.idle_since, now, self.wait)
