@@ -71,6 +71,13 @@ def test_site_config_file_gives_defaults_the_caller_overrides(tmp_path, monkeypa
         load_config("slurm")
 
 
+def test_workers_off_loopback_need_an_interface(tmp_path):
+    with pytest.raises(ValueError, match="give interface="):
+        SLURMCluster(host="10.1.2.3", shared_directory=str(tmp_path), **NO_SITE_CONFIG)
+    script = SLURMCluster(host="10.1.2.3", interface="eth0", shared_directory=str(tmp_path), **NO_SITE_CONFIG).job_script()
+    assert "--interface eth0" in script and "--key" in script  # CURVE by default off loopback
+
+
 def test_bad_walltime_says_what_it_takes():
     with pytest.raises(ValueError, match="HH:MM:SS"):
         SLURMCluster(walltime="1:2:3:4", **NO_SITE_CONFIG)

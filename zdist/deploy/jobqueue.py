@@ -30,7 +30,7 @@ exec zdist-worker --center-file /shared/zdist-demo/center.json --death-timeout 6
 
 Options not given come from the per-site config file (``jobqueue.toml``,
 see :func:`load_config`), then from the defaults above. Off loopback
-(``host`` or ``interface`` given) the cluster turns CURVE on: a key pair
+(``interface`` given) the cluster turns CURVE on: a key pair
 made for it is kept in ``shared_directory/keys`` (readable by you alone)
 and each job passes ``--key`` to its worker.
 
@@ -141,9 +141,9 @@ class JobQueueCluster(Cluster):
     ``worker_command`` is how a job starts a worker (default: this
     Python's ``zdist-worker``), ``worker_extra_args`` more of its options.
     ``shared_directory`` must be seen by the jobs too (default
-    ``~/.zdist/jobqueue/NAME``, removed on close). ``host`` or
-    ``interface`` is where the Center listens (default 127.0.0.1: jobs on
-    this machine only). ``n_workers`` jobs' worth are submitted at start.
+    ``~/.zdist/jobqueue/NAME``, removed on close). ``interface``
+    is the network card the Center and every worker listen on (default
+    127.0.0.1: jobs on this machine only); ``host`` moves the Center alone. ``n_workers`` jobs' worth are submitted at start.
     """
 
     scheduler = ""  # the config file's section
@@ -200,6 +200,12 @@ class JobQueueCluster(Cluster):
         self.center_file = os.path.join(self.shared_directory, "center.json")
         self.dashboard = dashboard
         off_loopback = self.interface is not None or (self.host is not None and not self.host.startswith("127."))
+        if off_loopback and self.interface is None:
+            # A worker must listen on an address its peers reach; the Center's host is not the workers'.
+            raise ValueError(
+                f"host={self.host!r} puts the Center off loopback, but the workers need an address on their own nodes too: "
+                "give interface= (the network card on every node, e.g. 'ib0' or 'eth0'; the Center listens on it as well)"
+            )
         if security is None:
             security = off_loopback
         super().__init__(security=None)
@@ -222,10 +228,8 @@ class JobQueueCluster(Cluster):
             args += ["--nworkers", str(self.processes)]
         if self.memory is not None:
             args += ["--memory-limit", str(self.memory)]
-        if self.interface is not None:
+        if self.interface is not None:  # each worker listens on that card of its own node
             args += ["--interface", self.interface]
-        elif self.host is not None:
-            args += ["--host", "0.0.0.0"]  # a worker listens on its own node's address, not the Center's
         if self._key_file is not None or self._want_security is True:
             args += ["--key", self._key_file or os.path.join(self.shared_directory, "keys", "zdist.key_secret")]
         return args + self.worker_extra_args
@@ -280,7 +284,10 @@ class JobQueueCluster(Cluster):
         os.makedirs(self.log_directory, exist_ok=True)
         os.makedirs(self.shared_directory, exist_ok=True)
         command = [sys.executable, "-m", "zdist.run", "center", "--port", "0", "--center-file", self.center_file]
-        command += ["--interface", self.interface] if self.interface else ["--host", self.host or "127.0.0.1"]
+        if self.host is not None or self.interface is None:
+            command += ["--host", self.host or "127.0.0.1"]
+        else:
+            command += ["--interface", self.interface]
         command += ["--dashboard-port", "0"] if self.dashboard else ["--no-dashboard"]
         if self._want_security is True:
             from ..security import Security, create_keys
