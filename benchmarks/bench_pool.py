@@ -1,6 +1,6 @@
 """Pool throughput and latency, side by side with multiprocessing and dask.distributed.
 
-    python benchmarks/bench_pool.py [--tasks 10000] [--repeat 5] [--latency-samples 2000] [--no-dask]
+    python benchmarks/bench_pool.py [--tasks 10000] [--repeat 5] [--latency-samples 2000] [--no-dask] [--compare-forwarding]
 
 Prints tasks/s for ``pool.map(inc, range(N))`` + ``gather`` against
 ``multiprocessing.Pool(2).map`` (chunksize=1 and default) and dask.distributed's
@@ -16,6 +16,12 @@ VM's CPU steal) hits them alike: throughput is the best of ``--repeat``
 rounds, a round trip the median of all its samples, taken in chunks that
 alternate between the two. dask.distributed, about 100x slower per task,
 runs on its own afterwards.
+
+A ``Pool()`` that starts its cluster forwards what tasks print
+(``forward_output``, on by default there); ``--compare-forwarding`` also
+measures, interleaved with it, a second Pool on the same cluster with
+forwarding off, and prints both (forwarding should cost nothing when tasks
+print nothing).
 """
 from __future__ import annotations
 
@@ -44,19 +50,20 @@ def round_trips(n: int, function) -> list[float]:
     return samples
 
 
-def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int) -> dict:
+def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int, compare_forwarding: bool = False) -> dict:
     from zdist import Pool
 
-    times: dict[str, list[float]] = {"zdist": [], "mp1": [], "mpdefault": []}
-    rtts: dict[str, list[float]] = {"zdist": [], "mp": []}
+    times: dict[str, list[float]] = {"zdist": [], "mp1": [], "mpdefault": [], "quiet": []}
+    rtts: dict[str, list[float]] = {"zdist": [], "mp": [], "quiet": []}
     with Pool(processes=2) as pool, multiprocessing.Pool(2) as mp_pool:
+        quiet = Pool(pool.center_address, forward_output=False) if compare_forwarding else None
 
-        def zdist_run():
+        def zdist_run(pool=pool):
             results = pool.map(inc, range(n))
             values = pool.gather(results)
             assert values[-1] == n
 
-        def zdist_rtt():
+        def zdist_rtt(pool=pool):
             assert pool.apply(inc, (1,)).get() == 2
 
         def mp_rtt():
@@ -67,7 +74,12 @@ def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int) -> dict
         mp_pool.map(inc, range(100))
         round_trips(50, zdist_rtt)
         round_trips(50, mp_rtt)
+        if quiet is not None:
+            quiet.gather(quiet.map(inc, range(100)))
+            round_trips(50, lambda: zdist_rtt(quiet))
         for _ in range(repeat):
+            if quiet is not None:
+                times["quiet"].append(timed(lambda: zdist_run(quiet)))
             times["zdist"].append(timed(zdist_run))
             times["mp1"].append(timed(lambda: mp_pool.map(inc, range(n), chunksize=1)))
             times["mpdefault"].append(timed(lambda: mp_pool.map(inc, range(n))))
@@ -75,7 +87,13 @@ def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int) -> dict
         for _ in range(max(1, n_latency // chunk)):
             rtts["zdist"] += round_trips(chunk, zdist_rtt)
             rtts["mp"] += round_trips(chunk, mp_rtt)
+            if quiet is not None:
+                rtts["quiet"] += round_trips(chunk, lambda: zdist_rtt(quiet))
+        if quiet is not None:
+            quiet.close()
     return {
+        "quiet_tp": n / min(times["quiet"]) if times["quiet"] else None,
+        "quiet_rtt": statistics.median(rtts["quiet"]) if rtts["quiet"] else None,
         "zdist_tp": n / min(times["zdist"]),
         "mp1_tp": n / min(times["mp1"]),
         "mpdefault_tp": n / min(times["mpdefault"]),
@@ -111,11 +129,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--latency-samples", type=int, default=2000)
     parser.add_argument("--no-dask", action="store_true", help="skip dask.distributed")
+    parser.add_argument("--compare-forwarding", action="store_true", help="also measure a Pool with forward_output=False, interleaved")
     args = parser.parse_args()
 
-    r = bench_zdist_and_multiprocessing(args.tasks, args.repeat, args.latency_samples)
+    r = bench_zdist_and_multiprocessing(args.tasks, args.repeat, args.latency_samples, args.compare_forwarding)
     print(f"{'':44}{'tasks/s':>12}")
     print(f"{'zdist Pool.map + gather':44}{r['zdist_tp']:12,.0f}")
+    if r["quiet_tp"] is not None:
+        print(f"{'zdist Pool.map + gather, forwarding off':44}{r['quiet_tp']:12,.0f}")
     print(f"{'multiprocessing.Pool(2).map chunksize=1':44}{r['mp1_tp']:12,.0f}")
     print(f"{'multiprocessing.Pool(2).map default chunks':44}{r['mpdefault_tp']:12,.0f}")
     if not args.no_dask:
@@ -124,6 +145,8 @@ def main() -> None:
     print()
     print(f"{'single task round trip (median)':44}{'ms':>12}")
     print(f"{'zdist pool.apply(inc, (1,)).get()':44}{r['zdist_rtt'] * 1e3:12.3f}")
+    if r["quiet_rtt"] is not None:
+        print(f"{'zdist pool.apply(...).get(), forwarding off':44}{r['quiet_rtt'] * 1e3:12.3f}")
     print(f"{'multiprocessing apply_async(...).get()':44}{r['mp_rtt'] * 1e3:12.3f}")
     if not args.no_dask:
         print(f"{'dask.distributed submit(...).result()':44}{d_rtt * 1e3:12.3f}")

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "keys": ("keys", "make CURVE keys for a secure cluster"),
     "retire": ("retire", "retire workers: each hands the data only it holds to the others, then exits"),
     "ssh": ("ssh", "start a cluster over SSH: the Center on the first host, workers on the others"),
+    "logs": ("logs", "show the recent log records of the Center and workers (--follow for new ones)"),
 }
 
 
@@ -45,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zdist: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"zdist_cli.{SUBCOMMANDS[name][0]}")
-    if name == "retire":
-        return module.main(rest, prog="zdist retire")
+    if name in ("retire", "logs"):
+        return module.main(rest, prog=f"zdist {name}")
     if name == "status":
         parser = module.build_parser(prog="zdist status")
         return module.run(parser.parse_args(rest), prog="zdist status")

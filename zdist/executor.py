@@ -40,7 +40,7 @@ class Executor(concurrent.futures.Executor):
     (to reach the Center), ``max_worker_deaths`` (a task that was running on
     that many workers that died fails with
     :class:`~zdist.TaskKilledWorkersError`), ``security``, ``processes``,
-    ``inline`` and ``cluster_kwargs``.
+    ``inline``, ``forward_output`` and ``cluster_kwargs``.
 
     Futures keep their values after :meth:`shutdown`, as the standard
     library's do: ``shutdown(wait=True)`` fetches the values of the futures
@@ -135,6 +135,18 @@ class Executor(concurrent.futures.Executor):
             pool.close()
         else:
             pool.terminate()
+
+    def run(self, function: Callable, *args: Any, **kwargs: Any) -> dict:
+        """:meth:`zdist.Pool.run`: ``function(*args, **kwargs)`` once on every worker, ``{worker: result}``."""
+        return self._pool.run(function, *args, **kwargs)
+
+    def upload_file(self, path: str) -> dict:
+        """:meth:`zdist.Pool.upload_file`: a ``.py``, ``.zip`` or wheel importable on every worker, joiners included."""
+        return self._pool.upload_file(path)
+
+    def get_worker_logs(self, since: int = 0, limit: int = 1000) -> dict:
+        """:meth:`zdist.Pool.get_worker_logs`: each worker's recent log records."""
+        return self._pool.get_worker_logs(since, limit)
 
     def __repr__(self) -> str:
         return f"<Executor center={self.center_address} workers={len(self._pool.available_cores)}>"

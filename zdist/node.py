@@ -18,6 +18,7 @@ import msgpack
 import zmq
 
 from .comm import Stream, make_socket, normalize_address
+from .output import LOG_RING_SIZE, install_log_ring, recent_logs
 from .protocol import ProtocolError, encode_error, encode_reply, parse_request
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class Node:
         self.port = port
         self.max_message_size = max_message_size
         self.security = security
-        self.handlers: dict[str, Callable[..., Any]] = {"ping": self.ping, "identity": self.identity}
+        self.handlers: dict[str, Callable[..., Any]] = {"ping": self.ping, "identity": self.identity, "get_logs": self.get_logs}
         self.stream: Stream | None = None
         self._tasks: set[asyncio.Task] = set()
         self.status = "created"
@@ -85,6 +86,7 @@ class Node:
                 self._on_monitor_event,
             )
         self.status = "running"
+        install_log_ring()  # from now on this process keeps its recent log records, for get_logs
         await self.on_start()
         return self
 
@@ -155,6 +157,15 @@ class Node:
 
     def identity(self) -> dict:
         return {"type": type(self).__name__, "address": self.address}
+
+    def get_logs(self, since: int = 0, limit: int = LOG_RING_SIZE) -> dict:
+        """This process's recent log records, those after number ``since``: ``{node, seq, records, time}``.
+
+        Each record is ``{seq, time, level, name, message, thread}``; the ring
+        holds the last :data:`~zdist.output.LOG_RING_SIZE` of the process
+        (nodes that share a process share it). ``zdist logs`` shows them.
+        """
+        return {"node": self.address, **recent_logs(int(since), int(limit))}
 
     # -------------------------------------------------------------- dispatch
 

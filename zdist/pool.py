@@ -31,6 +31,7 @@ import uuid
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
+from .cluster_ops import WorkerOps
 from .comm import normalize_address
 from .errors import LostDataError, NoWorkersError, noted
 from .protocol import OK, Serialized, deserialize
@@ -55,7 +56,7 @@ SMALL_RESULT = 4096
 STREAM_WINDOW = 256
 
 
-class Pool:
+class Pool(WorkerOps):
     """A ``multiprocessing.Pool`` whose workers are a zdist cluster.
 
     ``Pool(center_address)`` joins a running cluster; ``Pool()`` starts a
@@ -81,6 +82,14 @@ class Pool:
       the pool's repr, while no worker has it);
     - ``workers=[address, ...]``: runs only there, or there first with
       ``allow_other_workers=True`` (elsewhere when none of them is left).
+
+    ``forward_output=True`` prints here what tasks print (stdout, stderr)
+    and log on their workers, each line prefixed ``[worker key]``; it is on
+    by default for a ``Pool()`` that starts its own cluster.
+
+    On every worker at once (:class:`~zdist.cluster_ops.WorkerOps`):
+    :meth:`run` a function, :meth:`upload_file` your code, read
+    :meth:`get_worker_logs`.
     """
 
     def __init__(
@@ -101,6 +110,7 @@ class Pool:
         resources: dict | None = None,
         workers: Iterable[str] | None = None,
         allow_other_workers: bool | None = None,
+        forward_output: bool | None = None,
     ):
         if maxtasksperchild is not None:
             raise ValueError(
@@ -138,6 +148,8 @@ class Pool:
         try:
             self._shell: _PoolShell = self._loop.run(self._start(max_worker_deaths), timeout + 1)
             self._shell.inline = inline
+            # On by default when the cluster is ours, as multiprocessing would show it.
+            self._shell.forward_output = self._cluster is not None if forward_output is None else bool(forward_output)
             self._state = "running"
             self.sync_center()
         except BaseException:
@@ -254,6 +266,8 @@ class Pool:
 
         function, wire_args, wire_kwargs, _ = ts.payload
         request = {"tasks": [[ts.key, function, wire_args, wire_kwargs, []]], "return_values": SMALL_RESULT, "inline": shell.inline, "session": shell.session.id}
+        if shell.forward_output:
+            request["output"] = True
         try:
             reply = self._direct.request(worker, "compute_batch", request, taken_over)
         except Exception as exc:  # noqa: BLE001 - e.g. a function that cannot be pickled: the task fails with it
@@ -264,6 +278,8 @@ class Pool:
         if reply.status != OK:
             shell.post(events.BatchFailed(worker, batch_id, rebuild_exception(reply.error, worker)), urgent=True)
             return handle
+        if reply.result[-1][1] == "output":
+            shell.show_output(reply.result.pop()[2])
         entry = reply.result[0]
         if entry[1] == "ok":
             handle._early = (True, entry[3] if len(entry) > 3 else NO_VALUE)

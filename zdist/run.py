@@ -199,6 +199,10 @@ def worker_parser(prog: str = "python -m zdist.run worker") -> argparse.Argument
         "--resources", type=_checked(parse_resources), default=None, metavar="NAME=AMOUNT,...",
         help="what tasks with resource needs may use on each worker process, e.g. GPU=2,MEM=64e9 (tasks ask with resources={'GPU': 1})",
     )
+    parser.add_argument(
+        "--preload", action="append", default=[], metavar="MODULE_OR_FILE",
+        help="import this module (or .py file) at start and run its zdist_setup(worker), if it has one; repeatable",
+    )
     # Set by the nanny for the worker it starts.
     parser.add_argument("--restarts", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--replaces", default=None, help=argparse.SUPPRESS)
@@ -394,6 +398,7 @@ def worker_main(argv: list[str] | None = None, prog: str = "python -m zdist.run 
         lifetime_stagger=args.lifetime_stagger or 0.0,
         resources=args.resources,
         death_timeout=args.death_timeout,
+        preload=args.preload,
         **node_options(args),
     )
     try:
@@ -452,6 +457,8 @@ def _worker_argv(args: argparse.Namespace, ncores: int | None, memory_limit: int
     for option, value in (("--lifetime", args.lifetime), ("--lifetime-stagger", args.lifetime_stagger), ("--death-timeout", args.death_timeout), ("--local-dir", args.local_dir), ("--max-message-size", args.max_message_size), ("--key", args.key), ("--authorized-keys", args.authorized_keys)):
         if value is not None:
             argv += [option, str(value)]
+    for spec in args.preload:
+        argv += ["--preload", spec]
     return argv
 
 

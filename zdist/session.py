@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 import uuid
+from functools import partial
 from typing import Any, Protocol
 
 from .comm import normalize_address
@@ -133,6 +134,11 @@ class Session:
         self._poll_now = asyncio.Event()
         self._watcher: asyncio.Task | None = None
         self._linger: asyncio.TimerHandle | None = None
+        # Files uploaded by this process's clients (Pool.upload_file): name -> (number, bytes),
+        # and the highest number each worker has. Kept here, never on the Center
+        # (it holds no user data): each worker that joins later gets them from us.
+        self.uploads: dict[str, tuple[int, bytes]] = {}
+        self._uploaded: dict[str, int] = {}
 
     @property
     def center(self):
@@ -168,12 +174,32 @@ class Session:
             return info
         if self.security is not None:
             self.security.learn(info["workers"])
+        if self.uploads:  # before the clients hear of a new worker, so that its uploads reach it before any task
+            self.push_uploads(info["workers"])
         for subscriber in list(self.subscribers):
             try:
                 subscriber.on_workers(info)
             except Exception:  # noqa: BLE001 - one broken client must not blind the others
                 logger.exception("error in a client's reaction to the Center's news")
         return info
+
+    def push_uploads(self, workers: Any) -> dict[str, asyncio.Future]:
+        """Send each worker the uploads it lacks, in the order they were made; the requests, by worker."""
+        requests = {}
+        for address in [a for a in self._uploaded if a not in workers]:
+            del self._uploaded[address]  # gone (a worker that comes back under that address gets them all again)
+        for address in workers:
+            have = self._uploaded.get(address, 0)
+            missing = sorted((number, name, data) for name, (number, data) in self.uploads.items() if number > have)
+            if not missing:
+                continue
+            self._uploaded[address] = missing[-1][0]
+            connection = self.connections.get(address)
+            for _, name, data in missing:
+                request = connection.request("upload_file", {"filename": name, "data": data}, timeout=None)
+                request.add_done_callback(partial(_upload_done, address, name))
+                requests[address] = request  # the last one: requests to one worker are answered in order
+        return requests
 
     def poll_now(self) -> None:
         self._poll_now.set()
@@ -223,6 +249,11 @@ class Session:
         except Exception as exc:  # noqa: BLE001 - the Center closes it anyway once it falls silent
             logger.info("could not close session %s with %s: %s", self.id, self.address, exc)
         self.connections.close()
+
+
+def _upload_done(address: str, name: str, request: asyncio.Future) -> None:
+    if not request.cancelled() and request.exception() is not None:
+        logger.warning("upload of %s to worker %s failed: %s", name, address, request.exception())
 
 
 async def open_session(address: str, security: Any = None, timeout: float = 30.0) -> Session:

@@ -16,6 +16,7 @@ import logging
 from functools import partial
 from typing import Any
 
+from .output import show_output
 from .rpc import rebuild_exception
 from .scheduling import Scheduler, events
 from .session import Session
@@ -31,6 +32,8 @@ class Shell:
 
     #: Sent with every batch: the worker may run the tasks on its event loop.
     inline = False
+    #: Sent with every batch: what the tasks print comes back, and is printed here (:mod:`zdist.output`).
+    forward_output = False
 
     def __init__(self, core: Scheduler, session: Session):
         self.core = core
@@ -112,6 +115,8 @@ class Shell:
         args = {"tasks": self.wire(command.tasks), "return_values": command.return_limit, "session": self.session.id}
         if self.inline:
             args["inline"] = True
+        if self.forward_output:
+            args["output"] = True
         if command.who_has:
             args["who_has"] = command.who_has  # the worker fetches inputs without asking the Center
         try:
@@ -129,6 +134,8 @@ class Shell:
             self.feed(events.BatchFailed(worker, batch_id, error))
             return
         replies = future.result()
+        if replies and replies[-1][1] == "output":  # printed by the tasks: not the core's business
+            self.show_output(replies.pop()[2])
         for reply in replies:
             if reply[1] != "ok":
                 reply[2] = rebuild_exception(reply[2], worker)
@@ -178,6 +185,17 @@ class Shell:
 
     def _poll_center(self, command: events.PollCenter) -> None:
         self.session.poll_now()
+
+    def show_output(self, forwarded: dict) -> None:
+        """Print what a batch's tasks printed on their worker, each line prefixed ``[worker key]``."""
+        try:
+            show_output(forwarded["worker"], forwarded["output"], self.output_name)
+        except Exception:  # noqa: BLE001 - a closed stdout must not stop the client
+            logger.debug("could not show forwarded output", exc_info=True)
+
+    def output_name(self, key: Any) -> Any:
+        """How forwarded output names the task of ``key`` (the dask key for ``zdist.dask.get``)."""
+        return key
 
     # ------------------------------------------------------------------ for subclasses
 

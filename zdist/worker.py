@@ -27,6 +27,8 @@ from .protocol import Ref, error_fields, serialize
 from .rpc import CommClosedError, ConnectionPool, RPCTimeoutError, rebuild_exception, unwrap_value
 from .comm import normalize_address
 from .datastore import WorkerMemory, work_directory
+from . import output as _output
+from . import worker_setup
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def substitute(obj: Any, data: dict) -> Any:
     return obj
 
 
-def _run_tasks(tasks: list, data: dict, deadline: float | None = None, session: str | None = None, released: Any = ()) -> list:
+def _run_tasks(tasks: list, data: dict, deadline: float | None = None, session: str | None = None, released: Any = (), output: dict | None = None) -> list:
     """Run tasks one after the other: ``[(ok, value_or_error, nbytes_or_traceback, start, stop)]``.
 
     In a thread-pool thread, or, given a ``deadline`` (a ``time.time()``),
@@ -72,7 +74,12 @@ def _run_tasks(tasks: list, data: dict, deadline: float | None = None, session: 
 
     A task of a client ``session`` found in ``released`` (the session was
     closed meanwhile) is not run: it fails with :class:`SessionClosedError`.
+
+    With ``output`` (a dict), what each task prints or logs is captured into
+    ``output[key]`` (:mod:`zdist.output`) instead of the worker's streams.
     """
+    if output is not None:
+        return _run_tasks_captured(tasks, data, deadline, session, released, output)
     on_loop = deadline is not None
     results = []
     for key, function, args, kwargs, deps in tasks:
@@ -96,9 +103,25 @@ def _run_tasks(tasks: list, data: dict, deadline: float | None = None, session: 
     return results
 
 
-async def _await_task(task: list, data: dict, session: str | None = None, released: Any = ()) -> tuple:
+def _run_tasks_captured(tasks: list, data: dict, deadline: float | None, session: str | None, released: Any, output: dict) -> list:
+    """:func:`_run_tasks` one task at a time, each with its output captured (kept apart: no cost when not forwarding)."""
+    results: list = []
+    for task in tasks:
+        if deadline is not None and results and results[-1][4] > deadline:
+            break
+        token = _output.begin(task[0], output)
+        try:
+            results.extend(_run_tasks([task], data, deadline, session, released))
+        finally:
+            _output.end(token)
+    return results
+
+
+async def _await_task(task: list, data: dict, session: str | None = None, released: Any = (), output: dict | None = None) -> tuple:
     """Await one task whose function is a coroutine function, on the worker's loop (see :func:`_run_tasks`)."""
     key, function, args, kwargs, deps = task
+    if output is not None:  # this coroutine runs as an asyncio task of its own: the capture stays within it
+        _output.begin(key, output)
     start = time.time()
     if session is not None and session in released:
         return (False, SessionClosedError(session, "the task had not started"), "", start, start)
@@ -179,6 +202,7 @@ class Worker(Node):
         lifetime_stagger: float = 0.0,
         resources: dict | None = None,
         death_timeout: float | None = None,
+        preload: Iterable[str] = (),
         **kwargs: Any,
     ):
         super().__init__(host, port, **kwargs)
@@ -205,6 +229,9 @@ class Worker(Node):
         # and ``exit_code`` says why (a batch job's worker must not outlive its Center).
         self.death_timeout = death_timeout
         self.exit_code = 0
+        # Modules (names or .py files) loaded at start, their zdist_setup(worker) run (zdist.worker_setup).
+        self.preload = list(preload)
+        self._preloaded: list = []
         # A plain dict, or with a memory limit the spilling store of self.memory (zdist.datastore).
         self.data: Any = {}
         self.memory: WorkerMemory | None = None
@@ -247,6 +274,7 @@ class Worker(Node):
                 "fetch_keys": self.fetch_keys,
                 "release_session": self.release_session,
                 "retire": self.retire,
+                **worker_setup.handlers(self),  # upload_file, run
             }
         )
 
@@ -263,11 +291,15 @@ class Worker(Node):
             self.name = self.address
         self.executor = ThreadPoolExecutor(self.ncores, thread_name_prefix=f"zdist-worker-{self.port}")
         self.peers = ConnectionPool(timeout=self.peer_timeout, security=self.security)
+        if self.preload:  # before registering: no task arrives before the set-up is done
+            self._preloaded = await worker_setup.preload(self, self.preload)
         self._background.append(asyncio.ensure_future(self._stay_registered()))
 
     async def on_stop(self) -> None:
         for task in self._background:
             task.cancel()
+        if self._preloaded:
+            await worker_setup.teardown(self, self._preloaded)
         if self.registered.is_set() and self.peers is not None:
             try:
                 self.flush_reports()
@@ -730,7 +762,7 @@ class Worker(Node):
             meta["value"] = result[3]
         return (b"OK", meta)
 
-    def compute_batch(self, tasks: list, return_values: int = 0, inline: bool = False, who_has: dict | None = None, session: str | None = None) -> asyncio.Future:
+    def compute_batch(self, tasks: list, return_values: int = 0, inline: bool = False, who_has: dict | None = None, session: str | None = None, output: bool = False) -> asyncio.Future:
         """Run many tasks ``[key, function, args, kwargs, deps]``; ``Ref(k)`` in args is ``data[k]``.
 
         Answers one entry per task: ``[key, 'ok', nbytes]`` (plus the value if
@@ -770,16 +802,22 @@ class Worker(Node):
         closes; its tasks not started by then fail with
         :class:`SessionClosedError`, and a batch of a session already
         closed is refused with it.
-        """
-        return self._start_batch(tasks, return_values, inline, who_has, report_now=False, session=session)
 
-    def _start_batch(self, tasks: list, return_values: int, inline: bool, who_has: dict | None, report_now: bool, session: str | None = None) -> asyncio.Future:
+        With ``output=True``, what the tasks print (stdout, stderr) and log
+        is captured per task rather than written to the worker's streams,
+        and comes back as one more entry at the end of the answer, only if
+        some task printed something: ``[None, 'output', {'worker': name,
+        'output': {key: [[stream, text], ...]}}]`` (see :mod:`zdist.output`).
+        """
+        return self._start_batch(tasks, return_values, inline, who_has, report_now=False, session=session, output=output)
+
+    def _start_batch(self, tasks: list, return_values: int, inline: bool, who_has: dict | None, report_now: bool, session: str | None = None, output: bool = False) -> asyncio.Future:
         """The future of a batch's replies."""
         if not isinstance(tasks, list):
             raise TypeError("compute_batch needs a list of [key, function, args, kwargs, deps] tasks")
         self._check_session(session)
         if self.retiring or (self.memory is not None and self.memory.paused):  # no new task until memory is back under the limit
-            waiting = asyncio.ensure_future(self._when_running(tasks, return_values, inline, who_has, report_now, session))
+            waiting = asyncio.ensure_future(self._when_running(tasks, return_values, inline, who_has, report_now, session, output))
             self._tasks.add(waiting)
             waiting.add_done_callback(self._tasks.discard)
             return waiting
@@ -792,20 +830,20 @@ class Worker(Node):
                 if dep not in data:
                     needed.append(dep)
         if needed:
-            fetching = asyncio.ensure_future(self._fetch_then_run(tasks, return_values, needed, inline, who_has, report_now, session))
+            fetching = asyncio.ensure_future(self._fetch_then_run(tasks, return_values, needed, inline, who_has, report_now, session, output))
             self._tasks.add(fetching)  # cancelled if the worker stops
             fetching.add_done_callback(self._tasks.discard)
             return fetching
-        return self._run_batch(tasks, return_values, {}, inline, report_now, session)
+        return self._run_batch(tasks, return_values, {}, inline, report_now, session, output)
 
-    async def _when_running(self, tasks: list, return_values: int, inline: bool, who_has: dict | None, report_now: bool, session: str | None) -> list:
+    async def _when_running(self, tasks: list, return_values: int, inline: bool, who_has: dict | None, report_now: bool, session: str | None, output: bool = False) -> list:
         while self.retiring or self.memory.paused:
             if self.retiring:
                 await asyncio.Future()  # never: the worker is leaving, and stop() cancels this
             await self.memory.wait_running()
-        return await self._start_batch(tasks, return_values, inline, who_has, report_now, session)
+        return await self._start_batch(tasks, return_values, inline, who_has, report_now, session, output)
 
-    async def _fetch_then_run(self, tasks: list, return_values: int, needed: list, inline: bool, who_has: dict | None, report_now: bool, session: str | None = None) -> list:
+    async def _fetch_then_run(self, tasks: list, return_values: int, needed: list, inline: bool, who_has: dict | None, report_now: bool, session: str | None = None, output: bool = False) -> list:
         failed: dict[int, BaseException] = {}
         try:
             await self.gather_deps(needed, who_has, session)
@@ -818,11 +856,15 @@ class Worker(Node):
         if session is not None and session in self.released_sessions:
             closed = SessionClosedError(session, "while the inputs of its tasks were being fetched")
             failed = dict.fromkeys(range(len(tasks)), closed)
-        return await self._run_batch(tasks, return_values, failed, inline, report_now, session)
+        return await self._run_batch(tasks, return_values, failed, inline, report_now, session, output)
 
-    def _run_batch(self, tasks: list, return_values: int, failed: dict, inline: bool, report_now: bool, session: str | None = None) -> asyncio.Future:
+    def _run_batch(self, tasks: list, return_values: int, failed: dict, inline: bool, report_now: bool, session: str | None = None, output: bool = False) -> asyncio.Future:
         """Start the tasks not in ``failed`` where the rule of :meth:`compute_batch` says; the future of the replies."""
         loop = asyncio.get_running_loop()
+        outputs: dict | None = None
+        if output:  # one dict for the batch: each task writes its own key (atomic), from whichever thread
+            _output.install()
+            outputs = {}
         result = loop.create_future()
         outcomes: list = [None] * len(tasks)
         awaited: list = []
@@ -850,26 +892,26 @@ class Worker(Node):
             left[0] -= 1
             if left[0] == 0 and not result.done():
                 try:
-                    result.set_result(self._batch_replies(tasks, outcomes, failed, return_values, report_now, session))
+                    result.set_result(self._batch_replies(tasks, outcomes, failed, return_values, report_now, session, outputs))
                 except Exception as exc:  # noqa: BLE001 - reply with the error rather than hang
                     result.set_exception(exc)
 
         if not groups:
             group_done([], [])
         for indices, start in groups:
-            start(loop, [tasks[index] for index in indices], indices, group_done, session)
+            start(loop, [tasks[index] for index in indices], indices, group_done, session, outputs)
         return result
 
-    def _run_on_loop(self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None, results: list | None = None) -> None:
+    def _run_on_loop(self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None, outputs: dict | None = None, results: list | None = None) -> None:
         """Run tasks here and now, a slice at a time; at the next turn of the loop go on with the rest."""
-        ran = _run_tasks(tasks, self.data, time.time() + INLINE_SLICE_SECONDS, session, self.released_sessions)
+        ran = _run_tasks(tasks, self.data, time.time() + INLINE_SLICE_SECONDS, session, self.released_sessions, outputs)
         results = ran if results is None else results + ran
         if len(ran) < len(tasks):
-            loop.call_soon(self._run_on_loop, loop, tasks[len(ran):], indices, done, session, results)
+            loop.call_soon(self._run_on_loop, loop, tasks[len(ran):], indices, done, session, outputs, results)
         else:
             done(indices, results)
 
-    def _run_in_pool(self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None) -> None:
+    def _run_in_pool(self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None, outputs: dict | None = None) -> None:
         """One thread-pool job; its results come back with one ``call_soon_threadsafe``."""
         self.executing += len(tasks)
 
@@ -879,7 +921,7 @@ class Worker(Node):
             except RuntimeError:  # the loop closed: the worker has stopped
                 pass
 
-        self.executor.submit(_run_tasks, tasks, self.data, None, session, self.released_sessions).add_done_callback(finished)
+        self.executor.submit(_run_tasks, tasks, self.data, None, session, self.released_sessions, outputs).add_done_callback(finished)
 
     def _job_done(self, job: Any, indices: list, done: Callable) -> None:
         self.executing -= len(indices)
@@ -891,11 +933,11 @@ class Worker(Node):
             results = job.result()
         done(indices, results)
 
-    def _await_group(self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None) -> None:
+    def _await_group(self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None, outputs: dict | None = None) -> None:
         """Await coroutine functions' tasks on the loop, concurrently."""
         self.executing += len(tasks)
         data, released = self.data, self.released_sessions
-        gathered = asyncio.gather(*(_await_task(task, data, session, released) for task in tasks))
+        gathered = asyncio.gather(*(_await_task(task, data, session, released, outputs) for task in tasks))
 
         def finished(future: asyncio.Future) -> None:
             self.executing -= len(tasks)
@@ -911,7 +953,7 @@ class Worker(Node):
         self._tasks.add(gathered)  # cancelled if the worker stops
         gathered.add_done_callback(self._tasks.discard)
 
-    def _batch_replies(self, tasks: list, outcomes: list, failed: dict, return_values: int, report_now: bool, session: str | None = None) -> list:
+    def _batch_replies(self, tasks: list, outcomes: list, failed: dict, return_values: int, report_now: bool, session: str | None = None, outputs: dict | None = None) -> list:
         replies = []
         closed = session is not None and session in self.released_sessions
         for index, task in enumerate(tasks):
@@ -942,6 +984,8 @@ class Worker(Node):
                     except Exception:
                         pass
             replies.append(entry)
+        if outputs:  # only when some task printed: forwarding costs nothing otherwise
+            replies.append([None, "output", {"worker": self.name or self.address, "output": outputs}])
         if report_now:
             self.flush_reports()  # tell the Center before the caller hears back
         return replies

@@ -102,6 +102,7 @@ def get(
     resources: dict | None = None,
     workers: Any = None,
     allow_other_workers: bool | None = None,
+    forward_output: bool = False,
     **kwargs: Any,
 ) -> Any:
     """Compute ``keys`` of the dask graph ``dsk`` on the cluster of the Center at ``center``.
@@ -131,7 +132,9 @@ def get(
     every other client of this process. ``return_values`` the largest result (in bytes) that comes back with the
     acknowledgement instead of a separate ``get_data``, ``timeout`` a limit
     on the whole computation; ``progress=True`` shows a tqdm progress bar
-    of tasks done (a widget in Jupyter); ``validate=True`` checks the scheduler's state
+    of tasks done (a widget in Jupyter); ``forward_output=True`` prints here
+    what the tasks print and log on their workers, each line prefixed
+    ``[worker key]``; ``validate=True`` checks the scheduler's state
     after every step (slow, for tests). Other keyword arguments (dask passes
     some) are ignored.
 
@@ -175,7 +178,7 @@ def get(
             raise MissingDataError(missing, "the graph needs them, but neither makes them nor finds them on the cluster")
         nbytes = thread.run(_ask_center(address, "nbytes", plan.external, security))
         external = {key: (set(who_has[key]), nbytes.get(key, 0)) for key in plan.external}
-    options = {"max_worker_deaths": max_worker_deaths, "return_values": return_values, "validate": validate}
+    options = {"max_worker_deaths": max_worker_deaths, "return_values": return_values, "validate": validate, "forward_output": forward_output}
     seen: list = []
     future = thread.submit(_compute(address, plan, external, security, options, seen))
     try:

@@ -52,9 +52,11 @@ class Computation(Shell):
         max_worker_deaths: int = 3,
         return_values: int = 2**20,
         validate: bool = False,
+        forward_output: bool = False,
     ):
         core = Scheduler(name=f"the Center at {session.address}", max_worker_deaths=max_worker_deaths, deliver_limit=return_values, validate=validate)
         super().__init__(core, session)
+        self.forward_output = forward_output
         self.plan = plan
         self.prefix = f"zd-{uuid.uuid4().hex[:12]}-"
         self.values: dict = {}
@@ -111,6 +113,10 @@ class Computation(Shell):
             super()._send_batch(command)
         except Exception as exc:  # noqa: BLE001 - e.g. a task that cannot be pickled
             self._fail(self._with_note(exc, command.tasks, command.worker, "while sending tasks"))
+
+    def output_name(self, key: Any) -> Any:
+        ts = self.core.by_key.get(key)
+        return self.plan.keys[ts.payload] if ts is not None and isinstance(ts.payload, int) else key
 
     # ------------------------------------------------------------------ what the core says
 
