@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import time
 
-from .common import say
+from .common import add_version, program, say
 
 #: Seconds between two looks with --follow.
 FOLLOW_INTERVAL = 1.0
@@ -32,9 +31,11 @@ def build_parser(prog: str = "zdist logs") -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="how long to wait for each node (default 5)")
     parser.add_argument("--key", default=None, metavar="FILE", help="secret key file, for a cluster that uses CURVE")
     parser.add_argument("--authorized-keys", default=None, metavar="DIR", help="directory of the public keys to trust")
+    add_version(parser)
     return parser
 
 
+@program  # `zdist logs CENTER | head`: quiet when the reader goes away
 def main(argv: list[str] | None = None, prog: str = "zdist logs") -> int:
     from zdist.cluster_ops import collect_logs
     from zdist.output import format_record
@@ -64,9 +65,6 @@ def main(argv: list[str] | None = None, prog: str = "zdist logs") -> int:
                 return 0
             time.sleep(FOLLOW_INTERVAL)
     except KeyboardInterrupt:
-        return 0
-    except BrokenPipeError:  # `zdist logs ... | head`: the reader has had enough
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error as Python flushes at exit
         return 0
 
 
