@@ -239,3 +239,53 @@ def test_worker_preload_runs_set_up_code(programs, tmp_path):
         worker = programs("zdist-worker", cluster.center_address, "--no-nanny", "--preload", str(broken))
         assert worker.process.wait(60) != 0
         assert "preload" in worker.stderr_text() and "no set-up today" in worker.stderr_text()
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def scrape(url: str) -> dict:
+    """``/metrics`` parsed by prometheus-client's own parser: ``{(sample name, labels): value}``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and all((k, v2) in ls for k, v2 in labels.items()))
+
+
+def test_metrics_parse_and_counters_rise_during_a_map():
+    pytest.importorskip("aiohttp")
+    with make_cluster(2, dashboard=True) as cluster, Pool(cluster) as pool:
+        url = cluster.dashboard_url + "metrics"
+        before = scrape(url)
+        assert total(before, "zdist_workers") == 2
+        assert total(before, "zdist_cores") == 2
+        for address in cluster.worker_addresses:
+            assert total(before, "zdist_worker_cores", worker=address) == 1
+            assert ("zdist_worker_heartbeat_age_seconds", (("name", address), ("worker", address))) in before
+        handles = pool.map(quiet, range(200))
+        wait_for(lambda: total(scrape(url), "zdist_worker_tasks_done_total") >= total(before, "zdist_worker_tasks_done_total") + 200, message="tasks_done rises")
+        after = scrape(url)
+        assert total(after, "zdist_keys") >= 200
+        assert total(after, "zdist_worker_keys") >= 200
+        assert total(after, "zdist_worker_bytes", where="memory") > 0 and total(after, "zdist_worker_bytes", where="disk") == 0
+        assert total(after, "zdist_worker_restarts_total") == 0
+        # A task on each worker whose input is on the other: bytes move between workers.
+        inputs = pool.scatter([b"x" * 100_000, b"y" * 100_000], workers=cluster.worker_addresses)
+        pool.gather([pool.apply_async(len, (inputs[0],), workers=[cluster.worker_addresses[1]])])
+        wait_for(lambda: total(scrape(url), "zdist_worker_fetched_bytes_total") >= 100_000, message="bytes fetched rise")
+        with pytest.raises(ValueError):
+            pool.apply(fails, (1,))
+        wait_for(lambda: total(scrape(url), "zdist_worker_tasks_failed_total") >= 1, message="a failure is counted")
+        del handles

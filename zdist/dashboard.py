@@ -16,7 +16,8 @@ Center's ROUTER socket (aiohttp; ``pip install '.[dashboard]'`` from a clone):
 - ``/api/tasks`` — tasks done per second and tasks running, one point a
   second over the last minutes (``?window=SECONDS``, at most 600);
 - ``/api/task-stream`` — which worker ran which key, when, for how long
-  (``?after=SEQ`` for only the entries newer than an earlier answer's ``seq``).
+  (``?after=SEQ`` for only the entries newer than an earlier answer's ``seq``);
+- ``/metrics`` — the same numbers for Prometheus (:mod:`zdist.metrics`).
 
 What it costs the Center: one ``info()`` call a second, and one per HTTP
 request. Task rates come from the heartbeats the Center receives anyway: each
@@ -154,6 +155,7 @@ class Dashboard:
         app.router.add_get("/api/keys", self.handle_keys)
         app.router.add_get("/api/tasks", self.handle_tasks)
         app.router.add_get("/api/task-stream", self.handle_task_stream)
+        app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_static("/static/", STATIC_DIR, show_index=False)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
@@ -455,6 +457,17 @@ class Dashboard:
         except ValueError:
             raise web.HTTPBadRequest(text="after and limit must be integers") from None
         return self._json(self.task_stream_data(after, limit))
+
+
+    async def handle_metrics(self, request: Any) -> Any:
+        """Prometheus metrics (:mod:`zdist.metrics`) of the Center's ``info()`` as of this scrape."""
+        from .metrics import render
+
+        try:
+            body, content_type = render(await self.read_info())
+        except ImportError as exc:
+            raise web.HTTPNotImplemented(text=str(exc)) from None
+        return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
 
 def _dumps(data: Any) -> str:

@@ -417,7 +417,8 @@ class Worker(Node):
         asyncio.ensure_future(self.stop())
 
     def _heartbeat_metrics(self) -> dict:
-        metrics = {"executing": self.executing, "tasks_done": self.tasks_done, "nkeys_local": len(self.data), "memory": _rss()}
+        metrics = {"executing": self.executing, "tasks_done": self.tasks_done, "nkeys_local": len(self.data), "memory": _rss(),
+                   "tasks_failed": self.tasks_failed, "bytes_fetched": self.bytes_fetched, "bytes_served": self.bytes_served}
         if self.memory is not None:
             metrics.update((k, v) for k, v in self.memory.metrics().items() if v is not None)
         if self.retiring:  # clients see it as paused: no new tasks
