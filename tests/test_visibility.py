@@ -1,6 +1,7 @@
 """Seeing inside a remote run and shipping code to it: forwarded output, logs, uploads, run, preload."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -289,3 +290,71 @@ def test_metrics_parse_and_counters_rise_during_a_map():
             pool.apply(fails, (1,))
         wait_for(lambda: total(scrape(url), "zdist_worker_tasks_failed_total") >= 1, message="a failure is counted")
         del handles
+
+
+# ---------------------------------------------------------------- performance report
+
+
+def nap(seconds):
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def test_performance_report_opens_offline_in_headless_chromium(tmp_path):
+    from .test_dashboard import CHROMIUM, CHROMIUM_ARGS
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; it is in the 'test' extra)")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}: run .ci/install-browser (apt-get install chromium) to run the browser test")
+    import zdist
+
+    path = tmp_path / "report.html"
+    with make_cluster(2) as cluster:
+        with zdist.performance_report(path):
+            with Pool(cluster) as pool:
+                naps = pool.map(nap, [0.05] * 20)
+                big = pool.scatter([b"z" * 200_000], workers=cluster.worker_addresses[:1])[0]
+                pool.gather([pool.apply_async(len, (big,), workers=cluster.worker_addresses[1:])])
+                with pytest.raises(ValueError):
+                    pool.apply(fails, (2,))
+                del naps
+    html = path.read_text()
+    assert "<script src" not in html and "<link" not in html and "http://" not in html.replace("http://www.w3.org", "")
+    data = json.loads(re.search(r"const DATA = (\{.*?\});\n", html, re.S).group(1))
+    assert data["summary"]["workers"] == 2 and data["summary"]["tasks"] >= 22 and data["summary"]["failed"] == 1
+    assert {g["group"] for g in data["groups"]} >= {"nap", "len", "fails"}
+    nap_group = next(g for g in data["groups"] if g["group"] == "nap")
+    assert nap_group["count"] == 20 and nap_group["mean"] >= 0.04
+    assert sum(t["fetched"] for t in data["transfers"]) >= 200_000
+    assert all(len(points) >= 2 for points in data["memory"].values())
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(offline=True, viewport={"width": 1400, "height": 1000})
+            requests: list[str] = []
+            context.on("request", lambda request: requests.append(request.url))
+            page = context.new_page()
+            page.goto(path.as_uri(), wait_until="load", timeout=30_000)
+            page.wait_for_function("() => document.body.dataset.rendered === 'yes'", timeout=30_000)
+            assert int(page.get_attribute("#stream", "data-tasks")) == data["summary"]["tasks"]
+            assert page.get_attribute("#stream", "data-workers") == "2"
+            assert page.get_attribute("#memory", "data-series") == "2"
+            assert "nap" in page.inner_text("#groups") and "fails" in page.inner_text("#groups")
+            # The task stream is drawn: some pixels of the canvas are coloured.
+            painted = page.evaluate(
+                "() => { const c = document.getElementById('stream'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+                " let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i + 3] && !(d[i] > 240 && d[i + 1] > 240 && d[i + 2] > 240)) n++; return n; }"
+            )
+            assert painted > 1000
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            assert [url for url in requests if not url.startswith("file://")] == []
+        finally:
+            browser.close()

@@ -12,6 +12,7 @@ from .errors import (
 from .executor import Executor, as_completed, wait
 from .pool import Pool, RemoteData
 from .protocol import ProtocolError
+from .report import performance_report
 from .rpc import RemoteError, RPCTimeoutError, rpc
 from .security import Security
 from .worker import Worker
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Center", "CenterUnreachableError", "Executor", "LocalCluster", "TaskKilledWorkersError", "as_completed", "wait", "LostDataError", "MissingDataError", "NoWorkersError", "Pool", "ProtocolError", "RemoteData",
-    "RPCTimeoutError", "RemoteError", "Security", "SessionClosedError", "Worker", "WorkerDiedError", "rpc",
+    "RPCTimeoutError", "RemoteError", "Security", "SessionClosedError", "Worker", "WorkerDiedError", "performance_report", "rpc",
 ]

@@ -59,6 +59,8 @@ DELETE_BYTES = 4 * 2**20
 _lock = threading.Lock()
 _loop: LoopThread | None = None
 _sessions: dict[tuple, "Session"] = {}
+#: Active performance reports (zdist.report.Recorder): each look at a Center is shown to them.
+recorders: set = set()
 
 
 def client_loop() -> LoopThread:
@@ -176,6 +178,8 @@ class Session:
             self.security.learn(info["workers"])
         if self.uploads:  # before the clients hear of a new worker, so that its uploads reach it before any task
             self.push_uploads(info["workers"])
+        for recorder in list(recorders):
+            recorder.on_info(self, info)
         for subscriber in list(self.subscribers):
             try:
                 subscriber.on_workers(info)
@@ -229,6 +233,11 @@ class Session:
                     subscriber.on_center_silent(silent, CenterUnreachableError(self.address, silent, exc))
             except Exception:  # noqa: BLE001
                 logger.exception("error while watching the Center at %s", self.address)
+
+    async def before_release(self) -> None:
+        """A client is about to let go: active performance reports take a last look (its cluster may end next)."""
+        if recorders:
+            await asyncio.gather(*(recorder.before_release(self) for recorder in list(recorders)), return_exceptions=True)
 
     def release(self) -> None:
         """One client is done with the session; the last one closes it after :data:`LINGER` seconds."""

@@ -235,4 +235,5 @@ class Shell:
             await self.session.outbox.flush_and_wait(timeout)
         else:
             self.session.outbox.flush()
+        await self.session.before_release()
         self.session.release()
