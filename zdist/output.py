@@ -43,7 +43,7 @@ from typing import Any, Iterator
 #: Log records each process keeps for ``get_logs``.
 LOG_RING_SIZE = 1000
 
-#: The task whose output is being captured here: ``(key, outputs)`` or None.
+#: The task whose output is being captured here: ``[key, outputs]`` or None.
 _current: contextvars.ContextVar = contextvars.ContextVar("zdist_task_output", default=None)
 
 
@@ -107,16 +107,19 @@ def install() -> None:
 @contextlib.contextmanager
 def capture(key: Any, outputs: dict) -> Iterator[None]:
     """Within this block (this thread or asyncio task), what is printed or logged goes to ``outputs[key]``."""
-    token = _current.set((key, outputs))
+    token = _current.set([key, outputs])
     try:
         yield
     finally:
         _current.reset(token)
 
 
-def begin(key: Any, outputs: dict) -> Any:
-    """:func:`capture` without a context manager (for the worker's task loop): returns the token for :func:`end`."""
-    return _current.set((key, outputs))
+def begin_batch(capture: list) -> Any:
+    """Capture into ``capture``, a list ``[key, outputs]`` whose key the caller changes task by task; a token for :func:`end`.
+
+    For the worker's task loop: one ContextVar set per batch rather than per task.
+    """
+    return _current.set(capture)
 
 
 def end(token: Any) -> None:

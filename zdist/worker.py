@@ -78,41 +78,35 @@ def _run_tasks(tasks: list, data: dict, deadline: float | None = None, session: 
     With ``output`` (a dict), what each task prints or logs is captured into
     ``output[key]`` (:mod:`zdist.output`) instead of the worker's streams.
     """
-    if output is not None:
-        return _run_tasks_captured(tasks, data, deadline, session, released, output)
+    capture = token = None
+    if output is not None:  # one ContextVar set per job; per task only the key in it changes
+        capture = [None, output]
+        token = _output.begin_batch(capture)
     on_loop = deadline is not None
     results = []
-    for key, function, args, kwargs, deps in tasks:
-        if on_loop and results and results[-1][4] > deadline:
-            break
-        start = time.time()
-        if session is not None and session in released:
-            results.append((False, SessionClosedError(session, "the task had not started"), "", start, start))
-            continue
-        try:
-            if deps:
-                args = substitute(args, data)
-                kwargs = substitute(kwargs, data) if kwargs else kwargs
-            value = function(*args, **kwargs) if kwargs else function(*args)
-        except Exception as exc:  # noqa: BLE001 - the user's function failed; report it
-            if on_loop and _raised_by_asyncio(exc):
-                exc = _inline_loop_error(function, exc)
-            results.append(_failure(exc, start))
-            continue
-        results.append((True, value, sizeof(value), start, time.time()))
-    return results
-
-
-def _run_tasks_captured(tasks: list, data: dict, deadline: float | None, session: str | None, released: Any, output: dict) -> list:
-    """:func:`_run_tasks` one task at a time, each with its output captured (kept apart: no cost when not forwarding)."""
-    results: list = []
-    for task in tasks:
-        if deadline is not None and results and results[-1][4] > deadline:
-            break
-        token = _output.begin(task[0], output)
-        try:
-            results.extend(_run_tasks([task], data, deadline, session, released))
-        finally:
+    try:
+        for key, function, args, kwargs, deps in tasks:
+            if on_loop and results and results[-1][4] > deadline:
+                break
+            start = time.time()
+            if session is not None and session in released:
+                results.append((False, SessionClosedError(session, "the task had not started"), "", start, start))
+                continue
+            if capture is not None:
+                capture[0] = key
+            try:
+                if deps:
+                    args = substitute(args, data)
+                    kwargs = substitute(kwargs, data) if kwargs else kwargs
+                value = function(*args, **kwargs) if kwargs else function(*args)
+            except Exception as exc:  # noqa: BLE001 - the user's function failed; report it
+                if on_loop and _raised_by_asyncio(exc):
+                    exc = _inline_loop_error(function, exc)
+                results.append(_failure(exc, start))
+                continue
+            results.append((True, value, sizeof(value), start, time.time()))
+    finally:
+        if token is not None:
             _output.end(token)
     return results
 
@@ -121,7 +115,7 @@ async def _await_task(task: list, data: dict, session: str | None = None, releas
     """Await one task whose function is a coroutine function, on the worker's loop (see :func:`_run_tasks`)."""
     key, function, args, kwargs, deps = task
     if output is not None:  # this coroutine runs as an asyncio task of its own: the capture stays within it
-        _output.begin(key, output)
+        _output.begin_batch([key, output])
     start = time.time()
     if session is not None and session in released:
         return (False, SessionClosedError(session, "the task had not started"), "", start, start)

@@ -20,7 +20,7 @@ it is a coroutine function), and ``zdist_teardown(worker)`` when it stops.
 >>> from zdist import LocalCluster
 >>> async def demo():
 ...     async with LocalCluster(n_workers=1, processes=False) as cluster:
-...         worker = cluster.workers[0]
+...         worker = cluster.worker_nodes[0]
 ...         worker.handlers['upload_file'](filename='zdist_doc_upload.py', data=b'ANSWER = 42\\n')
 ...         import zdist_doc_upload
 ...         return zdist_doc_upload.ANSWER
