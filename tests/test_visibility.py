@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -231,7 +232,15 @@ def test_worker_preload_runs_set_up_code(programs, tmp_path):
         _, address = start_worker(programs, cluster.center_address, "--no-nanny", "--preload", str(preload), "--preload", "json")
         wait_for(lambda: address in pool.sync_center())
         # eval, a builtin, travels by reference: zdist-worker has not this test module on its path.
-        assert pool.run(eval, "__import__('zdist_preload_mod').SETUP, 'json' in __import__('sys').modules") == {address: ([address], True)}
+        check = "__import__('zdist_preload_mod').SETUP, 'json' in __import__('sys').modules"
+        assert pool.run(eval, check) == {address: ([address], True)}
+
+        # Under a nanny: it passes --preload on to the worker it starts.
+        nanny = programs("zdist-worker", cluster.center_address, "--preload", str(preload))
+        supervised = nanny.wait_for_line(rf"^Start worker at: ({ADDRESS})$").group(1)
+        wait_for(lambda: supervised in pool.sync_center())
+        assert pool.run(eval, check, workers=[supervised]) == {supervised: ([supervised], False)}
+        assert nanny.stop(signal.SIGTERM) == 0  # the nanny stops its worker too (a SIGKILL would orphan it)
 
     # A preload that fails stops the worker, saying which.
     broken = tmp_path / "zdist_broken_preload.py"
