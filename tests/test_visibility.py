@@ -239,7 +239,7 @@ def test_worker_preload_runs_set_up_code(programs, tmp_path):
         nanny = programs("zdist-worker", cluster.center_address, "--preload", str(preload))
         supervised = nanny.wait_for_line(rf"^Start worker at: ({ADDRESS})$").group(1)
         wait_for(lambda: supervised in pool.sync_center())
-        assert pool.run(eval, check, workers=[supervised]) == {supervised: ([supervised], False)}
+        assert pool.run(eval, "__import__('zdist_preload_mod').SETUP", workers=[supervised]) == {supervised: [supervised]}
         assert nanny.stop(signal.SIGTERM) == 0  # the nanny stops its worker too (a SIGKILL would orphan it)
 
     # A preload that fails stops the worker, saying which.
