@@ -371,8 +371,9 @@ def test_center_tables_register_add_remove_unregister():
                 assert await center.has_what(workers=[alice]) == {alice: {b"raw"}}
                 assert (await center.workers())[alice]["nkeys"] == 1
 
-                assert await center.heartbeat(address=alice) == "OK"
-                assert await center.heartbeat(address="127.0.0.1:1") == "unknown"
+                # The answer says how often to beat: the cluster's size over the Center's heartbeat rate.
+                assert await center.heartbeat(address=alice) == {"status": "OK", "interval": 2 / node.heartbeat_rate}
+                assert await center.heartbeat(address="127.0.0.1:1") == {"status": "unknown"}
 
                 assert await center.unregister(address=bob) == "OK"
                 assert await center.ncores() == {alice: 2}

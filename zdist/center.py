@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 import uuid
@@ -20,12 +21,24 @@ from typing import Any, Iterable
 
 from .comm import normalize_address
 from .node import Node
+from .protocol import SetMap
 from .rpc import ConnectionPool
 
 logger = logging.getLogger(__name__)
 
-#: A worker silent for this long is taken for dead and dropped from every table.
+#: A worker silent for this long is taken for dead and dropped from every table
+#: (longer in a large cluster, whose workers heartbeat less often: see
+#: :meth:`Center.liveness_timeout`).
 DEFAULT_HEARTBEAT_TIMEOUT = 5.0
+#: The most heartbeats a second the Center asks for: it tells each worker to
+#: heartbeat every ``n_workers / HEARTBEAT_RATE`` seconds (or more often, if
+#: the worker was started with a shorter interval than that).
+DEFAULT_HEARTBEAT_RATE = 400.0
+#: A worker is dropped after missing this many of the heartbeats it was told to send
+#: (or after the Center's ``heartbeat_timeout``, whichever is longer).
+LIVENESS_BEATS = 5
+#: Membership changes remembered for ``info(since=...)``; a client further behind gets the whole table.
+CHANGES_KEPT = 10_000
 #: A client session silent for this long (unless it asked for another timeout) is closed.
 DEFAULT_SESSION_TIMEOUT = 10.0
 #: Closed sessions are remembered (to tell late heartbeats and re-registering
@@ -45,10 +58,20 @@ class Center(Node):
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, *, heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT, session_timeout: float = DEFAULT_SESSION_TIMEOUT, **kwargs: Any
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        session_timeout: float = DEFAULT_SESSION_TIMEOUT,
+        heartbeat_rate: float = DEFAULT_HEARTBEAT_RATE,
+        **kwargs: Any,
     ):
         super().__init__(host, port, **kwargs)
         self.heartbeat_timeout = heartbeat_timeout
+        if not heartbeat_rate > 0:
+            raise ValueError(f"heartbeat_rate must be a positive number of heartbeats a second, got {heartbeat_rate!r}")
+        self.heartbeat_rate = heartbeat_rate
         # Client sessions opened without a timeout of their own, or known only
         # from a heartbeat or a worker (after a restart), close after this.
         self.session_timeout = session_timeout
@@ -61,6 +84,10 @@ class Center(Node):
         self.worker_info: dict[str, dict] = {}
         self.removed_workers: list[tuple[float, str, str]] = []  # (when, address, why)
         self.generation = 0  # bumps whenever the set of workers changes
+        # Membership news for info(since=...): every join, leave or change of
+        # a worker's status bumps the version and logs the address, so that a
+        # client is sent only what changed since its last look.
+        self.membership = MembershipLog()
         self.started = time.time()
         self.id = uuid.uuid4().hex  # tells clients that a Center restarted
         self.replicas: dict[Any, int] = {}  # key → copies wanted (only keys asking for more than one)
@@ -83,6 +110,7 @@ class Center(Node):
                 "nbytes": self.nbytes,
                 "ncores": self.ncores,
                 "workers": self.workers,
+                "alive": self.alive,
                 "info": self.info,
                 "set_replicas": self.set_replicas,
                 "open_session": self.open_session,
@@ -109,9 +137,12 @@ class Center(Node):
             await asyncio.sleep(interval)
             now = time.time()
             deadline = now - self.heartbeat_timeout
+            beats = LIVENESS_BEATS
             for address, info in list(self.worker_info.items()):
-                if info["last_seen"] < deadline:
-                    logger.warning("worker %s missed heartbeats for %.1f s; removing it", address, self.heartbeat_timeout)
+                # Each worker by the interval it was last told (the cluster may
+                # have shrunk since, but it heartbeats at that pace until told).
+                if info["last_seen"] < deadline and info["last_seen"] < now - beats * info["interval"]:
+                    logger.warning("worker %s missed heartbeats for %.1f s; removing it", address, now - info["last_seen"])
                     self._remove_worker(address, "missed heartbeats")
             for session, info in list(self.sessions.items()):
                 if info["last_seen"] < now - info["timeout"]:
@@ -173,6 +204,7 @@ class Center(Node):
             "name": name if name is not None else address,
             "ncores": ncores,
             "last_seen": time.time(),
+            "interval": 0.0,  # the heartbeat interval it was told (none yet)
             "pid": pid,
             "nkeys": 0,
             "nbytes": 0,
@@ -181,6 +213,7 @@ class Center(Node):
         }
         self.has_what_table[address] = set()
         self.generation += 1
+        self.membership.changed(address)
         if keys:
             self.add_keys(address, keys)
         for session in sessions or ():
@@ -199,16 +232,36 @@ class Center(Node):
             logger.info("unregistered worker %s", address)
         return "OK"
 
-    def heartbeat(self, address: str, **metrics: Any) -> str:
-        """A worker says it is alive; ``'unknown'`` asks it to register again."""
+    def heartbeat(self, address: str, **metrics: Any) -> dict:
+        """A worker says it is alive: ``{'status': 'OK', 'interval': seconds}``.
+
+        ``interval`` is how often this Center wants to hear from it: the
+        cluster's size over :attr:`heartbeat_rate`, so that the Center handles
+        at most about that many heartbeats a second however many workers
+        there are (a worker started with a longer interval keeps its own).
+        ``{'status': 'unknown'}`` asks the worker to register again. A change of
+        ``status`` (paused, running) is membership news for clients.
+        """
         info = self.worker_info.get(address)
         if info is None:
-            return "unknown"
+            return {"status": "unknown"}
         info["last_seen"] = time.time()
+        status = info.get("status")
         for name, value in metrics.items():
             if isinstance(value, (int, float, str)):
                 info[name] = value
-        return "OK"
+        if info.get("status") != status:
+            self.membership.changed(address)
+        interval = info["interval"] = len(self.worker_info) / self.heartbeat_rate
+        return {"status": "OK", "interval": interval}
+
+    def liveness_timeout(self) -> float:
+        """How long a worker may be silent before it is dropped, at the cluster's size now.
+
+        ``max(heartbeat_timeout, LIVENESS_BEATS * n_workers / heartbeat_rate)``:
+        5 s up to 400 workers by default, 12.5 s at 1,000, 25 s at 2,000.
+        """
+        return max(self.heartbeat_timeout, LIVENESS_BEATS * len(self.worker_info) / self.heartbeat_rate)
 
     def _remove_worker(self, address: str, why: str, record: bool = True) -> None:
         keys = self.has_what_table.pop(address, set())
@@ -219,7 +272,8 @@ class Center(Node):
                 if not holders:
                     del self.who_has_table[key]
                     self.nbytes_table.pop(key, None)
-        self.worker_info.pop(address, None)
+        if self.worker_info.pop(address, None) is not None:
+            self.membership.changed(address)
         self.generation += 1
         if record:
             self.removed_workers.append((time.time(), address, why))
@@ -397,16 +451,21 @@ class Center(Node):
     # -------------------------------------------------------------- queries
 
     def who_has(self, keys: Iterable | None = None) -> dict:
-        """``{key: set of worker addresses}``; an unknown key maps to an empty set."""
+        """``{key: set of worker addresses}``; an unknown key maps to an empty set.
+
+        One request for any number of keys (ask for all you need at once): the
+        answer travels as one :class:`~zdist.protocol.SetMap`, not a set per key.
+        """
         if keys is None:
-            return {key: set(holders) for key, holders in self.who_has_table.items()}
+            return SetMap((key, set(holders)) for key, holders in self.who_has_table.items())
         table = self.who_has_table
-        return {key: set(table[key]) if key in table else set() for key in keys}
+        empty: frozenset = frozenset()
+        return SetMap((key, set(table.get(key, empty))) for key in keys)
 
     def has_what(self, workers: Iterable[str] | None = None) -> dict:
         if workers is None:
-            return {address: set(keys) for address, keys in self.has_what_table.items()}
-        return {w: set(self.has_what_table.get(normalize_address(w), ())) for w in workers}
+            return SetMap((address, set(keys)) for address, keys in self.has_what_table.items())
+        return SetMap((w, set(self.has_what_table.get(normalize_address(w), ()))) for w in workers)
 
     def nbytes(self, keys: Iterable | None = None) -> dict:
         if keys is None:
@@ -416,33 +475,97 @@ class Center(Node):
     def ncores(self) -> dict:
         return {address: info["ncores"] for address, info in self.worker_info.items()}
 
+    def alive(self, workers: Iterable[str]) -> list:
+        """Those of ``workers`` that are registered now: O(len(workers)), not O(cluster)."""
+        table = self.worker_info
+        return [w for w in workers if isinstance(w, str) and w in table]
+
     def workers(self) -> dict:
         """address → {name, ncores, last_seen, nkeys, nbytes, ...}."""
         return {address: dict(info) for address, info in self.worker_info.items()}
 
-    def info(self, session: str | None = None) -> dict:
+    def info(self, session: str | None = None, since: int | None = None, center_id: str | None = None) -> dict:
         """A summary for clients: workers, generation, recent removals, open sessions.
 
         With ``session``, it is also that client session's heartbeat (an
         unknown session is opened with ``session_timeout``) and the answer
         tells its state as ``'session_status'``: ``'open'`` or ``'closed'``.
+
+        Every answer carries the membership ``version``. Given ``since`` (a
+        version this Center answered before: ``center_id`` is its ``id``), the
+        answer carries, instead of ``workers``, only ``changes``: ``{address:
+        its entry, or None if it left}`` for the workers that joined, left or
+        changed status since then; it costs O(changes), not O(workers). A
+        version this Center cannot answer from (another Center's, or too old)
+        gets the whole table, as without ``since``. Metrics in ``changes``
+        are as of the change: :meth:`workers` has fresh ones.
+
+        >>> import asyncio
+        >>> async def demo():
+        ...     async with Center() as center:
+        ...         center.register(address='127.0.0.1:9000', ncores=2)
+        ...         first = center.info()
+        ...         center.register(address='127.0.0.1:9001', ncores=1)
+        ...         news = center.info(since=first['version'], center_id=first['id'])
+        ...         return sorted(first['workers']), sorted(news['changes']), 'workers' in news
+        >>> asyncio.run(demo())
+        (['127.0.0.1:9000'], ['127.0.0.1:9001'], False)
         """
         status = self._session_heartbeat(session) if session is not None else None
         summary = {
             "address": self.address,
             "id": self.id,
-            "workers": self.workers(),
+            "version": self.membership.version,
             "generation": self.generation,
             "removed": [list(entry) for entry in self.removed_workers[-20:]],
             "nkeys": len(self.who_has_table),
-            "heartbeat_timeout": self.heartbeat_timeout,
+            "heartbeat_timeout": self.liveness_timeout(),
             "time": time.time(),
             "dashboard": self.dashboard_url,
             "sessions": len(self.sessions),
         }
+        changed = self.membership.since(since) if since is not None and center_id == self.id else None
+        if changed is None:
+            summary["workers"] = self.workers()
+        else:
+            table = self.worker_info
+            summary["changes"] = {address: dict(table[address]) if address in table else None for address in changed}
         if status is not None:
             summary["session_status"] = status
         return summary
+
+
+class MembershipLog:
+    """A version number and the workers each version changed, for :meth:`Center.info`'s deltas.
+
+    >>> log = MembershipLog()
+    >>> log.changed('a'); log.changed('b'); log.changed('a')
+    >>> log.version, sorted(log.since(1)), log.since(3), log.since(99)
+    (3, ['a', 'b'], set(), None)
+    """
+
+    __slots__ = ("version", "floor", "_versions", "_addresses")
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.floor = 0  # the oldest version a delta can still start from
+        self._versions: list[int] = []
+        self._addresses: list[str] = []
+
+    def changed(self, address: str) -> None:
+        self.version += 1
+        self._versions.append(self.version)
+        self._addresses.append(address)
+        if len(self._versions) > 2 * CHANGES_KEPT:  # amortized: forget the older half at once
+            cut = len(self._versions) - CHANGES_KEPT
+            self.floor = self._versions[cut - 1]
+            del self._versions[:cut], self._addresses[:cut]
+
+    def since(self, version: Any) -> set | None:
+        """The addresses changed after ``version``; None if that version cannot be answered from."""
+        if type(version) is not int or not self.floor <= version <= self.version:
+            return None
+        return set(self._addresses[bisect.bisect_right(self._versions, version):])
 
 
 def _check_session(session: Any) -> None:

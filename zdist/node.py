@@ -46,7 +46,7 @@ class Node:
         self.port = port
         self.max_message_size = max_message_size
         self.security = security
-        self.handlers: dict[str, Callable[..., Any]] = {"ping": self.ping, "identity": self.identity, "get_logs": self.get_logs}
+        self.handlers: dict[str, Callable[..., Any]] = {"ping": self.ping, "identity": self.identity, "get_logs": self.get_logs, "ops_served": self.count_ops}
         self.stream: Stream | None = None
         self._tasks: set[asyncio.Task] = set()
         self.status = "created"
@@ -166,6 +166,10 @@ class Node:
         (nodes that share a process share it). ``zdist logs`` shows them.
         """
         return {"node": self.address, **recent_logs(int(since), int(limit))}
+
+    def count_ops(self) -> dict:
+        """How many requests of each op this node has served (``ops_served``), e.g. heartbeats a second."""
+        return dict(self.ops_served)
 
     # -------------------------------------------------------------- dispatch
 

@@ -563,9 +563,11 @@ class _PoolShell(Shell):
         # tuple extension); the worker calls function(*args) either way.
         return [[ts.key, *ts.payload] for ts in tasks]
 
-    def on_workers(self, info: dict) -> None:
-        super().on_workers(info)
+    def on_workers(self, info: dict) -> bool:
+        if not super().on_workers(info):
+            return False  # nothing changed: the cores known stay right
         self.pool.available_cores = {w.address: w.ncores for w in self.core.worker_list}
+        return True
 
     def on_center_silent(self, seconds: float, error: BaseException) -> None:
         if seconds > self.pool.timeout and self.core.ntorun:

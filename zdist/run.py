@@ -34,7 +34,7 @@ import sys
 from typing import Any, Callable
 
 from . import __version__
-from .center import DEFAULT_HEARTBEAT_TIMEOUT, Center
+from .center import DEFAULT_HEARTBEAT_RATE, DEFAULT_HEARTBEAT_TIMEOUT, Center
 from .centerfile import read_center_file, remove_center_file, write_center_file
 from .comm import normalize_address
 from .errors import EXIT_NO_CENTER
@@ -143,7 +143,16 @@ def center_parser(prog: str = "python -m zdist.run center") -> argparse.Argument
     parser = argparse.ArgumentParser(prog=prog, description="Start the Center of a zdist cluster.")
     add_node_arguments(parser)
     parser.add_argument("--port", type=int, default=DEFAULT_CENTER_PORT, help=f"port to listen on (default {DEFAULT_CENTER_PORT}; 0 picks a free one)")
-    parser.add_argument("--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="SECONDS", help="drop a worker silent for this long")
+    parser.add_argument(
+        "--heartbeat-timeout", type=float, default=DEFAULT_HEARTBEAT_TIMEOUT, metavar="SECONDS", help="drop a worker silent for this long (longer in a large cluster: see --heartbeat-rate)"
+    )
+    parser.add_argument(
+        "--heartbeat-rate",
+        type=float,
+        default=DEFAULT_HEARTBEAT_RATE,
+        metavar="PER_SECOND",
+        help=f"heartbeats a second the Center asks for at most: workers beat every N/rate s (default {DEFAULT_HEARTBEAT_RATE:.0f})",
+    )
     parser.add_argument(
         "--dashboard-port",
         type=int,
@@ -352,6 +361,7 @@ def center_main(argv: list[str] | None = None, prog: str = "python -m zdist.run 
             args.host,
             args.port,
             heartbeat_timeout=args.heartbeat_timeout,
+            heartbeat_rate=args.heartbeat_rate,
             dashboard_port=None if args.no_dashboard else args.dashboard_port,
             prog=prog,
             center_file=args.center_file,

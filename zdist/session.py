@@ -10,8 +10,9 @@ shares one :class:`Session`, on one background event loop
   the Center closes it once it falls silent, and the workers drop its
   queued tasks and delete its values: nothing a client made outlives it;
 * it **watches** the Center: every :data:`WATCH_INTERVAL` (or at once when
-  a client asks) it fetches the list of live workers and hands it to every
-  client's scheduling core;
+  a client asks) it asks what changed in the list of live workers since
+  its last look (joins, leaves, pauses: O(changes), not O(workers)) and
+  hands the news to every client's scheduling core;
 * its **outbox** batches the deletions clients send each worker: one
   message per worker per :data:`DELETE_DELAY`, not one per released value.
 
@@ -73,7 +74,7 @@ def client_loop() -> LoopThread:
 
 
 class Subscriber(Protocol):
-    def on_workers(self, info: dict) -> None: ...
+    def on_workers(self, info: dict) -> Any: ...
     def on_center_silent(self, seconds: float, error: BaseException) -> None: ...
     def on_fatal(self, error: BaseException) -> None: ...
 
@@ -130,6 +131,8 @@ class Session:
         self.outbox = Outbox(self.connections, self.id)
         self.subscribers: set = set()
         self.info: dict = {}
+        self.workers: dict = {}  # the Center's table as of membership version self.version
+        self.version: int | None = None
         self.users = 0
         self.closed = False
         self.silent_since: float | None = None
@@ -157,9 +160,37 @@ class Session:
             raise CenterUnreachableError(self.address, timeout, exc) from None
         self._watcher = asyncio.ensure_future(self._watch())
 
-    async def look(self, timeout: float | None = None) -> dict:
-        """Ask the Center which workers live (this is also the session's heartbeat); tell every subscriber."""
-        info = await self.center.request("info", {"session": self.id}, timeout=timeout or max(2.0, WATCH_INTERVAL * 8))
+    async def look(self, timeout: float | None = None, force: bool = True) -> dict:
+        """Ask the Center which workers live (this is also the session's heartbeat); tell every subscriber.
+
+        After the first look the Center is asked only what changed since the
+        last (``info(since=version)``): the answer costs O(changes), and the
+        table here (``self.info['workers']``) is patched in place.
+        ``self.info['changed']`` says whether anything did, or, with
+        ``force``, that the caller asked to look (subscribers then act even
+        if nothing changed); a subscriber may skip its work otherwise.
+        """
+        args: dict = {"session": self.id}
+        if self.version is not None and not recorders:  # a performance report samples every worker's fresh metrics
+            args["since"] = self.version
+            args["center_id"] = self.info.get("id")
+        info = await self.center.request("info", args, timeout=timeout or max(2.0, WATCH_INTERVAL * 8))
+        changes = info.pop("changes", None)
+        if changes is None:  # the whole table: the first look, a new Center, or too far behind
+            self.workers = news = info["workers"]
+            changed = True
+        else:
+            workers = self.workers
+            for address, entry in changes.items():
+                if entry is None:
+                    workers.pop(address, None)
+                else:
+                    workers[address] = entry
+            info["workers"] = workers
+            news = {address: entry for address, entry in changes.items() if entry is not None}
+            changed = bool(changes)
+        info["changed"] = changed or force
+        self.version = info.get("version")
         self.info = info
         self.silent_since = None
         if info.get("session_status") == "closed" and not self.closed:
@@ -174,9 +205,9 @@ class Session:
             for subscriber in list(self.subscribers):
                 subscriber.on_fatal(error)
             return info
-        if self.security is not None:
-            self.security.learn(info["workers"])
-        if self.uploads:  # before the clients hear of a new worker, so that its uploads reach it before any task
+        if self.security is not None and news:
+            self.security.learn(news)
+        if self.uploads and changed:  # before the clients hear of a new worker, so that its uploads reach it before any task
             self.push_uploads(info["workers"])
         for recorder in list(recorders):
             recorder.on_info(self, info)
@@ -215,11 +246,12 @@ class Session:
                 await asyncio.wait_for(self._poll_now.wait(), WATCH_INTERVAL)
             except asyncio.TimeoutError:
                 pass
+            asked = self._poll_now.is_set()
             self._poll_now.clear()
             if self.users <= 0:
                 continue  # lingering with no client: nobody to tell (its cluster may be gone already)
             try:
-                await self.look()
+                await self.look(force=asked)
             except asyncio.CancelledError:
                 raise
             except (RPCTimeoutError, ConnectionError) as exc:

@@ -45,6 +45,8 @@ class Shell:
         self._mail: list = []
         self._mail_scheduled = False
         self._urgent = False
+        self._workers_fed = float("-inf")  # when the core last saw the Center's table
+        self._who_has_wanted: list = []  # keys to ask the Center about, in one request
         self._background: set = set()
         self._commands = {
             events.SendBatch: self._send_batch, events.Delete: self._delete, events.DeleteEverywhere: self._delete_everywhere,
@@ -98,9 +100,19 @@ class Shell:
         if mail and not self.closed:
             self.feed(*mail)
 
-    def on_workers(self, info: dict) -> None:
-        if not self.closed:
-            self.feed(events.WorkersSeen(info["workers"], info.get("id"), info.get("heartbeat_timeout", 5.0)))
+    def on_workers(self, info: dict) -> bool:
+        """The Center's news: hand the table to the core if it changed or the core waits for a look; True if handed."""
+        if self.closed:
+            return False
+        core = self.core
+        # Nothing changed: the core needs the table only for tasks waiting for
+        # a look, or once after a grace period ends (workers still missing are
+        # then taken for gone). Otherwise a look costs O(1) here, not O(workers).
+        if not info.get("changed", True) and not core.deferred and core.grace_until < self._workers_fed:
+            return False
+        self._workers_fed = self.loop.time()
+        self.feed(events.WorkersSeen(info["workers"], info.get("id"), info.get("heartbeat_timeout", 5.0)))
+        return True
 
     def on_center_silent(self, seconds: float, error: BaseException) -> None:
         """The Center has not answered for ``seconds``; subclasses give up after their timeout."""
@@ -173,15 +185,22 @@ class Shell:
             self.feed(events.Fetched(worker, future.result()))
 
     def _ask_who_has(self, command: events.AskWhoHas) -> None:
-        async def ask() -> None:
-            try:
-                holders = await self.session.center.request("who_has", {"keys": command.keys}, timeout=10)
-            except Exception as exc:  # noqa: BLE001 - as if nobody held them
-                logger.info("could not ask the Center who holds %d keys: %s", len(command.keys), exc)
-                holders = {}
-            self.feed(events.HoldersFound({key: list(holders.get(key, ())) for key in command.keys}))
+        # The core asks key by key (each lost value on its own); the Center is
+        # asked once for every key asked for in this turn of the loop.
+        first = not self._who_has_wanted
+        self._who_has_wanted.extend(command.keys)
+        if first:
+            self.spawn(self._ask_center_who_has())
 
-        self.spawn(ask())
+    async def _ask_center_who_has(self) -> None:
+        await asyncio.sleep(0)  # the rest of this turn's questions join the batch
+        keys, self._who_has_wanted = list(dict.fromkeys(self._who_has_wanted)), []
+        try:
+            holders = await self.session.center.request("who_has", {"keys": keys}, timeout=10)
+        except Exception as exc:  # noqa: BLE001 - as if nobody held them
+            logger.info("could not ask the Center who holds %d keys: %s", len(keys), exc)
+            holders = {}
+        self.feed(events.HoldersFound({key: list(holders.get(key, ())) for key in keys}))
 
     def _poll_center(self, command: events.PollCenter) -> None:
         self.session.poll_now()

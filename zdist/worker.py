@@ -16,10 +16,10 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
 from .errors import EXIT_NO_CENTER, MissingDataError, SessionClosedError
+from .fairpool import FairThreadPool
 from .loop import Later
 from .memory import MemoryThresholds, parse_memory_limit
 from .node import Node
@@ -205,6 +205,7 @@ class Worker(Node):
         self.name = name
         self.local_dir = local_dir
         self.heartbeat_interval = heartbeat_interval
+        self.told_heartbeat_interval = 0.0  # what the Center last asked for (it stretches with the cluster)
         self.peer_timeout = peer_timeout
         # Under a nanny: how often it started this worker again, the address of
         # the one it replaces (the Center drops that one at once), the nanny's pid.
@@ -231,7 +232,7 @@ class Worker(Node):
         self.memory: WorkerMemory | None = None
         self.work_dir: str | None = None
         self.nbytes: dict[Any, int] = {}
-        self.executor: ThreadPoolExecutor | None = None
+        self.executor: FairThreadPool | None = None
         self.peers: ConnectionPool | None = None
         self.registered = asyncio.Event()
         self.tasks_done = 0
@@ -283,7 +284,7 @@ class Worker(Node):
             self._background.append(asyncio.ensure_future(self._retire_later()))
         if self.name is None:
             self.name = self.address
-        self.executor = ThreadPoolExecutor(self.ncores, thread_name_prefix=f"zdist-worker-{self.port}")
+        self.executor = FairThreadPool(self.ncores, f"zdist-worker-{self.port}")
         self.peers = ConnectionPool(timeout=self.peer_timeout, security=self.security)
         if self.preload:  # before registering: no task arrives before the set-up is done
             self._preloaded = await worker_setup.preload(self, self.preload)
@@ -301,7 +302,7 @@ class Worker(Node):
             except Exception as exc:  # the Center may be gone already
                 logger.info("could not unregister from %s: %s", self.center_address, exc)
         if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
+            self.executor.shutdown()
         if self.peers is not None:
             self.peers.close()
         if self.memory is not None:
@@ -362,9 +363,20 @@ class Worker(Node):
         await center.request("register", args, timeout=max(2.0, self.heartbeat_interval * 4))
 
     async def _stay_registered(self) -> None:
-        """Register, then heartbeat; register again whenever the Center forgets us."""
+        """Register, then heartbeat; register again whenever the Center forgets us.
+
+        The Center says in each heartbeat's answer how often it wants to hear
+        from this worker (less often in a large cluster, so that it handles a
+        bounded number of heartbeats a second); the worker heartbeats at that
+        interval or its own ``heartbeat_interval``, whichever is longer, give
+        or take 10% so that a fleet started at once does not beat in step.
+        A heartbeat left unanswered is not yet a lost Center: a busy one
+        answers late. Only after :data:`HEARTBEAT_MISSES` in a row does the
+        worker start over (a fresh socket, registering again with every key).
+        """
         said_waiting = False
         last_contact = time.monotonic()
+        misses = 0
         while True:
             try:
                 if not self.registered.is_set():
@@ -374,18 +386,26 @@ class Worker(Node):
                     logger.info("registered with center at %s", self.center_address)
                     said_waiting = False
                     last_contact = time.monotonic()
-                await asyncio.sleep(self.heartbeat_interval)
+                    misses = 0
+                await asyncio.sleep(self.current_heartbeat_interval * random.uniform(0.9, 1.1))
                 answer = await self.peers.get(self.center_address).request(
-                    "heartbeat", {"address": self.address, **self._heartbeat_metrics()}, timeout=max(2.0, self.heartbeat_interval * 4)
+                    "heartbeat", {"address": self.address, **self._heartbeat_metrics()}, timeout=max(2.0, self.current_heartbeat_interval * 4)
                 )
                 last_contact = time.monotonic()
-                if answer == "unknown":
+                misses = 0
+                if answer == "unknown" or (isinstance(answer, dict) and answer.get("status") == "unknown"):
                     logger.warning("center at %s does not know this worker (restarted?); registering again", self.center_address)
                     self.registered.clear()
+                elif isinstance(answer, dict) and isinstance(answer.get("interval"), (int, float)):
+                    self.told_heartbeat_interval = min(float(answer["interval"]), MAX_HEARTBEAT_INTERVAL)
             except (RPCTimeoutError, CommClosedError, ConnectionError) as exc:
                 if self.death_timeout is not None and time.monotonic() - last_contact >= self.death_timeout:
                     self._die_without_center()
                     return
+                misses += 1
+                if misses < HEARTBEAT_MISSES and self.registered.is_set() and isinstance(exc, RPCTimeoutError):
+                    logger.info("center at %s did not answer a heartbeat in time (%s); trying again", self.center_address, exc)
+                    continue
                 if not said_waiting:
                     how_long = f"for {self.death_timeout:g} s (--death-timeout)" if self.death_timeout is not None else ""
                     logger.warning("center at %s is not answering (%s); will keep trying %s", self.center_address, exc, how_long)
@@ -409,6 +429,11 @@ class Worker(Node):
         self.exit_code = EXIT_NO_CENTER
         self.registered.clear()  # nothing to unregister from
         asyncio.ensure_future(self.stop())
+
+    @property
+    def current_heartbeat_interval(self) -> float:
+        """Seconds between heartbeats now: the Center's wish or this worker's own, whichever is longer."""
+        return max(self.heartbeat_interval, self.told_heartbeat_interval)
 
     def _heartbeat_metrics(self) -> dict:
         metrics = {"executing": self.executing, "tasks_done": self.tasks_done, "nkeys_local": len(self.data), "memory": _rss(),
@@ -707,7 +732,7 @@ class Worker(Node):
             if done:
                 return request.result()
             try:
-                workers = await self.peers.get(self.center_address).request("ncores", {}, timeout=5.0)
+                workers = await self.peers.get(self.center_address).request("alive", {"workers": [address]}, timeout=5.0)
             except Exception:
                 continue
             # Absent several times in a row: a restarted Center lists workers
@@ -910,23 +935,20 @@ class Worker(Node):
         """One thread-pool job; its results come back with one ``call_soon_threadsafe``."""
         self.executing += len(tasks)
 
-        def finished(job: Any) -> None:  # in the pool's thread, or in the one shutting the pool down
+        def finished(result: Any, error: BaseException | None) -> None:  # in the pool's thread, or the one shutting it down
             try:
-                loop.call_soon_threadsafe(self._job_done, job, indices, done)
+                loop.call_soon_threadsafe(self._job_done, result, error, indices, done)
             except RuntimeError:  # the loop closed: the worker has stopped
                 pass
 
-        self.executor.submit(_run_tasks, tasks, self.data, None, session, self.released_sessions, outputs).add_done_callback(finished)
+        # Each client session's jobs queue apart and take turns (zdist.fairpool).
+        self.executor.submit(session, _run_tasks, (tasks, self.data, None, session, self.released_sessions, outputs), finished)
 
-    def _job_done(self, job: Any, indices: list, done: Callable) -> None:
+    def _job_done(self, result: Any, error: BaseException | None, indices: list, done: Callable) -> None:
         self.executing -= len(indices)
-        if job.cancelled():
-            results = [(False, ConnectionAbortedError("worker shutting down"), "", 0.0, 0.0)] * len(indices)
-        elif job.exception() is not None:  # not the function's error (that is an outcome): a BaseException
-            results = [(False, job.exception(), "", 0.0, 0.0)] * len(indices)
-        else:
-            results = job.result()
-        done(indices, results)
+        if error is not None:  # not the function's error (that is an outcome): the pool shut down, or a BaseException
+            result = [(False, error, "", 0.0, 0.0)] * len(indices)
+        done(indices, result)
 
     def _await_group(self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None, outputs: dict | None = None) -> None:
         """Await coroutine functions' tasks on the loop, concurrently."""
@@ -988,6 +1010,12 @@ class Worker(Node):
 
 #: A worker remembers this many released client sessions, to refuse their late requests.
 RELEASED_SESSIONS_KEPT = 1000
+
+#: Heartbeats left unanswered in a row before a worker takes the Center for
+#: gone and registers again (with every key it holds).
+HEARTBEAT_MISSES = 3
+#: The longest heartbeat interval a worker accepts from a Center.
+MAX_HEARTBEAT_INTERVAL = 60.0
 
 #: How long a worker gathers key changes before telling the Center (one message).
 REPORT_DELAY = 0.005

@@ -7,6 +7,7 @@ from .message import (
     Ref,
     Reply,
     Request,
+    SetMap,
     encode_error,
     encode_reply,
     encode_request,
@@ -17,7 +18,7 @@ from .message import (
 from .serialize import Serialized, deserialize, serialize
 
 __all__ = [
-    "ERROR", "FRAME_SIZE", "OK", "ProtocolError", "Ref", "Reply", "Request", "Serialized",
+    "ERROR", "FRAME_SIZE", "OK", "ProtocolError", "Ref", "Reply", "Request", "Serialized", "SetMap",
     "deserialize", "encode_error", "encode_reply", "encode_request", "error_fields",
     "parse_reply", "parse_request", "serialize",
 ]

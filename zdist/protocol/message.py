@@ -46,6 +46,7 @@ EXT_PICKLED = 4  # [kind, blob, [[first_frame, nframes, nbytes], ...]]
 EXT_MEMO = 5  # the n-th pickled value of this message again
 EXT_REF = 6  # Ref(key): "the value the worker holds under key"
 EXT_BIGINT = 7  # an int beyond 64 bits, as decimal text
+EXT_SETMAP = 8  # a SetMap {key: set}: [[keys...], [[members...], ...]]
 
 _BUFFER_OR_CONTAINER = frozenset({list, dict, bytes, bytearray, memoryview})
 
@@ -90,6 +91,22 @@ class Ref:
 
     def __reduce__(self):
         return (Ref, (self.key,))
+
+
+class SetMap(dict):
+    """A dict whose values are sets (``who_has``: key → addresses), sent in one piece.
+
+    A plain dict of sets costs one extension (a Python call to pack, another
+    to unpack) per set; a SetMap travels as two plain lists, packed and
+    unpacked by msgpack's C code, and arrives as a plain dict of sets.
+
+    >>> frames = encode_reply(1, SetMap({('x', 0): {'a:1', 'b:2'}, 'y': set()}))
+    >>> reply = parse_reply(frames)
+    >>> reply.result == {('x', 0): {'a:1', 'b:2'}, 'y': set()}, type(reply.result).__name__
+    (True, 'dict')
+    """
+
+    __slots__ = ()
 
 
 class Request:
@@ -182,6 +199,8 @@ class _Encoder:
             return msgpack.ExtType(EXT_REF, self.pack(obj.key))
         if cls is set:
             return msgpack.ExtType(EXT_SET, self.pack(list(obj)))
+        if cls is SetMap:
+            return msgpack.ExtType(EXT_SETMAP, self.pack([list(obj), [list(members) for members in obj.values()]]))
         if cls is frozenset:
             return msgpack.ExtType(EXT_FROZENSET, self.pack(list(obj)))
         if cls is int:
@@ -354,6 +373,11 @@ class _Decoder:
                 return set(self.unpack(data))
             if code == EXT_FROZENSET:
                 return frozenset(self.unpack(data))
+            if code == EXT_SETMAP:
+                keys, members = self.unpack(data)
+                if type(keys) is not list or type(members) is not list or len(keys) != len(members) or not all(type(m) is list for m in members):
+                    raise ProtocolError("a set map must be two lists of equal length, the second of lists")
+                return dict(zip(keys, map(set, members)))
             if code == EXT_BIGINT:
                 return int(data.decode())
             raise ProtocolError(f"unknown msgpack extension type {code}")
