@@ -81,6 +81,10 @@ class Center(Node):
         self.who_has_table: dict[Any, set[str]] = defaultdict(set)
         self.has_what_table: dict[str, set] = {}
         self.nbytes_table: dict[Any, int] = {}
+        # Each worker's size of each key it holds, as that worker last reported it:
+        # its "nbytes" is their sum, exact under any order of reports (the
+        # global nbytes_table keeps only the last size anyone reported).
+        self.key_bytes: dict[str, dict[Any, int]] = {}
         self.worker_info: dict[str, dict] = {}
         self.removed_workers: list[tuple[float, str, str]] = []  # (when, address, why)
         self.generation = 0  # bumps whenever the set of workers changes
@@ -212,6 +216,7 @@ class Center(Node):
             **({"resources": dict(resources)} if resources else {}),
         }
         self.has_what_table[address] = set()
+        self.key_bytes[address] = {}
         self.generation += 1
         self.membership.changed(address)
         if keys:
@@ -248,7 +253,7 @@ class Center(Node):
         info["last_seen"] = time.time()
         status = info.get("status")
         for name, value in metrics.items():
-            if isinstance(value, (int, float, str)):
+            if isinstance(value, (int, float, str)) and name not in _COUNTED_HERE:
                 info[name] = value
         if info.get("status") != status:
             self.membership.changed(address)
@@ -265,6 +270,7 @@ class Center(Node):
 
     def _remove_worker(self, address: str, why: str, record: bool = True) -> None:
         keys = self.has_what_table.pop(address, set())
+        self.key_bytes.pop(address, None)
         for key in keys:
             holders = self.who_has_table.get(key)
             if holders is not None:
@@ -417,12 +423,16 @@ class Center(Node):
             raise KeyError(f"worker {address} is not registered; register before reporting keys")
         info = self.worker_info[address]
         info["last_seen"] = time.time()
+        held = self.key_bytes[address]
         sizes = keys if isinstance(keys, dict) else dict.fromkeys(keys, 0)
         for key, nbytes in sizes.items():
+            nbytes = nbytes if isinstance(nbytes, int) and nbytes > 0 else 0
             if key not in holdings:
                 holdings.add(key)
                 info["nkeys"] += 1
-                info["nbytes"] += nbytes or 0
+            # A key reported again (stored anew, another size) replaces its old size.
+            info["nbytes"] += nbytes - held.get(key, 0)
+            held[key] = nbytes
             self.who_has_table[key].add(address)
             if nbytes:
                 self.nbytes_table[key] = nbytes
@@ -437,7 +447,7 @@ class Center(Node):
             if key in holdings:
                 holdings.discard(key)
                 info["nkeys"] -= 1
-                info["nbytes"] -= self.nbytes_table.get(key, 0)
+                info["nbytes"] -= self.key_bytes[address].pop(key, 0)
             holders = self.who_has_table.get(key)
             if holders is not None:
                 holders.discard(address)
@@ -566,6 +576,10 @@ class MembershipLog:
         if type(version) is not int or not self.floor <= version <= self.version:
             return None
         return set(self._addresses[bisect.bisect_right(self._versions, version):])
+
+
+# What a worker's heartbeat may not overwrite: the Center counts these from key reports.
+_COUNTED_HERE = frozenset({"nkeys", "nbytes", "name", "ncores", "last_seen", "pid"})
 
 
 def _check_session(session: Any) -> None:

@@ -457,8 +457,11 @@ class Worker(Node):
         self._schedule_report()
 
     def _dropped(self, key: Any) -> None:
-        if self._report_add.pop(key, None) is None:
-            self._report_remove.add(key)
+        # Reported removed even if gained since the last report: it may have
+        # been stored before that too (the Center knows it), and removing a
+        # key the Center never heard of costs nothing.
+        self._report_add.pop(key, None)
+        self._report_remove.add(key)
         self._schedule_report()
 
     def _schedule_report(self) -> None:
