@@ -80,6 +80,7 @@ class RemoteData(Future):
         self._pool = pool
         self._task = task
         self._early: tuple | None = None  # (ok, value or error) when this thread sent the task itself
+        self._warnings: tuple | None = None  # (worker, what the task warned), set by the loop, raised again by result()
         task.handle = weakref.ref(self)
 
     @property
@@ -205,6 +206,7 @@ class _ItemData(RemoteData):
         self._pool = pool
         self._task = chunk._task
         self._early = None
+        self._warnings = None
         self._chunk = chunk
         self._index = index
         self._derived: RemoteData | None = None

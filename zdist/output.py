@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import logging
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from typing import Any, Iterator
 
@@ -204,3 +206,74 @@ def show_output(worker: str, outputs: dict, names: Any = None) -> None:
             if lines:
                 target.write("".join(f"{prefix}{line}\n" for line in lines))
                 target.flush()
+
+
+# ------------------------------------------------------------------ warnings raised in tasks
+
+#: The task whose warnings are being recorded here: ``[key, found]`` or None.
+_warning_task: contextvars.ContextVar = contextvars.ContextVar("zdist_task_warnings", default=None)
+_original_showwarning: Any = None
+
+
+def install_warning_capture() -> None:
+    """Route warnings raised in a task (see :func:`record_warnings`) to that task's record instead of stderr. Once per process."""
+    global _original_showwarning
+    if _original_showwarning is not None:
+        return
+    with _install_lock:
+        if _original_showwarning is None:
+            _original_showwarning = warnings.showwarning
+            warnings.showwarning = _showwarning
+
+
+def _showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    current = _warning_task.get()
+    if current is None:
+        _original_showwarning(message, category, filename, lineno, file, line)
+        return
+    key, found = current
+    found.setdefault(key, []).append([f"{category.__module__}:{category.__qualname__}", str(message), filename, lineno])
+
+
+def record_warnings(capture: list) -> Any:
+    """Record warnings into ``capture``, a list ``[key, found]`` whose key the caller changes task by task; a token for :func:`end_warnings`.
+
+    Python shows a warning from one place once; forgetting which were
+    shown (as changing the filters does) lets every batch report its own.
+    """
+    warnings._filters_mutated()  # type: ignore[attr-defined]
+    return _warning_task.set(capture)
+
+
+def end_warnings(token: Any) -> None:
+    _warning_task.reset(token)
+
+
+def reemit_warnings(found: list, key: Any, worker: str, registry: dict | None = None) -> None:
+    """Raise again here, in the calling thread, the warnings a task raised on ``worker`` (``found`` as recorded).
+
+    They pass through this process's warning filters (``-W error`` makes
+    them errors, as it would locally); ``registry`` keeps one shown per
+    place and message, as Python does for a module.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter('always')
+    ...     reemit_warnings([['builtins:RuntimeWarning', 'divide by zero', 'f.py', 3]], 'task-1', 'worker-0')
+    >>> str(caught[0].message), caught[0].category.__name__
+    ('divide by zero (in task task-1 on worker-0)', 'RuntimeWarning')
+    """
+    for category_name, message, filename, lineno in found:
+        warnings.warn_explicit(f"{message} (in task {key} on {worker})", _category(category_name), filename, lineno, registry=registry)
+
+
+def _category(name: str) -> type:
+    """The warning class named ``module:qualname``; UserWarning when this process cannot import it."""
+    module_name, _, qualname = name.partition(":")
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except Exception:  # noqa: BLE001 - a warning class only the worker has
+        return UserWarning
+    return found if isinstance(found, type) and issubclass(found, Warning) else UserWarning

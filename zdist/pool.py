@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator
 from .cluster_ops import WorkerOps
 from .comm import normalize_address
 from .errors import LostDataError, NoWorkersError, noted
+from .output import reemit_warnings
 from .protocol import OK, Serialized, deserialize
 from .rpc import ThreadSockets, rebuild_exception
 from .scheduling import NO_VALUE, Scheduler, TaskState, events
@@ -124,6 +125,8 @@ class Pool(WorkerOps):
         self._controls: Controls | None = controls_from(retries, priority, resources, workers, allow_other_workers, normalize=normalize_address)
         self._wrapped: dict = {}
         self._kept_for_callbacks: dict[int, Any] = {}  # handles whose callbacks have not run yet
+        self._warning_registry: dict = {}  # warnings raised again here: one per place and message, as Python does
+        self._warned = False  # some task raised a warning: results are looked at for them
         self.security = security
         self._cluster = None
         self._state = "closed"
@@ -278,8 +281,10 @@ class Pool(WorkerOps):
         if reply.status != OK:
             shell.post(events.BatchFailed(worker, batch_id, rebuild_exception(reply.error, worker)), urgent=True)
             return handle
-        if reply.result[-1][1] == "output":
-            shell.show_output(reply.result.pop()[2])
+        warned = shell.take_notes(reply.result)
+        if warned is not None and ts.key in warned["warnings"]:
+            handle._warnings = (warned["worker"], warned["warnings"][ts.key])
+            self._warned = True
         entry = reply.result[0]
         if entry[1] == "ok":
             handle._early = (True, entry[3] if len(entry) > 3 else NO_VALUE)
@@ -415,6 +420,7 @@ class Pool(WorkerOps):
             for ts in missing:
                 if ts.value is NO_VALUE and ts.state == ERRED:
                     raise _fresh(ts.error)
+        self._reemit_warnings(handles)
         values = []
         loaded: dict = {}  # task -> its value, deserialized once (a chunk's, for its many items)
         for handle in handles:
@@ -430,6 +436,16 @@ class Pool(WorkerOps):
             values.append(value[handle._index] if type(handle) is _ItemData else value)
         return values
 
+    def _reemit_warnings(self, handles: list[RemoteData]) -> None:
+        """Raise here the warnings the tasks of ``handles`` raised on their workers, once each (see :mod:`zdist.output`)."""
+        if not self._warned:
+            return
+        for handle in handles:
+            owner = handle._task.handle() if handle._warnings is None else handle  # an item's warnings are its chunk's
+            if owner is not None and owner._warnings is not None:
+                (worker, found), owner._warnings = owner._warnings, None
+                reemit_warnings(found, owner.key, worker, self._warning_registry)
+
     def _wait(self, handles: list[RemoteData], timeout: float | None, raise_errors: bool, progress: bool = False) -> None:
         """Wait until every handle is ready; raise the first failure (in order) once all before it are done."""
         bar = progress_bar(len(handles), "tasks") if progress else None
@@ -442,6 +458,7 @@ class Pool(WorkerOps):
                 if raise_errors:
                     error = handles[i]._error()
                     if error is not None:
+                        self._reemit_warnings([handles[i]])
                         raise _fresh(error)
                 i += 1
             position[0] = i
@@ -592,6 +609,14 @@ class _PoolShell(Shell):
 
     def _on_delivered(self, command: events.Delivered) -> None:
         self._news = True
+
+    def on_warnings(self, worker: str, warned: dict) -> None:
+        self.pool._warned = True
+        for key, found in warned.items():  # before the task is marked done: a waiter sees them
+            ts = self.core.by_key.get(key)
+            handle = ts.handle() if ts is not None else None
+            if handle is not None:
+                handle._warnings = (worker, found)
 
     def after_feed(self) -> None:
         if self._news:

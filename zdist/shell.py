@@ -146,8 +146,9 @@ class Shell:
             self.feed(events.BatchFailed(worker, batch_id, error))
             return
         replies = future.result()
-        if replies and replies[-1][1] == "output":  # printed by the tasks: not the core's business
-            self.show_output(replies.pop()[2])
+        warned = self.take_notes(replies)
+        if warned is not None:
+            self.on_warnings(warned["worker"], warned["warnings"])
         for reply in replies:
             if reply[1] != "ok":
                 reply[2] = rebuild_exception(reply[2], worker)
@@ -204,6 +205,23 @@ class Shell:
 
     def _poll_center(self, command: events.PollCenter) -> None:
         self.session.poll_now()
+
+    def take_notes(self, replies: list) -> dict | None:
+        """Take the entries after the tasks' own from a batch's replies: print what the tasks printed; return what they warned.
+
+        Not the core's business: the core sees one reply per task.
+        """
+        warned = None
+        while replies and replies[-1][0] is None:
+            _, kind, note = replies.pop()
+            if kind == "output":
+                self.show_output(note)
+            elif kind == "warnings":
+                warned = note
+        return warned
+
+    def on_warnings(self, worker: str, warned: dict) -> None:
+        """Tasks raised warnings on ``worker`` (``{key: [[category, message, filename, lineno], ...]}``): subclasses raise them again where the results are taken."""
 
     def show_output(self, forwarded: dict) -> None:
         """Print what a batch's tasks printed on their worker, each line prefixed ``[worker key]``."""

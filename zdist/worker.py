@@ -63,7 +63,9 @@ def substitute(obj: Any, data: dict) -> Any:
     return obj
 
 
-def _run_tasks(tasks: list, data: dict, deadline: float | None = None, session: str | None = None, released: Any = (), output: dict | None = None) -> list:
+def _run_tasks(
+    tasks: list, data: dict, deadline: float | None = None, session: str | None = None, released: Any = (), output: dict | None = None, warned: dict | None = None
+) -> list:
     """Run tasks one after the other: ``[(ok, value_or_error, nbytes_or_traceback, start, stop)]``.
 
     In a thread-pool thread, or, given a ``deadline`` (a ``time.time()``),
@@ -76,12 +78,17 @@ def _run_tasks(tasks: list, data: dict, deadline: float | None = None, session: 
     closed meanwhile) is not run: it fails with :class:`SessionClosedError`.
 
     With ``output`` (a dict), what each task prints or logs is captured into
-    ``output[key]`` (:mod:`zdist.output`) instead of the worker's streams.
+    ``output[key]`` (:mod:`zdist.output`) instead of the worker's streams;
+    with ``warned`` (a dict), the warnings each task raises go to
+    ``warned[key]``, to be raised again on the client.
     """
-    capture = token = None
+    capture = token = warning_capture = warning_token = None
     if output is not None:  # one ContextVar set per job; per task only the key in it changes
         capture = [None, output]
         token = _output.begin_batch(capture)
+    if warned is not None:
+        warning_capture = [None, warned]
+        warning_token = _output.record_warnings(warning_capture)
     on_loop = deadline is not None
     results = []
     try:
@@ -94,6 +101,8 @@ def _run_tasks(tasks: list, data: dict, deadline: float | None = None, session: 
                 continue
             if capture is not None:
                 capture[0] = key
+            if warning_capture is not None:
+                warning_capture[0] = key
             try:
                 if deps:
                     args = substitute(args, data)
@@ -108,14 +117,18 @@ def _run_tasks(tasks: list, data: dict, deadline: float | None = None, session: 
     finally:
         if token is not None:
             _output.end(token)
+        if warning_token is not None:
+            _output.end_warnings(warning_token)
     return results
 
 
-async def _await_task(task: list, data: dict, session: str | None = None, released: Any = (), output: dict | None = None) -> tuple:
+async def _await_task(task: list, data: dict, session: str | None = None, released: Any = (), output: dict | None = None, warned: dict | None = None) -> tuple:
     """Await one task whose function is a coroutine function, on the worker's loop (see :func:`_run_tasks`)."""
     key, function, args, kwargs, deps = task
     if output is not None:  # this coroutine runs as an asyncio task of its own: the capture stays within it
         _output.begin_batch([key, output])
+    if warned is not None:
+        _output.record_warnings([key, warned])
     start = time.time()
     if session is not None and session in released:
         return (False, SessionClosedError(session, "the task had not started"), "", start, start)
@@ -888,6 +901,8 @@ class Worker(Node):
         if output:  # one dict for the batch: each task writes its own key (atomic), from whichever thread
             _output.install()
             outputs = {}
+        _output.install_warning_capture()
+        warned: dict = {}  # the same for warnings, always: they are raised again on the client
         result = loop.create_future()
         outcomes: list = [None] * len(tasks)
         awaited: list = []
@@ -915,26 +930,31 @@ class Worker(Node):
             left[0] -= 1
             if left[0] == 0 and not result.done():
                 try:
-                    result.set_result(self._batch_replies(tasks, outcomes, failed, return_values, report_now, session, outputs))
+                    result.set_result(self._batch_replies(tasks, outcomes, failed, return_values, report_now, session, outputs, warned))
                 except Exception as exc:  # noqa: BLE001 - reply with the error rather than hang
                     result.set_exception(exc)
 
         if not groups:
             group_done([], [])
         for indices, start in groups:
-            start(loop, [tasks[index] for index in indices], indices, group_done, session, outputs)
+            start(loop, [tasks[index] for index in indices], indices, group_done, session, outputs, warned)
         return result
 
-    def _run_on_loop(self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None, outputs: dict | None = None, results: list | None = None) -> None:
+    def _run_on_loop(
+        self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None,
+        outputs: dict | None = None, warned: dict | None = None, results: list | None = None,
+    ) -> None:
         """Run tasks here and now, a slice at a time; at the next turn of the loop go on with the rest."""
-        ran = _run_tasks(tasks, self.data, time.time() + INLINE_SLICE_SECONDS, session, self.released_sessions, outputs)
+        ran = _run_tasks(tasks, self.data, time.time() + INLINE_SLICE_SECONDS, session, self.released_sessions, outputs, warned)
         results = ran if results is None else results + ran
         if len(ran) < len(tasks):
-            loop.call_soon(self._run_on_loop, loop, tasks[len(ran):], indices, done, session, outputs, results)
+            loop.call_soon(self._run_on_loop, loop, tasks[len(ran):], indices, done, session, outputs, warned, results)
         else:
             done(indices, results)
 
-    def _run_in_pool(self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None, outputs: dict | None = None) -> None:
+    def _run_in_pool(
+        self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None, outputs: dict | None = None, warned: dict | None = None
+    ) -> None:
         """One thread-pool job; its results come back with one ``call_soon_threadsafe``."""
         self.executing += len(tasks)
 
@@ -945,7 +965,7 @@ class Worker(Node):
                 pass
 
         # Each client session's jobs queue apart and take turns (zdist.fairpool).
-        self.executor.submit(session, _run_tasks, (tasks, self.data, None, session, self.released_sessions, outputs), finished)
+        self.executor.submit(session, _run_tasks, (tasks, self.data, None, session, self.released_sessions, outputs, warned), finished)
 
     def _job_done(self, result: Any, error: BaseException | None, indices: list, done: Callable) -> None:
         self.executing -= len(indices)
@@ -953,11 +973,13 @@ class Worker(Node):
             result = [(False, error, "", 0.0, 0.0)] * len(indices)
         done(indices, result)
 
-    def _await_group(self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None, outputs: dict | None = None) -> None:
+    def _await_group(
+        self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None, outputs: dict | None = None, warned: dict | None = None
+    ) -> None:
         """Await coroutine functions' tasks on the loop, concurrently."""
         self.executing += len(tasks)
         data, released = self.data, self.released_sessions
-        gathered = asyncio.gather(*(_await_task(task, data, session, released, outputs) for task in tasks))
+        gathered = asyncio.gather(*(_await_task(task, data, session, released, outputs, warned) for task in tasks))
 
         def finished(future: asyncio.Future) -> None:
             self.executing -= len(tasks)
@@ -973,7 +995,10 @@ class Worker(Node):
         self._tasks.add(gathered)  # cancelled if the worker stops
         gathered.add_done_callback(self._tasks.discard)
 
-    def _batch_replies(self, tasks: list, outcomes: list, failed: dict, return_values: int, report_now: bool, session: str | None = None, outputs: dict | None = None) -> list:
+    def _batch_replies(
+        self, tasks: list, outcomes: list, failed: dict, return_values: int, report_now: bool, session: str | None = None,
+        outputs: dict | None = None, warned: dict | None = None,
+    ) -> list:
         replies = []
         closed = session is not None and session in self.released_sessions
         for index, task in enumerate(tasks):
@@ -1006,6 +1031,8 @@ class Worker(Node):
             replies.append(entry)
         if outputs:  # only when some task printed: forwarding costs nothing otherwise
             replies.append([None, "output", {"worker": self.name or self.address, "output": outputs}])
+        if warned:  # likewise: raised again on the client when it takes the results
+            replies.append([None, "warnings", {"worker": self.name or self.address, "warnings": warned}])
         if report_now:
             self.flush_reports()  # tell the Center before the caller hears back
         return replies

@@ -18,6 +18,7 @@ import dask
 from ..comm import normalize_address
 from ..errors import MissingDataError
 from ..session import client_loop, close_all_sessions, open_session
+from ..output import reemit_warnings
 from ..scheduling.controls import CONTROL_NAMES, controls_from
 from .graph import annotations_of, controls_by_key, convert_recording_literals, flatten_keys, nest_results, to_task_graph
 from .plan import Plan, make_plan
@@ -189,4 +190,13 @@ def get(
     except BaseException:
         future.cancel()  # KeyboardInterrupt: stop the computation too
         raise
+    finally:
+        _reemit(seen)
     return nest_results(keys, values)
+
+
+def _reemit(seen: list) -> None:
+    """Raise here the warnings the graph's tasks raised on the workers, as a local scheduler would."""
+    registry: dict = {}
+    for key, worker, found in (seen[0].warnings if seen else ()):
+        reemit_warnings(found, key, worker, registry)

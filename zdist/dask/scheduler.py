@@ -60,6 +60,7 @@ class Computation(Shell):
         self.plan = plan
         self.prefix = f"zd-{uuid.uuid4().hex[:12]}-"
         self.values: dict = {}
+        self.warnings: list = []  # (dask key, worker, what the task warned)
         self.finished: asyncio.Future = self.loop.create_future()
         # Inputs from outside the graph: key -> (addresses holding it, bytes); not ours to delete.
         self.external: dict[Any, TaskState] = {}
@@ -113,6 +114,10 @@ class Computation(Shell):
             super()._send_batch(command)
         except Exception as exc:  # noqa: BLE001 - e.g. a task that cannot be pickled
             self._fail(self._with_note(exc, command.tasks, command.worker, "while sending tasks"))
+
+    def on_warnings(self, worker: str, warned: dict) -> None:
+        for key, found in warned.items():  # raised again by get(), in the calling thread
+            self.warnings.append((self.output_name(key), worker, found))
 
     def output_name(self, key: Any) -> Any:
         ts = self.core.by_key.get(key)
