@@ -79,6 +79,7 @@ def summarize(info: dict) -> dict:
                 "memory_limit": w.get("memory_limit"),
                 "bytes_in_memory": w.get("bytes_in_memory", w.get("nbytes", 0)),
                 "bytes_on_disk": w.get("bytes_on_disk", 0),
+                "spill_error": w.get("spill_error") or "",
                 "last_seen": last_seen,
                 "last_seen_age": round(max(0.0, now - last_seen), 3),
             }
@@ -161,6 +162,7 @@ def format_table(summary: dict) -> str:
     if not rows:
         out.append("(no workers registered)")
     out.append(line(total))
+    out += [f"{w['name']}: {w['spill_error']}" for w in summary["workers"] if w["spill_error"]]  # a full disk, and what to do
     return "\n".join(out)
 
 

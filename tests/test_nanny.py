@@ -30,7 +30,9 @@ def workers(cluster) -> dict:
 
 
 def test_sigkilled_worker_comes_back_with_its_name_and_the_cluster_serves_again():
-    with make_cluster(2, nanny=True) as cluster, Pool(cluster.center_address) as pool:
+    # A heartbeat timeout longer than a restart on a busy machine: the dead
+    # worker is dropped because its nanny replaced it, not for its silence.
+    with make_cluster(2, nanny=True, heartbeat_timeout=15) as cluster, Pool(cluster.center_address) as pool:
         assert pool.gather(pool.map(inc, range(10))) == list(range(1, 11))
         before = workers(cluster)
         victim, info = min(before.items())
@@ -47,7 +49,7 @@ def test_sigkilled_worker_comes_back_with_its_name_and_the_cluster_serves_again(
         print(f"worker back (registered again) {time.monotonic() - killed:.2f} s after SIGKILL")
         assert new["restarts"] == 1 and new["nanny"] == info["nanny"] and new["pid"] != info["pid"]
         removed = center_call(cluster.center_address, "info")["removed"]
-        assert any(entry[1] == victim and entry[2] == "restarted by its nanny" for entry in removed)
+        assert any(entry[1] == victim and entry[2] == "restarted by its nanny" for entry in removed), removed
         assert pool.gather(pool.map(inc, range(20))) == list(range(1, 21))
 
 
@@ -58,6 +60,29 @@ def test_a_task_that_kills_its_worker_fails_clearly_and_other_work_completes():
         wait_for(lambda: len(workers(cluster)) == 2, timeout=20, message="both workers back")
         assert pool.gather(pool.map(inc, range(10))) == list(range(1, 11))
         assert sum(w["restarts"] for w in workers(cluster).values()) == 2
+
+
+def hog(step_mb: int = 20, most_mb: int = 700) -> int:
+    """Allocate (and touch) memory in steps, keeping it; bounded at ``most_mb``."""
+    import numpy as np
+
+    held = []
+    for _ in range(most_mb // step_mb):  # bounded: the nanny should kill us long before the end
+        held.append(np.ones(step_mb * 2**20, dtype=np.uint8))
+        time.sleep(0.02)  # give the nanny (polling every 50 ms) time to see it
+    return len(held) * step_mb
+
+
+def test_a_task_past_the_terminate_threshold_gets_its_worker_restarted_and_fails_clearly():
+    # 2 workers of 300 MB: terminate at 95% (285 MB); the hog stops at 700 MB if nobody kills it.
+    with make_cluster(2, nanny=True, memory_limit="300MB") as cluster, Pool(cluster.center_address, max_worker_deaths=2) as pool:
+        assert pool.gather(pool.map(inc, range(4))) == [1, 2, 3, 4]
+        with pytest.raises(TaskKilledWorkersError, match="running out of memory"):
+            pool.apply(hog).get(timeout=120)
+        wait_for(lambda: len(workers(cluster)) == 2, timeout=30, message="both workers back")
+        assert sum(w["restarts"] for w in workers(cluster).values()) == 2
+        assert all(w["memory_limit"] == 300 * 10**6 for w in workers(cluster).values())
+        assert pool.gather(pool.map(inc, range(10))) == list(range(1, 11))
 
 
 # ------------------------------------------------------------------ the program

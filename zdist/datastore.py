@@ -273,7 +273,10 @@ def work_directory(parent: str | None) -> str:
         os.makedirs(parent, exist_ok=True)
         return tempfile.mkdtemp(prefix=f"zdist-worker-{os.getpid()}-", dir=parent)
     except OSError as exc:
-        raise OSError(f"--local-dir {parent} is not writable ({exc.strerror or exc}); give a directory this user can write") from None
+        raise OSError(
+            f"--local-dir {parent} is not writable ({exc.strerror or exc}): give a directory this user can write, "
+            "or leave --local-dir out to use the system's temp directory"
+        ) from None
 
 
 class WorkerMemory:
@@ -292,6 +295,8 @@ class WorkerMemory:
         self.running = asyncio.Event()
         self.running.set()
         self._said_disk_full = False
+        # Why spilling fails now (a full disk), for the Center and `zdist status`; "" when it works.
+        self.spill_error = ""
         self.store: SpillStore | None = None
         if limit and (thresholds.target or thresholds.spill):
             target = thresholds.target * limit if thresholds.target else None
@@ -302,7 +307,11 @@ class WorkerMemory:
     def _disk_error(self, exc: OSError) -> None:
         if not self._said_disk_full:
             why = "the disk is full" if exc.errno == errno.ENOSPC else f"writing failed ({exc})"
-            logger.warning("cannot spill to %s: %s; keeping values in memory and pausing until they fit", self.directory, why)
+            self.spill_error = (
+                f"cannot spill to {self.directory}: {why}; values stay in memory and the worker pauses until they fit. "
+                "Free space there, delete values, or start the worker with --local-dir on a larger disk"
+            )
+            logger.warning("%s", self.spill_error)
             self._said_disk_full = True
         self.check()
 
@@ -320,6 +329,7 @@ class WorkerMemory:
             "bytes_on_disk": store.bytes_on_disk if store is not None else 0,
             "spilled": store.spill_count if store is not None else 0,
             "unspilled": store.disk.loads if store is not None else 0,
+            "spill_error": self.spill_error,
         }
 
     def check(self, rss: int | None = None) -> None:
@@ -334,6 +344,7 @@ class WorkerMemory:
             if store.bytes_in_memory <= target:
                 store.disk_full = False  # it fits again: spilling may be tried anew
                 self._said_disk_full = False
+                self.spill_error = ""
             else:
                 pause = True
         if pause != self.paused:
