@@ -296,3 +296,26 @@ def test_two_clients_on_one_cluster_both_finish_and_the_small_one_is_not_starved
             if long_client.poll() is None:
                 long_client.kill()
                 long_client.wait(10)
+
+
+def test_center_keeps_one_holder_as_a_string_and_several_as_a_set():
+    """Most keys have one holder: the table keeps its address, not a set (216 bytes a key less)."""
+
+    async def main():
+        async with Center() as center:
+            a, b = "127.0.0.1:9000", "127.0.0.1:9001"
+            center.register(address=a, ncores=1)
+            center.register(address=b, ncores=1)
+            center.add_keys(address=a, keys={"x": 8, "y": 8})
+            assert center.who_has_table["x"] == a
+            center.add_keys(address=b, keys={"x": 8})
+            assert center.who_has_table["x"] == {a, b} and center.who_has(keys=["x", "y", "z"]) == {"x": {a, b}, "y": {a}, "z": set()}
+            center.remove_keys(address=a, keys=["x"])
+            assert center.who_has_table["x"] == b
+            center.add_keys(address=a, keys=["x"])
+            center.unregister(address=b)
+            assert center.who_has_table == {"x": a, "y": a} and center.has_what() == {a: {"x", "y"}}
+            center.remove_keys(address=a, keys=["x", "y", "never"])
+            assert center.who_has_table == {} and center.nbytes_table == {}
+
+    run(main())

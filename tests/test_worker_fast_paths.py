@@ -207,7 +207,7 @@ def test_keys_made_by_compute_batch_reach_the_center_soon():
             await batch(worker, [one(f"k{i}", thread_name, i) for i in range(10)])
 
             async def known():
-                return all(worker.address in center.who_has_table.get(f"k{i}", ()) for i in range(10))
+                return all(worker.address in holders for holders in center.who_has(keys=[f"k{i}" for i in range(10)]).values())
 
             await until(known, timeout=10)
             worker.delete_data(keys=[f"k{i}" for i in range(10)])

@@ -78,7 +78,9 @@ class Center(Node):
         # Where a web dashboard of this Center is served, if whoever started it
         # serves one (zdist.dashboard.serve_dashboard sets it); info() reports it.
         self.dashboard_url: str | None = None
-        self.who_has_table: dict[Any, set[str]] = defaultdict(set)
+        # key → its holder's address, or a set of addresses when several hold
+        # it: most keys have one holder, and a set costs 216 bytes a key.
+        self.who_has_table: dict[Any, str | set[str]] = {}
         self.has_what_table: dict[str, set] = {}
         self.nbytes_table: dict[Any, int] = {}
         # Each worker's size of each key it holds, as that worker last reported it:
@@ -272,12 +274,8 @@ class Center(Node):
         keys = self.has_what_table.pop(address, set())
         self.key_bytes.pop(address, None)
         for key in keys:
-            holders = self.who_has_table.get(key)
-            if holders is not None:
-                holders.discard(address)
-                if not holders:
-                    del self.who_has_table[key]
-                    self.nbytes_table.pop(key, None)
+            if self._drop_holder(key, address):
+                self.nbytes_table.pop(key, None)
         if self.worker_info.pop(address, None) is not None:
             self.membership.changed(address)
         self.generation += 1
@@ -321,7 +319,7 @@ class Center(Node):
         load = {address: info["nbytes"] for address, info in self.worker_info.items()}
         for key in keys:
             n = self.replicas.get(key)
-            holders = self.who_has_table.get(key)
+            holders = _holders(self.who_has_table.get(key))
             if not n or not holders:
                 continue
             candidates = sorted((a for a in self.worker_info if a not in holders), key=lambda a: load[a])
@@ -425,6 +423,7 @@ class Center(Node):
         info["last_seen"] = time.time()
         held = self.key_bytes[address]
         sizes = keys if isinstance(keys, dict) else dict.fromkeys(keys, 0)
+        table = self.who_has_table
         for key, nbytes in sizes.items():
             nbytes = nbytes if isinstance(nbytes, int) and nbytes > 0 else 0
             if key not in holdings:
@@ -433,10 +432,33 @@ class Center(Node):
             # A key reported again (stored anew, another size) replaces its old size.
             info["nbytes"] += nbytes - held.get(key, 0)
             held[key] = nbytes
-            self.who_has_table[key].add(address)
+            holders = table.get(key)
+            if holders is None:
+                table[key] = address
+            elif type(holders) is str:
+                if holders != address:
+                    table[key] = {holders, address}
+            else:
+                holders.add(address)
             if nbytes:
                 self.nbytes_table[key] = nbytes
         return "OK"
+
+    def _drop_holder(self, key: Any, address: str) -> bool:
+        """``address`` no longer holds ``key``; True if nobody does any more (the key is gone)."""
+        table = self.who_has_table
+        holders = table.get(key)
+        if holders is None:
+            return False
+        if type(holders) is str:
+            if holders != address:
+                return False
+            del table[key]
+            return True
+        holders.discard(address)
+        if len(holders) == 1:
+            table[key] = next(iter(holders))
+        return False
 
     def remove_keys(self, address: str, keys: Iterable) -> str:
         holdings = self.has_what_table.get(address)
@@ -448,14 +470,10 @@ class Center(Node):
                 holdings.discard(key)
                 info["nkeys"] -= 1
                 info["nbytes"] -= self.key_bytes[address].pop(key, 0)
-            holders = self.who_has_table.get(key)
-            if holders is not None:
-                holders.discard(address)
-                if not holders:
-                    del self.who_has_table[key]
-                    self.nbytes_table.pop(key, None)
-                    self.replicas.pop(key, None)
-                    self.replica_session.pop(key, None)
+            if self._drop_holder(key, address):
+                self.nbytes_table.pop(key, None)
+                self.replicas.pop(key, None)
+                self.replica_session.pop(key, None)
         return "OK"
 
     # -------------------------------------------------------------- queries
@@ -467,10 +485,9 @@ class Center(Node):
         answer travels as one :class:`~zdist.protocol.SetMap`, not a set per key.
         """
         if keys is None:
-            return SetMap((key, set(holders)) for key, holders in self.who_has_table.items())
-        table = self.who_has_table
-        empty: frozenset = frozenset()
-        return SetMap((key, set(table.get(key, empty))) for key in keys)
+            return SetMap((key, _holders(holders)) for key, holders in self.who_has_table.items())
+        get = self.who_has_table.get
+        return SetMap((key, _holders(get(key))) for key in keys)
 
     def has_what(self, workers: Iterable[str] | None = None) -> dict:
         if workers is None:
@@ -580,6 +597,13 @@ class MembershipLog:
 
 # What a worker's heartbeat may not overwrite: the Center counts these from key reports.
 _COUNTED_HERE = frozenset({"nkeys", "nbytes", "name", "ncores", "last_seen", "pid"})
+
+
+def _holders(entry: str | set | None) -> set:
+    """A ``who_has_table`` entry as a new set of addresses."""
+    if entry is None:
+        return set()
+    return {entry} if type(entry) is str else set(entry)
 
 
 def _check_session(session: Any) -> None:
