@@ -175,6 +175,8 @@ def test_who_has_travels_as_one_set_map():
     result = parse_reply(encode_reply(1, table)).result
     assert result == {("x", 0): {"a:1", "b:2"}, "y": set(), 3: {"c:3"}}
     assert type(result) is dict and all(type(v) is set for v in result.values())
+    # The Center sends its table's entries as they are: a one-holder entry is a string.
+    assert parse_reply(encode_reply(1, SetMap({"k": "a:1", "j": ()}))).result == {"k": {"a:1"}, "j": set()}
 
 
 def test_a_malformed_set_map_is_a_protocol_error():

@@ -33,7 +33,7 @@ DEFAULT_HEARTBEAT_TIMEOUT = 5.0
 #: The most heartbeats a second the Center asks for: it tells each worker to
 #: heartbeat every ``n_workers / HEARTBEAT_RATE`` seconds (or more often, if
 #: the worker was started with a shorter interval than that).
-DEFAULT_HEARTBEAT_RATE = 400.0
+DEFAULT_HEARTBEAT_RATE = 200.0
 #: A worker is dropped after missing this many of the heartbeats it was told to send
 #: (or after the Center's ``heartbeat_timeout``, whichever is longer).
 LIVENESS_BEATS = 5
@@ -111,7 +111,7 @@ class Center(Node):
                 "heartbeat": self.heartbeat,
                 "add_keys": self.add_keys,
                 "remove_keys": self.remove_keys,
-                "who_has": self.who_has,
+                "who_has": self._who_has_for_peer,
                 "has_what": self.has_what,
                 "nbytes": self.nbytes,
                 "ncores": self.ncores,
@@ -266,7 +266,7 @@ class Center(Node):
         """How long a worker may be silent before it is dropped, at the cluster's size now.
 
         ``max(heartbeat_timeout, LIVENESS_BEATS * n_workers / heartbeat_rate)``:
-        5 s up to 400 workers by default, 12.5 s at 1,000, 25 s at 2,000.
+        5 s up to 200 workers by default, 25 s at 1,000, 50 s at 2,000.
         """
         return max(self.heartbeat_timeout, LIVENESS_BEATS * len(self.worker_info) / self.heartbeat_rate)
 
@@ -488,6 +488,18 @@ class Center(Node):
             return SetMap((key, _holders(holders)) for key, holders in self.who_has_table.items())
         get = self.who_has_table.get
         return SetMap((key, _holders(get(key))) for key in keys)
+
+    def _who_has_for_peer(self, keys: Iterable | None = None) -> SetMap:
+        """:meth:`who_has` over the wire: the table's entries as they are, no set made per key.
+
+        The reply is encoded before anything can change them (the handler
+        answers at once), and a one-holder entry (a string) travels as a
+        one-member set.
+        """
+        if keys is None:
+            return SetMap(self.who_has_table)
+        get = self.who_has_table.get
+        return SetMap((key, get(key, ())) for key in keys)
 
     def has_what(self, workers: Iterable[str] | None = None) -> dict:
         if workers is None:

@@ -98,7 +98,8 @@ class SetMap(dict):
 
     A plain dict of sets costs one extension (a Python call to pack, another
     to unpack) per set; a SetMap travels as two plain lists, packed and
-    unpacked by msgpack's C code, and arrives as a plain dict of sets.
+    unpacked by msgpack's C code, and arrives as a plain dict of sets. A
+    value may also be any iterable of members, or a string: one member.
 
     >>> frames = encode_reply(1, SetMap({('x', 0): {'a:1', 'b:2'}, 'y': set()}))
     >>> reply = parse_reply(frames)
@@ -200,7 +201,8 @@ class _Encoder:
         if cls is set:
             return msgpack.ExtType(EXT_SET, self.pack(list(obj)))
         if cls is SetMap:
-            return msgpack.ExtType(EXT_SETMAP, self.pack([list(obj), [list(members) for members in obj.values()]]))
+            members = [[m] if type(m) is str else list(m) for m in obj.values()]  # a str value: a one-member set
+            return msgpack.ExtType(EXT_SETMAP, self.pack([list(obj), members]))
         if cls is frozenset:
             return msgpack.ExtType(EXT_FROZENSET, self.pack(list(obj)))
         if cls is int:
