@@ -85,6 +85,14 @@ def test_a_task_past_the_terminate_threshold_gets_its_worker_restarted_and_fails
         assert pool.gather(pool.map(inc, range(10))) == list(range(1, 11))
 
 
+def test_the_nanny_makes_glibc_give_freed_memory_back():
+    # Without it a worker's RSS grows past terminate while its data fits (benchmarks/bench_memory.py --four-x).
+    with make_cluster(1, nanny=True) as cluster:
+        (info,) = workers(cluster).values()
+        with open(f"/proc/{info['pid']}/environ", "rb") as environ:
+            assert b"MALLOC_TRIM_THRESHOLD_=65536" in environ.read().split(b"\0")
+
+
 # ------------------------------------------------------------------ the program
 
 
