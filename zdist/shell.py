@@ -106,9 +106,9 @@ class Shell:
             return False
         core = self.core
         # Nothing changed: the core needs the table only for tasks waiting for
-        # a look, or once after a grace period ends (workers still missing are
+        # a look, lost values it looks for, or once after a grace period ends (workers still missing are
         # then taken for gone). Otherwise a look costs O(1) here, not O(workers).
-        if not info.get("changed", True) and not core.deferred and core.grace_until < self._workers_fed:
+        if not info.get("changed", True) and not core.deferred and not core.lost_deadlines and core.grace_until < self._workers_fed:
             return False
         self._workers_fed = self.loop.time()
         self.feed(events.WorkersSeen(info["workers"], info.get("id"), info.get("heartbeat_timeout", 5.0)))
