@@ -1,6 +1,12 @@
 """Foundation numbers: rpc latency, worker-to-worker bandwidth, receiver memory.
 
     python benchmarks/bench_foundation.py [--size-mb 100] [--repeat 5] [--latency-calls 3000] [--quick] [--no-dask] [--hugetlb]
+                                          [--protocol ipc|tcp|both]
+
+``--protocol`` picks how the zdist LocalCluster listens: ``ipc`` (Unix
+sockets in a private directory, the default of a LocalCluster), ``tcp``
+(127.0.0.1), or ``both`` (the default here): two clusters, measured
+interleaved like everything else, side by side in (a) and (b).
 
 Measures in one run, side by side, on 127.0.0.1 (every port picked by the
 OS, every process stopped in a ``finally``). All contestants are started
@@ -238,11 +244,12 @@ class Raw:
 class Zdist:
     """A zdist LocalCluster (Center + 2 worker subprocesses) and a loop to drive rpc on."""
 
-    def __init__(self, nbytes):
+    def __init__(self, nbytes, protocol="ipc"):
         from zdist import LocalCluster
 
         self.nbytes = nbytes
-        self.cluster = LocalCluster(n_workers=2, threads_per_worker=1).start()
+        self.protocol = protocol
+        self.cluster = LocalCluster(n_workers=2, threads_per_worker=1, protocol=protocol).start()
         self.loop = asyncio.new_event_loop()
         try:
             self.a_address, self.b_address = self.cluster.worker_addresses[:2]
@@ -416,6 +423,7 @@ def main() -> None:
     parser.add_argument("--latency-calls", type=int, default=3000, help="timed round trips of each kind; default 3000")
     parser.add_argument("--quick", action="store_true", help="short run: 2 repeats, 500 round trips")
     parser.add_argument("--no-dask", action="store_true", help="skip dask.distributed")
+    parser.add_argument("--protocol", choices=["ipc", "tcp", "both"], default="both", help="zdist over ipc:// (private), tcp:// loopback, or both side by side (default)")
     parser.add_argument(
         "--hugetlb",
         action="store_true",
@@ -451,25 +459,33 @@ def main() -> None:
         flush=True,
     )
 
-    raw = z = d = None
+    protocols = ["ipc", "tcp"] if args.protocol == "both" else [args.protocol]
+    raw = z = z2 = d = None
     try:
         raw = Raw(nbytes)
-        z = Zdist(nbytes)
+        z = Zdist(nbytes, protocols[0])
+        z2 = Zdist(nbytes, protocols[1]) if len(protocols) > 1 else None
         d = None if args.no_dask else Dask(nbytes)
         deadline = time.monotonic() + TIME_LIMIT
 
         # (a) latency, in alternating chunks after a warm-up.
         raw.ping_samples(warmup)
         z.ping_samples(warmup)
-        raw_lat, z_lat = [], []
+        if z2:
+            z2.ping_samples(warmup)
+        raw_lat, z_lat, z2_lat = [], [], []
         for _ in range(LATENCY_CHUNKS):
             raw_lat += raw.ping_samples(n_latency // LATENCY_CHUNKS)
             z_lat += z.ping_samples(n_latency // LATENCY_CHUNKS)
+            if z2:
+                z2_lat += z2.ping_samples(n_latency // LATENCY_CHUNKS)
             if time.monotonic() > deadline:
                 break
 
         # (c) the first, cold fetch of each receiving worker, memory sampled (also a warm-up).
         z_mem = z.first_fetch_memory()
+        if z2:
+            z2.first_fetch_memory()
         d_mem = d.fetch(sample_memory=True)[2] if d else None
         for _, size, join in raw_variants:
             raw.fetch(size, join)
@@ -477,6 +493,8 @@ def main() -> None:
         # (b) bandwidth: rounds, each contestant once per round, in rotating order.
         contestants = [(label, lambda size=size, join=join: raw.fetch(size, join)) for label, size, join in raw_variants]
         contestants.append(("zdist", z.fetch))
+        if z2:
+            contestants.append(("zdist other protocol", z2.fetch))
         if d:
             contestants.append(("dask", d.fetch))
         times: dict = {label: [] for label, _ in contestants}
@@ -497,7 +515,7 @@ def main() -> None:
         time.sleep(0.2)
         z_mem["after_delete"] = z.rss_b()
     finally:
-        for side in (d, z, raw):
+        for side in (d, z2, z, raw):
             if side is not None:
                 try:
                     side.close()
@@ -514,11 +532,15 @@ def main() -> None:
     print()
     print(f"{'(a) round trip of a tiny message':{width}}{'median us':>12}")
     print(f"{'raw pyzmq DEALER->ROUTER echo':{width}}{raw_rtt * 1e6:12.1f}")
-    print(f"{'zdist await rpc(worker).ping()':{width}}{z_rtt * 1e6:12.1f}")
+    print(f"{f'zdist await rpc(worker).ping(), {protocols[0]}':{width}}{z_rtt * 1e6:12.1f}")
+    if z2_lat:
+        print(f"{f'zdist await rpc(worker).ping(), {protocols[1]}':{width}}{statistics.median(z2_lat) * 1e6:12.1f}")
     print()
     print(f"{f'(b) {size_label} from one process to another':{width}}{'best GB/s':>12}{'median':>9}")
     rows = [(label, label) for label, _, _ in raw_variants]
-    rows.append(("zdist worker A -> worker B (compute on B fetches x)", "zdist"))
+    rows.append((f"zdist worker A -> worker B (compute on B fetches x), {protocols[0]}", "zdist"))
+    if z2_lat:
+        rows.append((f"zdist worker A -> worker B, {protocols[1]}", "zdist other protocol"))
     if d:
         rows.append(("dask.distributed A -> B, submit().result() end to end", "dask"))
         rows.append(("dask.distributed A -> B, the transfer in B's log", "dask transfer log"))
@@ -548,6 +570,10 @@ def main() -> None:
         best_dask = max(best["dask"], best["dask transfer log"])
         ratio_dask = best["zdist"] / best_dask
         print(f"bandwidth: zdist / dask.distributed (its best)   = {ratio_dask:5.2f}x  (target > 1x)    {verdict(ratio_dask > 1)}")
+    if z2_lat:
+        rtt2, bw2 = statistics.median(z2_lat), best["zdist other protocol"]
+        print(f"protocol:  round trip {protocols[0]} / {protocols[1]}             = {z_rtt / rtt2:5.2f}x  (target <= 1x)    {verdict(z_rtt <= rtt2)}")
+        print(f"protocol:  bandwidth {protocols[0]} / {protocols[1]}              = {best['zdist'] / bw2:5.2f}x  (target >= ~1x)")
     growth = (z_mem["after"] - z_mem["before"]) / nbytes
     peak = (z_mem["peak"] - z_mem["before"]) / nbytes
     print(f"memory:    zdist B growth / array size           = {growth:5.2f}   (target <= ~1)   {verdict(growth <= 1.1)}"

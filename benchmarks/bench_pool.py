@@ -1,6 +1,7 @@
 """Pool throughput and latency, side by side with multiprocessing and dask.distributed.
 
     python benchmarks/bench_pool.py [--tasks 10000] [--repeat 5] [--latency-samples 2000] [--no-dask] [--compare-forwarding]
+                                    [--protocol ipc|tcp|both]
 
 Prints tasks/s for ``pool.map(inc, range(N))`` + ``gather`` against
 ``multiprocessing.Pool(2).map`` (chunksize=1 and default) and dask.distributed's
@@ -22,6 +23,11 @@ A ``Pool()`` that starts its cluster forwards what tasks print
 measures, interleaved with it, a second Pool on the same cluster with
 forwarding off, and prints both (forwarding should cost nothing when tasks
 print nothing).
+
+``--protocol`` picks how the Pool's local cluster listens: ``ipc`` (Unix
+sockets in a private directory: what ``Pool()`` does), ``tcp`` (127.0.0.1),
+or ``both``: a second Pool on its own TCP cluster, measured interleaved
+with the first (ipc), side by side.
 """
 from __future__ import annotations
 
@@ -50,13 +56,18 @@ def round_trips(n: int, function) -> list[float]:
     return samples
 
 
-def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int, compare_forwarding: bool = False) -> dict:
+def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int, compare_forwarding: bool = False, protocol: str = "ipc") -> dict:
     from zdist import Pool
 
     times: dict[str, list[float]] = {"zdist": [], "mp1": [], "mpdefault": [], "quiet": []}
     rtts: dict[str, list[float]] = {"zdist": [], "mp": [], "quiet": []}
-    with Pool(processes=2) as pool, multiprocessing.Pool(2) as mp_pool:
-        quiet = Pool(pool.center_address, forward_output=False) if compare_forwarding else None
+    first = "ipc" if protocol == "both" else protocol
+    with Pool(processes=2, cluster_kwargs={"protocol": first}) as pool, multiprocessing.Pool(2) as mp_pool:
+        # The interleaved second Pool: forwarding off on the same cluster, or the same on its own TCP cluster.
+        if protocol == "both":
+            quiet = Pool(processes=2, cluster_kwargs={"protocol": "tcp"})
+        else:
+            quiet = Pool(pool.center_address, forward_output=False) if compare_forwarding else None
 
         def zdist_run(pool=pool):
             results = pool.map(inc, range(n))
@@ -132,13 +143,18 @@ def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=2000)
     parser.add_argument("--no-dask", action="store_true", help="skip dask.distributed")
     parser.add_argument("--compare-forwarding", action="store_true", help="also measure a Pool with forward_output=False, interleaved")
+    parser.add_argument("--protocol", choices=["ipc", "tcp", "both"], default="ipc", help="the Pool's cluster on ipc:// (private, Pool()'s default), tcp://, or both side by side")
     args = parser.parse_args()
+    if args.protocol == "both" and args.compare_forwarding:
+        parser.error("--protocol both and --compare-forwarding each need the second Pool: give one of them")
 
-    r = bench_zdist_and_multiprocessing(args.tasks, args.repeat, args.latency_samples, args.compare_forwarding)
+    r = bench_zdist_and_multiprocessing(args.tasks, args.repeat, args.latency_samples, args.compare_forwarding, args.protocol)
+    other = "tcp" if args.protocol == "both" else "forwarding off"
+    mine = "ipc" if args.protocol == "both" else args.protocol
     print(f"{'':44}{'tasks/s':>12}")
-    print(f"{'zdist Pool.map + gather':44}{r['zdist_tp']:12,.0f}")
+    print(f"{f'zdist Pool.map + gather ({mine})':44}{r['zdist_tp']:12,.0f}")
     if r["quiet_tp"] is not None:
-        print(f"{'zdist Pool.map + gather, forwarding off':44}{r['quiet_tp']:12,.0f}")
+        print(f"{f'zdist Pool.map + gather, {other}':44}{r['quiet_tp']:12,.0f}")
     print(f"{'multiprocessing.Pool(2).map chunksize=1':44}{r['mp1_tp']:12,.0f}")
     print(f"{'multiprocessing.Pool(2).map default chunks':44}{r['mpdefault_tp']:12,.0f}")
     if not args.no_dask:
@@ -146,9 +162,9 @@ def main() -> None:
         print(f"{'dask.distributed client.map + gather':44}{d_tp:12,.0f}")
     print()
     print(f"{'single task round trip (median)':44}{'ms':>12}")
-    print(f"{'zdist pool.apply(inc, (1,)).get()':44}{r['zdist_rtt'] * 1e3:12.3f}")
+    print(f"{f'zdist pool.apply(inc, (1,)).get() ({mine})':44}{r['zdist_rtt'] * 1e3:12.3f}")
     if r["quiet_rtt"] is not None:
-        print(f"{'zdist pool.apply(...).get(), forwarding off':44}{r['quiet_rtt'] * 1e3:12.3f}")
+        print(f"{f'zdist pool.apply(...).get(), {other}':44}{r['quiet_rtt'] * 1e3:12.3f}")
     print(f"{'multiprocessing apply_async(...).get()':44}{r['mp_rtt'] * 1e3:12.3f}")
     if not args.no_dask:
         print(f"{'dask.distributed submit(...).result()':44}{d_rtt * 1e3:12.3f}")
@@ -159,6 +175,9 @@ def main() -> None:
     print(f"round trip: zdist / multiprocessing            = {r['zdist_rtt'] / r['mp_rtt']:.2f}x   (target <= 2)")
     if not args.no_dask:
         print(f"round trip: dask.distributed / zdist           = {d_rtt / r['zdist_rtt']:.0f}x")
+    if args.protocol == "both":
+        print(f"protocol:   throughput ipc / tcp             = {r['zdist_tp'] / r['quiet_tp']:.2f}x   (target >= 1)")
+        print(f"protocol:   round trip ipc / tcp             = {r['zdist_rtt'] / r['quiet_rtt']:.2f}x   (target <= 1)")
 
 
 if __name__ == "__main__":

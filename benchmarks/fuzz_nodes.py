@@ -547,7 +547,9 @@ class RawPeer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 100_000)
         self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        self.sock.connect("tcp://" + self.address)
+        from zdist.comm import endpoint
+
+        self.sock.connect(endpoint(self.address))  # tcp://host:port, or a private cluster's ipc:// socket
 
     def reopen(self) -> None:
         self.sock.close(linger=0)

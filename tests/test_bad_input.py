@@ -18,6 +18,7 @@ import zmq
 
 import zdist
 from zdist import Center, Worker, rpc
+from zdist.comm import endpoint
 from zdist.loop import LoopThread
 from zdist.protocol import ERROR, OK, ProtocolError, encode_request, parse_reply
 from zdist.protocol.message import EXT_PICKLED
@@ -41,7 +42,7 @@ class RawPeer:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
-        self.sock.connect("tcp://" + address)
+        self.sock.connect(endpoint(address))  # tcp://host:port, or a private cluster's ipc:// socket
 
     def new_id(self) -> int:
         RawPeer._next_id += 1

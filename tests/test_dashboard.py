@@ -317,7 +317,7 @@ def test_dashboard_page_in_headless_chromium(tmp_path):
                     assert all(address in table_text for address in cluster.worker_addresses)
 
                     # The job is under way but held at the gate: tasks are running, none done.
-                    page.wait_for_function("() => Number(document.getElementById('total-running').dataset.value) > 0", timeout=30_000)
+                    page.wait_for_function("() => Number(document.getElementById('total-executing').dataset.value) > 0", timeout=30_000)
                     done_before = int(float(page.get_attribute("#total-done", "data-value")))
                     assert done_before == 0
 
@@ -349,3 +349,180 @@ def test_dashboard_page_in_headless_chromium(tmp_path):
         assert not thread.is_alive()
         assert "error" not in outcome, outcome.get("error")
         assert outcome["values"] == list(range(n_tasks))
+
+
+# ------------------------------------------------------------------ the truth while a map runs
+
+
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def fails_on_odd(x):
+    if x % 2:
+        raise ValueError(f"odd {x}")
+    return x
+
+
+def total(values):
+    return sum(values)
+
+
+def test_activity_api_counts_groups_errors_transfers_and_memory():
+    """/api/activity and /api/workers: per group done and erred, bytes moved peer to peer, memory against the limit."""
+    with make_cluster(2, processes=False, dashboard=True, memory_limit="2GB") as cluster:
+        url = cluster.dashboard_url
+        with Pool(cluster.center_address) as pool:
+            with pytest.raises(ValueError, match="odd"):
+                pool.map(fails_on_odd, range(10))
+            # Values on both workers, summed on one: the others' move peer to peer.
+            spread = pool.map(inc, range(20))
+            assert pool.apply(total, [spread]).get(timeout=60) == sum(range(1, 21))
+
+            def groups():
+                answer = get_json(url + "api/activity")
+                by_label = {g["label"]: g for g in answer["groups"]}
+                ok = by_label.get("fails_on_odd", {}).get("erred") == 5 and by_label.get("inc", {}).get("done") == 20
+                return ok and answer["bytes_moved"] > 0 and answer
+
+            activity = wait_for(groups, timeout=30, message="heartbeats carry the groups' counts and the transfers")
+        by_label = {g["label"]: g for g in activity["groups"]}
+        assert by_label["fails_on_odd"]["done"] == 5 and by_label["fails_on_odd"]["total"] == 10
+        assert by_label["inc"]["total"] == 20 and by_label["inc"]["executing"] == by_label["inc"]["queued"] == 0
+        moved = activity["transfers"][0]
+        assert moved["from"] in cluster.worker_addresses and moved["to"] in cluster.worker_addresses and moved["from"] != moved["to"]
+        workers = get_json(url + "api/workers")
+        assert workers["totals"]["tasks_failed"] >= 5 and workers["totals"]["bytes_fetched"] > 0
+        for w in workers["workers"]:
+            assert w["memory_limit"] == 2 * 10**9 and w["bytes_on_disk"] == 0 and w["restarts"] == 0
+            assert w["executing"] == 0 and w["queued"] == 0
+
+
+def test_dashboard_tells_the_truth_during_a_map_of_sleeps(tmp_path):
+    """A map of short sleeps on 4 one-core workers: executing never above 4, done rises before the end, one bar for the map."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright; it is in the 'test' extra)")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}: run .ci/install-browser (apt-get install chromium) to run the browser test")
+
+    import random
+
+    rng = random.Random(15)
+    durations = [rng.uniform(0.1, 0.3) for _ in range(160)]
+    cores = 4
+    with Pool(processes=cores, dashboard=True) as pool:
+        url = pool.dashboard_link
+        assert url and url.startswith("http://127.0.0.1:")
+        finished = threading.Event()
+        outcome: dict = {}
+
+        def job():
+            try:
+                outcome["values"] = pool.gather(pool.map(nap, durations))
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                outcome["error"] = exc
+            finally:
+                finished.set()
+
+        read = """() => {
+            const v = id => Number(document.getElementById(id).dataset.value);
+            const bar = document.querySelector('#groups .group[data-group^="nap-"]');
+            return {executing: v('total-executing'), queued: v('total-queued'), done: v('total-done'), rate: v('total-rate'),
+                    bar: bar ? [Number(bar.dataset.done), Number(bar.dataset.total)] : null};
+        }"""
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1200})
+                page.goto(url, wait_until="load", timeout=30_000)
+                page.wait_for_function("n => document.querySelectorAll('#workers tbody tr[data-address]').length === n", arg=cores, timeout=30_000)
+                thread = threading.Thread(target=job, name="map-of-sleeps", daemon=True)
+                thread.start()
+                samples = []
+                deadline = time.monotonic() + 120
+                while not finished.is_set() and time.monotonic() < deadline:
+                    samples.append(page.evaluate(read))
+                    time.sleep(0.25)
+                thread.join(60)
+                assert "error" not in outcome, outcome.get("error")
+                assert outcome["values"] == durations
+                # While the map ran: never more executing than cores; done rose in several steps, not all at the end.
+                assert samples and max(s["executing"] for s in samples) <= cores, samples
+                assert any(s["executing"] > 0 for s in samples), samples
+                during = sorted({s["done"] for s in samples if 0 < s["done"] < len(durations)})
+                assert len(during) >= 3, samples
+                assert any(s["queued"] > 0 for s in samples), samples
+                assert any(s["rate"] > 0 for s in samples), samples
+                # The map's bar knows its whole from the start, and fills.
+                bars = [s["bar"] for s in samples if s["bar"]]
+                assert bars and all(total == len(durations) for _, total in bars), bars
+                page.wait_for_function(
+                    "n => Number(document.getElementById('total-done').dataset.value) >= n && "
+                    "Number(document.getElementById('total-executing').dataset.value) === 0", arg=len(durations), timeout=30_000,
+                )
+                page.screenshot(path=str(tmp_path / "map-of-sleeps.png"), full_page=True)
+                if os.environ.get("ZDIST_SCREENSHOT_DIR"):
+                    shutil.copy(tmp_path / "map-of-sleeps.png", os.environ["ZDIST_SCREENSHOT_DIR"])
+            finally:
+                browser.close()
+                finished.wait(60)
+
+
+def test_a_dashboard_beyond_loopback_asks_for_its_token():
+    """Served beyond loopback it wants the token printed at start-up; token=True asks for it on loopback (all this test may use)."""
+    import http.cookiejar
+
+    from zdist.dashboard import needs_token
+
+    assert needs_token("0.0.0.0") and needs_token("10.1.2.3") and not needs_token("127.0.0.1")
+
+    async def main():
+        async with Center() as center:
+            dashboard = await Dashboard(center.info, token=True).start()
+            try:
+                assert Dashboard(center.info).token is None  # loopback: no token unless asked
+                url = dashboard.url
+                base, token = url.split("?token=")
+                assert token == dashboard.token and len(token) >= 24
+
+                def probe():
+                    codes = {}
+                    for name, target in (("plain", base + "api/workers"), ("wrong", base + "api/workers?token=x" + token)):
+                        try:
+                            codes[name] = urllib.request.urlopen(target, timeout=10).status
+                        except urllib.error.HTTPError as exc:
+                            codes[name] = exc.code
+                            codes[name + "_text"] = exc.read().decode()
+                    header = urllib.request.Request(base + "api/workers", headers={"Authorization": f"token {token}"})
+                    codes["header"] = urllib.request.urlopen(header, timeout=10).status
+                    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+                    codes["with_token"] = browser.open(url, timeout=10).status
+                    codes["cookie"] = browser.open(base + "api/activity", timeout=10).status  # the page's own requests
+                    return codes
+
+                return await asyncio.get_running_loop().run_in_executor(None, probe)
+            finally:
+                await dashboard.stop()
+
+    codes = asyncio.run(asyncio.wait_for(main(), 60))
+    assert codes["plain"] == codes["wrong"] == 403
+    assert "token" in codes["plain_text"]
+    assert codes["header"] == codes["with_token"] == codes["cookie"] == 200
+
+
+def test_nanny_restarts_show_per_worker():
+    """A worker killed under its nanny comes back; the dashboard counts the restart against it."""
+    with make_cluster(1, nanny=True, dashboard=True) as cluster:
+        url = cluster.dashboard_url
+        wait_for(lambda: len(get_json(url + "api/workers")["workers"]) == 1, timeout=30, message="the worker registered")
+        cluster.kill_worker(cluster.worker_addresses[0])
+
+        def restarted():
+            workers = get_json(url + "api/workers")["workers"]
+            return len(workers) == 1 and workers[0]["restarts"] == 1 and workers
+
+        (worker,) = wait_for(restarted, timeout=60, message="the nanny's new worker, with restarts=1")
+        assert get_json(url + "api/workers")["totals"]["restarts"] == 1

@@ -104,6 +104,12 @@ def same(a, b):
 
 
 def test_seed_examples(shared):
+    assert get(shared.center_address, {"a": 1, "b": (inc, "a")}, "b") == 2
+    with make_cluster(1, processes=False, protocol="tcp") as tcp_cluster:  # the seed's (host, port) form is TCP's
+        _seed_examples(tcp_cluster)
+
+
+def _seed_examples(shared):
     host, port = shared.center_address.rsplit(":", 1)
     dsk = {"a": 1, "b": (inc, "a")}
     assert get(host, int(port), dsk, "b") == 2

@@ -20,6 +20,8 @@ from zdist.rpc import CommClosedError
 from .conftest import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, make_cluster, run
 
 ADDRESS = re.compile(r"^127\.0\.0\.1:\d{1,5}$")
+#: A private local cluster's nodes (the default) listen on Unix sockets in a directory of their own.
+IPC_ADDRESS = re.compile(r"^ipc:///\S+/\d+$")
 
 
 # ---------------------------------------------------------------- functions the workers run
@@ -63,8 +65,8 @@ def wait_for_release(x):
 
 @pytest.fixture(scope="module")
 def shared():
-    """Two subprocess workers shared by the tests that neither kill nor count on an empty cluster."""
-    with make_cluster(2) as c:
+    """Two subprocess workers shared by the tests that neither kill nor count on an empty cluster (TCP: its addresses are host:port)."""
+    with make_cluster(2, protocol="tcp") as c:
         yield c
 
 
@@ -403,6 +405,7 @@ async def _no_workers(center):
 
 def test_center_tables_with_real_workers(cluster):
     alice, bob = cluster.worker_addresses
+    assert IPC_ADDRESS.match(cluster.center_address) and all(IPC_ADDRESS.match(a) for a in cluster.worker_addresses)
 
     async def main():
         async with rpc(cluster.center_address, timeout=20) as center:
@@ -411,7 +414,7 @@ def test_center_tables_with_real_workers(cluster):
             workers = await center.workers()
             assert set(workers) == {alice, bob}
             for address, info in workers.items():
-                assert ADDRESS.match(address)
+                assert IPC_ADDRESS.match(address)
                 assert info["ncores"] == 1
                 assert isinstance(info["name"], str) and info["name"]
                 assert info["nkeys"] == 0

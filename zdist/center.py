@@ -23,6 +23,7 @@ from .comm import normalize_address
 from .node import Node
 from .protocol import SetMap
 from .rpc import ConnectionPool
+from .taskprogress import ClusterActivity
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,9 @@ class Center(Node):
         self.closed_sessions: OrderedDict[str, float] = OrderedDict()
         self.replica_session: dict[Any, str] = {}  # replicated key → the session it belongs to
         self._peers: ConnectionPool | None = None
+        # Tasks per group (queued, executing, done, erred) and bytes moved between
+        # workers, as their heartbeats tell: numbers only (zdist.taskprogress).
+        self.activity_table = ClusterActivity()
         self.handlers.update(
             {
                 "register": self.register,
@@ -122,6 +126,7 @@ class Center(Node):
                 "open_session": self.open_session,
                 "close_session": self.close_session,
                 "sessions": self.list_sessions,
+                "activity": self.activity,
             }
         )
         self._reaper: asyncio.Task | None = None
@@ -254,6 +259,8 @@ class Center(Node):
             return {"status": "unknown"}
         info["last_seen"] = time.time()
         status = info.get("status")
+        if "task_groups" in metrics or "transfers" in metrics:
+            self.activity_table.note(address, metrics.pop("task_groups", None), metrics.pop("transfers", None))
         for name, value in metrics.items():
             if isinstance(value, (int, float, str)) and name not in _COUNTED_HERE:
                 info[name] = value
@@ -278,6 +285,7 @@ class Center(Node):
                 self.nbytes_table.pop(key, None)
         if self.worker_info.pop(address, None) is not None:
             self.membership.changed(address)
+        self.activity_table.remove(address)
         self.generation += 1
         if record:
             self.removed_workers.append((time.time(), address, why))
@@ -381,6 +389,7 @@ class Center(Node):
 
     def _close_session(self, session: str) -> None:
         info = self.sessions.pop(session, None)
+        self.activity_table.remove_session(session)
         if info is not None:
             logger.info("client session %s (%s) closed", session, info["name"])
         closed = self.closed_sessions
@@ -523,7 +532,7 @@ class Center(Node):
         """address → {name, ncores, last_seen, nkeys, nbytes, ...}."""
         return {address: dict(info) for address, info in self.worker_info.items()}
 
-    def info(self, session: str | None = None, since: int | None = None, center_id: str | None = None) -> dict:
+    def info(self, session: str | None = None, since: int | None = None, center_id: str | None = None, submitted: dict | None = None) -> dict:
         """A summary for clients: workers, generation, recent removals, open sessions.
 
         With ``session``, it is also that client session's heartbeat (an
@@ -551,6 +560,8 @@ class Center(Node):
         (['127.0.0.1:9000'], ['127.0.0.1:9001'], False)
         """
         status = self._session_heartbeat(session) if session is not None else None
+        if submitted is not None and session is not None:  # the session's tasks per group so far: numbers only
+            self.activity_table.note_submitted(session, submitted)
         summary = {
             "address": self.address,
             "id": self.id,
@@ -572,6 +583,10 @@ class Center(Node):
         if status is not None:
             summary["session_status"] = status
         return summary
+
+    def activity(self, limit: int = 50) -> dict:
+        """Task groups changed last (queued, executing, done, erred, summed over workers) and worker-to-worker bytes."""
+        return self.activity_table.summary(limit if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit <= 1000 else 50)
 
 
 class MembershipLog:

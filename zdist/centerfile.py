@@ -46,13 +46,13 @@ class CenterFile:
     @property
     def center_address(self) -> str:
         """``'host:port'``, as every zdist client takes it."""
-        return self.address[len("tcp://"):] if self.address.startswith("tcp://") else self.address
+        return self.address[len("tcp://"):] if self.address.startswith("tcp://") else self.address  # ipc:// stays
 
 
 def write_center_file(path: str, address: str, public_key: str | None = None, dashboard: str | None = None) -> None:
     """Write the Center file at ``path`` atomically (a temporary file in the same directory, then a rename)."""
     path = os.path.abspath(os.path.expanduser(path))
-    body = {"address": address if address.startswith("tcp://") else f"tcp://{address}", "public_key": public_key, "dashboard": dashboard}
+    body = {"address": address if address.startswith(("tcp://", "ipc://")) else f"tcp://{address}", "public_key": public_key, "dashboard": dashboard}
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w") as f:
         json.dump(body, f)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 from collections import deque
 from typing import Any, Callable
 
@@ -66,14 +68,34 @@ def make_socket(kind: int, *, max_message_size: int | None = None, hwm: int = 10
     return sock
 
 
+#: The scheme of a node's address on this machine only: a Unix socket in a directory.
+IPC = "ipc://"
+
+
+def is_ipc(address: str) -> bool:
+    """Whether ``address`` (or a node's host) is a ZeroMQ ``ipc://`` endpoint: a Unix socket, this machine only."""
+    return address.startswith(IPC)
+
+
 def normalize_address(address: str) -> str:
-    """``'tcp://host:port'`` or ``'host:port'`` → ``'host:port'``.
+    """``'tcp://host:port'`` or ``'host:port'`` → ``'host:port'``; ``'ipc:///DIR/N'`` stays as it is.
+
+    An ``ipc://`` address is a Unix socket file: only who may open its
+    directory can connect (:class:`~zdist.LocalCluster` makes one that only
+    its user can, mode 0700).
 
     >>> normalize_address('tcp://127.0.0.1:8787')
     '127.0.0.1:8787'
+    >>> normalize_address('ipc:///tmp/zdist-x1y2/5123')
+    'ipc:///tmp/zdist-x1y2/5123'
     """
     if not isinstance(address, str):
         raise TypeError(f"an address is a 'host:port' string, got {address!r}")
+    if address.startswith(IPC):
+        path = address[len(IPC):]
+        if not path.startswith("/") or path.endswith("/") or "\0" in path:
+            raise ValueError(f"an ipc address names a socket file by its absolute path, like 'ipc:///tmp/zdist-x1y2/5123', got {address!r}")
+        return address
     if address.startswith("tcp://"):
         address = address[len("tcp://") :]
     host, sep, port = address.rpartition(":")
@@ -82,8 +104,52 @@ def normalize_address(address: str) -> str:
     return f"{host}:{port}"
 
 
-def tcp(address: str) -> str:
-    return "tcp://" + normalize_address(address)
+def endpoint(address: str) -> str:
+    """The ZeroMQ endpoint to connect to a node at ``address``: ``tcp://host:port`` or the ``ipc://`` address itself."""
+    address = normalize_address(address)
+    return address if address.startswith(IPC) else "tcp://" + address
+
+
+tcp = endpoint  # its older name
+
+
+#: A Unix socket's path must fit in 107 bytes (sun_path).
+_MAX_SOCKET_PATH = 100
+
+
+def private_directory() -> str:
+    """A new directory only this user may open (mode 0700), for the ipc:// sockets of a local cluster.
+
+    Under the temp dir (``TMPDIR``), or /tmp when that path would be too
+    long for a Unix socket. Whoever made it removes it (LocalCluster, on close).
+
+    >>> import os, stat
+    >>> d = private_directory()
+    >>> oct(stat.S_IMODE(os.stat(d).st_mode))
+    '0o700'
+    >>> os.rmdir(d)
+    """
+    directory = tempfile.mkdtemp(prefix="zdist-")  # mkdtemp makes it 0700, whatever the umask
+    if len(directory) + 11 > _MAX_SOCKET_PATH:
+        os.rmdir(directory)
+        directory = tempfile.mkdtemp(prefix="zdist-", dir="/tmp")
+    return directory
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``(host, port)`` that a node given them listens at ``address`` again (the host of ``ipc://DIR/N`` is ``ipc://DIR``).
+
+    >>> split_address('127.0.0.1:8787'), split_address('ipc:///tmp/zdist-x1y2/5123')
+    (('127.0.0.1', 8787), ('ipc:///tmp/zdist-x1y2', 5123))
+    """
+    address = normalize_address(address)
+    if address.startswith(IPC):
+        directory, _, name = address.rpartition("/")
+        if not name.isdigit():
+            raise ValueError(f"{address!r} was not made by a zdist node (its socket's name is not a number)")
+        return directory, int(name)
+    host, _, port = address.rpartition(":")
+    return host, int(port)
 
 
 class Stream:

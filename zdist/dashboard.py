@@ -18,6 +18,15 @@ Center's ROUTER socket (aiohttp; ``pip install '.[dashboard]'`` from a clone):
 - ``/api/task-stream`` — which worker ran which key, when, for how long
   (``?after=SEQ`` for only the entries newer than an earlier answer's ``seq``);
 - ``/metrics`` — the same numbers for Prometheus (:mod:`zdist.metrics`).
+- ``/api/activity`` — per task group (one ``pool.map``, one layer of a dask
+  graph) tasks queued, executing, done and erred, and the bytes workers
+  fetched from each other, as the workers' heartbeats tell the Center
+  (``Center.activity``, :mod:`zdist.taskprogress`).
+
+Executing means running in a worker's thread now (at most its cores);
+queued means handed to a worker and waiting there. Workers count both, and
+done and erred, as each task starts and ends, and say so with every
+heartbeat (every 0.5 s by default): the page follows a map as it runs.
 
 What it costs the Center: one ``info()`` call a second, and one per HTTP
 request. Task rates come from the heartbeats the Center receives anyway: each
@@ -31,11 +40,13 @@ in anything the ZeroMQ side does.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import inspect
 import json
 import logging
 import math
 import os
+import secrets
 import time
 from collections import deque
 from typing import Any, Awaitable, Callable
@@ -69,6 +80,26 @@ RATE_WINDOW = 5.0
 INSTALL_HINT = "the zdist dashboard needs aiohttp: in zdist's source directory, pip install '.[dashboard]'  (or: pip install aiohttp)"
 
 
+#: The cookie a browser keeps the dashboard's token in, once it opened the URL with ``?token=``.
+TOKEN_COOKIE = "zdist_dashboard_token"
+
+
+def needs_token(host: str) -> bool:
+    """A dashboard served beyond loopback asks for a token (as Jupyter does); on loopback it does not.
+
+    >>> needs_token('127.0.0.1'), needs_token('localhost'), needs_token('0.0.0.0'), needs_token('10.0.0.5')
+    (False, False, True, True)
+    """
+    import ipaddress
+
+    if host in ("localhost", "::1"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return True
+
+
 def require_aiohttp() -> None:
     """Raise a clear :class:`ImportError` if aiohttp, which serves the dashboard, is missing."""
     if web is None:
@@ -95,13 +126,21 @@ async def serve_dashboard(center: Any, port: int = 0, host: str | None = None) -
     no request over the network, no key needed to reach the Center) and tells
     the Center its address, which ``info()['dashboard']`` then reports.
     """
-    dashboard = await Dashboard(center.info, host=host or center.host, port=port, security=center.security).start()
+    if host is None:  # beside the Center; a Center on Unix sockets (ipc://) is served on loopback
+        host = "127.0.0.1" if center.host.startswith("ipc://") else center.host
+    dashboard = await Dashboard(center.info, host=host, port=port, security=center.security, activity=center.activity).start()
     center.dashboard_url = dashboard.url
     return dashboard
 
 
 class Dashboard:
     """Serves a dashboard of the Center whose ``info()`` is ``info``, on ``host:port``.
+
+    Served beyond loopback (``host`` not 127.x), it asks for a token: its
+    :attr:`url` (which ``zdist-center`` prints as ``Dashboard at ...``)
+    carries ``?token=...``; a browser that opened it keeps the token in a
+    cookie, and scripts may send ``?token=`` or ``Authorization: token ...``.
+    ``token=True`` asks for one on loopback too, ``token='...'`` sets it.
 
     ``info`` is a callable that returns the Center's ``info()`` answer, or an
     awaitable of it: a Center's own ``info`` method, or ``rpc(address).info``
@@ -111,9 +150,22 @@ class Dashboard:
     dashboard does.
     """
 
-    def __init__(self, info: Callable[[], dict | Awaitable[dict]], host: str = "127.0.0.1", port: int = 0, *, security: Any = None):
+    def __init__(
+        self,
+        info: Callable[[], dict | Awaitable[dict]],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        security: Any = None,
+        activity: Callable[[], dict | Awaitable[dict]] | None = None,
+        token: bool | str | None = None,
+    ):
         require_aiohttp()
+        if token is None:
+            token = needs_token(host)
+        self.token: str | None = token if isinstance(token, str) else (secrets.token_urlsafe(24) if token else None)
         self.info = info
+        self.activity = activity  # the Center's activity() (task groups, transfers), or an rpc proxy's
         self.host = host
         self.port = port
         self.security = security
@@ -142,20 +194,21 @@ class Dashboard:
         """``http://HOST:PORT/`` once started, else None."""
         if self.runner is None:
             return None
-        return f"http://{self.host}:{self.port}/"
+        return f"http://{self.host}:{self.port}/" + (f"?token={self.token}" if self.token else "")
 
     async def start(self) -> "Dashboard":
         from .rpc import ConnectionPool
 
         with open(os.path.join(STATIC_DIR, "dashboard.html"), "rb") as f:
             self._index_html = f.read()
-        app = web.Application()
+        app = web.Application(middlewares=[self._check_token] if self.token else [])
         app.router.add_get("/", self.handle_index)
         app.router.add_get("/api/workers", self.handle_workers)
         app.router.add_get("/api/keys", self.handle_keys)
         app.router.add_get("/api/tasks", self.handle_tasks)
         app.router.add_get("/api/task-stream", self.handle_task_stream)
         app.router.add_get("/metrics", self.handle_metrics)
+        app.router.add_get("/api/activity", self.handle_activity)
         app.router.add_static("/static/", STATIC_DIR, show_index=False)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
@@ -352,8 +405,7 @@ class Dashboard:
                     "nkeys": worker.get("nkeys", 0),
                     "nbytes": worker.get("nbytes", 0),
                     "memory": worker.get("memory"),
-                    "executing": worker.get("executing", 0),
-                    "tasks_done": worker.get("tasks_done", 0),
+                    **worker_activity(worker),
                     "task_rate": round(self.worker_rate.get(address, 0.0), 3),
                     "pid": worker.get("pid"),
                     "last_seen": last_seen,
@@ -377,7 +429,12 @@ class Dashboard:
             "nbytes": sum(_number(w["nbytes"]) for w in workers),  # bytes held, replicas included
             "memory": sum(_number(w["memory"]) for w in workers),
             "executing": sum(_number(w["executing"]) for w in workers),
+            "queued": sum(_number(w["queued"]) for w in workers),
             "tasks_done": sum(_number(w["tasks_done"]) for w in workers),
+            "tasks_failed": sum(_number(w["tasks_failed"]) for w in workers),
+            "bytes_on_disk": sum(_number(w["bytes_on_disk"]) for w in workers),
+            "bytes_fetched": sum(_number(w["bytes_fetched"]) for w in workers),
+            "restarts": sum(_number(w["restarts"]) for w in workers),
             "task_rate": round(sum(_number(w["task_rate"]) for w in workers), 3),
         }
 
@@ -427,6 +484,17 @@ class Dashboard:
 
     # -------------------------------------------------------------- HTTP handlers
 
+    @web.middleware if web is not None else (lambda f: f)
+    async def _check_token(self, request: Any, handler: Any) -> Any:
+        """Every request shows the token: in the query, a cookie set by an earlier one, or an Authorization header."""
+        given = request.query.get("token") or request.cookies.get(TOKEN_COOKIE) or request.headers.get("Authorization", "").removeprefix("token ").strip()
+        if not given or not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise web.HTTPForbidden(text="this zdist dashboard asks for its token: open the URL the Center printed at start-up (Dashboard at http://...?token=...)")
+        response = await handler(request)
+        if request.query.get("token"):
+            response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="Strict")
+        return response
+
     @staticmethod
     def _json(data: Any) -> Any:
         return web.json_response(data, dumps=_dumps, headers={"Cache-Control": "no-store"})
@@ -448,6 +516,14 @@ class Dashboard:
             raise web.HTTPBadRequest(text="window must be an integer number of seconds") from None
         return self._json(self.tasks_data(window))
 
+    async def handle_activity(self, request: Any) -> Any:
+        answer: dict = {"groups": {}, "touched": {}, "transfers": []}
+        if self.activity is not None:
+            answer = self.activity()
+            if inspect.isawaitable(answer):
+                answer = await answer
+        return self._json(activity_data(answer, await self.read_info()))
+
     async def handle_task_stream(self, request: Any) -> Any:
         self._mark_viewed()
         try:
@@ -458,7 +534,6 @@ class Dashboard:
             raise web.HTTPBadRequest(text="after and limit must be integers") from None
         return self._json(self.task_stream_data(after, limit))
 
-
     async def handle_metrics(self, request: Any) -> Any:
         """Prometheus metrics (:mod:`zdist.metrics`) of the Center's ``info()`` as of this scrape."""
         from .metrics import render
@@ -468,6 +543,39 @@ class Dashboard:
         except ImportError as exc:
             raise web.HTTPNotImplemented(text=str(exc)) from None
         return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+
+def worker_activity(worker: dict) -> dict:
+    """A worker's task counts, memory against its limit, disk, restarts and bytes moved, from its heartbeats."""
+    return {
+        "executing": worker.get("executing", 0),  # running in its threads now
+        "queued": worker.get("queued", 0),  # handed to it, waiting
+        "tasks_done": worker.get("tasks_done", 0),
+        "tasks_failed": worker.get("tasks_failed", 0),
+        "memory_limit": worker.get("memory_limit"),
+        "bytes_in_memory": worker.get("bytes_in_memory"),
+        "bytes_on_disk": worker.get("bytes_on_disk", 0),
+        "status": worker.get("status", "running"),
+        "restarts": worker.get("restarts", 0),  # how often its nanny started it again
+        "bytes_fetched": worker.get("bytes_fetched", 0),  # from other workers
+        "bytes_served": worker.get("bytes_served", 0),  # to other workers and clients
+    }
+
+
+def activity_data(activity: dict, info: dict) -> dict:
+    """``/api/activity``: task groups with a label and their counts; transfers between workers by name."""
+    names = {address: str(worker.get("name", address)) for address, worker in info.get("workers", {}).items()}
+    groups = []
+    for group, counts in activity.get("groups", {}).items():
+        groups.append({"group": group, "label": key_split(group), "last_change": activity.get("touched", {}).get(group), **counts})
+    transfers = [{**t, "from_name": names.get(t["from"], t["from"]), "to_name": names.get(t["to"], t["to"])} for t in activity.get("transfers", [])]
+    return {
+        "time": time.time(),
+        "groups": groups,
+        "waiting": sum(_number(g.get("waiting")) for g in groups),  # submitted, still in the clients
+        "transfers": transfers,
+        "bytes_moved": sum(_number(t.get("bytes")) for t in transfers),
+    }
 
 
 def _dumps(data: Any) -> str:

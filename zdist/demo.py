@@ -1,6 +1,6 @@
 """The seed session on a local cluster: ``python -m zdist.demo``.
 
-Starts a Center and one worker process per core on 127.0.0.1, runs the Pool
+Starts a Center and one worker process per core on this machine, runs the Pool
 session of the original design documents, printing each step, then stops
 everything.
 """
@@ -14,7 +14,7 @@ def main() -> None:
 
     start = time.perf_counter()
     with Pool() as pool:
-        print(f">>> pool = Pool()            # a Center and {len(pool.available_cores)} workers on 127.0.0.1")
+        print(f">>> pool = Pool()            # a Center and {len(pool.available_cores)} workers, private to you")
         print(">>> pool.available_cores")
         print(pool.available_cores)
         print(">>> A = pool.map(lambda x: x**2, range(10))")

@@ -40,7 +40,9 @@ class Executor(concurrent.futures.Executor):
     (to reach the Center), ``max_worker_deaths`` (a task that was running on
     that many workers that died fails with
     :class:`~zdist.TaskKilledWorkersError`), ``security``, ``processes``,
-    ``inline``, ``forward_output`` and ``cluster_kwargs``.
+    ``inline``, ``forward_output``, ``cluster_kwargs`` and ``dashboard``
+    (``True``: the local cluster it starts serves its web dashboard, at
+    :attr:`dashboard_link`).
 
     Futures keep their values after :meth:`shutdown`, as the standard
     library's do: ``shutdown(wait=True)`` fetches the values of the futures
@@ -77,6 +79,11 @@ class Executor(concurrent.futures.Executor):
     @property
     def center_address(self) -> str:
         return self._pool.center_address
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The URL of the cluster's web dashboard (``Executor(dashboard=True)`` starts one), or None."""
+        return self._pool.dashboard_link
 
     @property
     def pool(self) -> Pool:

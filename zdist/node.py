@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
+import random
 import signal
 from typing import Any, Callable
 
 import msgpack
 import zmq
 
-from .comm import Stream, make_socket, normalize_address
+from .comm import Stream, is_ipc, make_socket, normalize_address
 from .output import LOG_RING_SIZE, install_log_ring, recent_logs
 from .protocol import ProtocolError, encode_error, encode_reply, parse_request
 
@@ -56,6 +58,8 @@ class Node:
 
     @property
     def address(self) -> str:
+        if is_ipc(self.host):  # ipc://DIR: the socket is DIR/PORT, a file
+            return f"{self.host}/{self.port}"
         return f"{self.host}:{self.port}"
 
     async def start(self) -> "Node":
@@ -70,7 +74,9 @@ class Node:
             )
         sock = make_socket(zmq.ROUTER, max_message_size=self.max_message_size, curve=curve)
         try:
-            if self.port:
+            if is_ipc(self.host):
+                self.port = _bind_ipc(sock, self.host, self.port)
+            elif self.port:
                 sock.bind(f"tcp://{self.host}:{self.port}")
             else:
                 self.port = sock.bind_to_random_port(f"tcp://{self.host}")
@@ -268,10 +274,33 @@ class Node:
 
 
 
+def _bind_ipc(sock: zmq.Socket, host: str, port: int) -> int:
+    """Bind ``sock`` to the Unix socket ``DIR/PORT`` of ``host`` (``ipc://DIR``); port 0 picks a name not taken.
+
+    The directory decides who may connect: a user who cannot open it cannot
+    reach the socket (LocalCluster makes it mode 0700). libzmq removes the
+    file when the socket closes.
+    """
+    directory = host[len("ipc://"):]
+    if not os.path.isdir(directory):
+        raise zmq.ZMQError(zmq.ENOENT, f"no directory {directory} to put the node's socket in")
+    if port:
+        sock.bind(f"{host}/{port}")
+        return port
+    for _ in range(100):
+        port = random.randrange(10_000, 1_000_000_000)
+        if not os.path.exists(os.path.join(directory, str(port))):  # binding would take over another node's socket
+            sock.bind(f"{host}/{port}")
+            return port
+    raise zmq.ZMQError(zmq.EADDRINUSE, f"no free socket name in {directory}")
+
+
 def _is_loopback(host: str) -> bool:
     import ipaddress
     import socket
 
+    if is_ipc(host):  # a Unix socket: this machine only, and only who may open its directory
+        return True
     if host in ("localhost", "::1"):
         return True
     try:

@@ -106,6 +106,7 @@ class Pool(WorkerOps):
         initargs: tuple = (),
         maxtasksperchild: int | None = None,
         cluster_kwargs: dict | None = None,
+        dashboard: bool = False,
         retries: int | None = None,
         priority: int | None = None,
         resources: dict | None = None,
@@ -133,7 +134,10 @@ class Pool(WorkerOps):
         if center is None:
             from .cluster import LocalCluster  # only a Pool that starts a cluster needs it
 
-            self._cluster = LocalCluster(n_workers=processes, security=security, **(cluster_kwargs or {}))
+            cluster_kwargs = dict(cluster_kwargs or {})
+            if dashboard:
+                cluster_kwargs["dashboard"] = True
+            self._cluster = LocalCluster(n_workers=processes, security=security, **cluster_kwargs)
             self._cluster.start()
             center = self._cluster.center_address
             self.security = self._cluster.security
@@ -163,6 +167,22 @@ class Pool(WorkerOps):
         session = await open_session(self.center_address, self.security, self.timeout)
         core = Scheduler(name=f"the Center at {self.center_address}", max_worker_deaths=max_worker_deaths, result_limit=SMALL_RESULT)
         return _PoolShell(core, session, self)
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The URL of the cluster's web dashboard, or None when its Center serves none.
+
+        ``Pool(dashboard=True)`` starts one with the local cluster it starts;
+        ``zdist-center`` serves one unless told ``--no-dashboard``.
+
+        >>> with Pool(processes=1, dashboard=True) as pool:
+        ...     pool.dashboard_link.startswith('http://127.0.0.1:')
+        True
+        """
+        if self._cluster is not None and self._cluster.dashboard_url:
+            return self._cluster.dashboard_url
+        info = self._loop.run(self._shell.session.center.request("info", {}, timeout=self.timeout), self.timeout + 1)
+        return info.get("dashboard")
 
     def sync_center(self) -> dict[str, int]:
         """Ask the Center which workers there are; updates :attr:`available_cores`."""
@@ -198,6 +218,7 @@ class Pool(WorkerOps):
             if controls is not None:
                 ts.controls = controls
             handles.append(handle_type(self, ts))
+        self._shell.session.note_submitted(prefix[:-1], len(handles))  # the whole of the dashboard's progress bar
         return handles
 
     def _with_initializer(self, function: Callable) -> Callable:

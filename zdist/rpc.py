@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import zmq
 
-from .comm import Stream, make_socket, normalize_address, tcp
+from .comm import Stream, endpoint, make_socket, normalize_address
 from .protocol import OK, ProtocolError, Reply, Serialized, deserialize, encode_request, parse_reply, serialize
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class Connection:
         self.timeout = timeout
         curve = (lambda s: security.client_socket_setup(s, self.address)) if security else None
         sock = make_socket(zmq.DEALER, curve=curve, max_message_size=max_message_size)
-        sock.connect(tcp(self.address))
+        sock.connect(endpoint(self.address))
         self.loop = asyncio.get_running_loop()
         self.pending: dict[int, asyncio.Future] = {}
         self.stream = Stream(sock, self._on_message)
@@ -262,7 +262,7 @@ class ThreadSockets:
                 security = self.security
                 curve = (lambda s: security.client_socket_setup(s, address)) if security else None
                 sock = sockets[address] = make_socket(zmq.DEALER, curve=curve)
-                sock.connect(tcp(address))
+                sock.connect(endpoint(address))
                 self._sockets.add(sock)
             self._busy.add(sock)
         return sock

@@ -85,7 +85,9 @@ def program(main: Callable[..., int]) -> Callable[..., int]:
 
 def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every node takes: where to listen, message size, keys, logging."""
-    parser.add_argument("--host", default=None, help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument(
+        "--host", default=None, help="address to listen on (default: 127.0.0.1, this machine only); ipc://DIR listens on a Unix socket in DIR, reachable only by who may open DIR"
+    )
     parser.add_argument("--interface", default=None, metavar="NAME", help="listen on this network interface's IPv4 address (eth0, ib0, lo, ...) instead of --host")
     parser.add_argument("--max-message-size", type=int, default=None, metavar="BYTES", help="largest message a peer may send (default: 2 GiB)")
     parser.add_argument("--key", default=None, metavar="FILE", help="secret key file (from zdist-keys) to turn on CURVE authentication and encryption")
@@ -293,6 +295,8 @@ async def _serve_center(center: Center, dashboard_port: int | None, center_file:
 
 def _reachable(address: str) -> str:
     """``address`` with a wildcard host (0.0.0.0) replaced by this machine's first non-loopback IPv4 address."""
+    if address.startswith("ipc://"):
+        return address
     host, port = address.rsplit(":", 1)
     if host not in ("0.0.0.0", "*", ""):
         return address

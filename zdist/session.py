@@ -133,6 +133,10 @@ class Session:
         self.info: dict = {}
         self.workers: dict = {}  # the Center's table as of membership version self.version
         self.version: int | None = None
+        # Tasks submitted per task group (zdist.taskprogress.group_of of their keys), told
+        # to the Center with the next look: the dashboard's progress bars need the whole.
+        self.submitted: dict[str, int] = {}
+        self._submitted_told: dict[str, int] = {}
         self.users = 0
         self.closed = False
         self.silent_since: float | None = None
@@ -160,6 +164,10 @@ class Session:
             raise CenterUnreachableError(self.address, timeout, exc) from None
         self._watcher = asyncio.ensure_future(self._watch())
 
+    def note_submitted(self, group: str, n: int) -> None:
+        """``n`` more tasks of ``group`` were submitted (the Center hears of it with the next look)."""
+        self.submitted[group] = self.submitted.get(group, 0) + n
+
     async def look(self, timeout: float | None = None, force: bool = True) -> dict:
         """Ask the Center which workers live (this is also the session's heartbeat); tell every subscriber.
 
@@ -174,7 +182,12 @@ class Session:
         if self.version is not None and not recorders:  # a performance report samples every worker's fresh metrics
             args["since"] = self.version
             args["center_id"] = self.info.get("id")
+        told = self._submitted_told
+        news_submitted = {group: n for group, n in list(self.submitted.items()) if told.get(group) != n}  # list(): clients add from their threads
+        if news_submitted:
+            args["submitted"] = news_submitted
         info = await self.center.request("info", args, timeout=timeout or max(2.0, WATCH_INTERVAL * 8))
+        told.update(news_submitted)
         changes = info.pop("changes", None)
         if changes is None:  # the whole table: the first look, a new Center, or too far behind
             self.workers = news = info["workers"]

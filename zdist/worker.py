@@ -29,6 +29,7 @@ from .comm import normalize_address
 from .datastore import WorkerMemory, work_directory
 from . import output as _output
 from . import worker_setup
+from .taskprogress import JobResults, TaskProgress
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def substitute(obj: Any, data: dict) -> Any:
 
 
 def _run_tasks(
-    tasks: list, data: dict, deadline: float | None = None, session: str | None = None, released: Any = (), output: dict | None = None, warned: dict | None = None
+    tasks: list, data: dict, deadline: float | None = None, session: str | None = None, released: Any = (), output: dict | None = None, warned: dict | None = None,
+    results: JobResults | None = None,
 ) -> list:
     """Run tasks one after the other: ``[(ok, value_or_error, nbytes_or_traceback, start, stop)]``.
 
@@ -81,6 +83,10 @@ def _run_tasks(
     ``output[key]`` (:mod:`zdist.output`) instead of the worker's streams;
     with ``warned`` (a dict), the warnings each task raises go to
     ``warned[key]``, to be raised again on the client.
+
+    ``results``, if given, is the list to append to: the worker's
+    :class:`~zdist.taskprogress.TaskProgress` counts its entries while the
+    job runs, so that the Center hears of each task as it ends.
     """
     capture = token = warning_capture = warning_token = None
     if output is not None:  # one ContextVar set per job; per task only the key in it changes
@@ -90,7 +96,10 @@ def _run_tasks(
         warning_capture = [None, warned]
         warning_token = _output.record_warnings(warning_capture)
     on_loop = deadline is not None
-    results = []
+    if results is None:
+        results = []
+    else:
+        results.started = True  # this job has a thread now: its first unfinished task is executing
     try:
         for key, function, args, kwargs, deps in tasks:
             if on_loop and results and results[-1][4] > deadline:
@@ -254,6 +263,10 @@ class Worker(Node):
         self.bytes_fetched = 0
         self.bytes_served = 0
         self.task_log: deque = deque(maxlen=10_000)  # (key, start, stop, ok)
+        # Per task group: queued, executing, done, erred, as tasks start and end (for the heartbeat).
+        self.progress = TaskProgress()
+        self.peer_bytes: dict[str, int] = {}  # peer address → bytes fetched from it
+        self._peer_bytes_sent: dict[str, int] = {}  # as of the last heartbeat
         self._fetching: dict[Any, asyncio.Future] = {}
         # Keys stored on behalf of a client session (results, scattered
         # values, copies fetched for its tasks); untagged keys are not here.
@@ -449,13 +462,36 @@ class Worker(Node):
         return max(self.heartbeat_interval, self.told_heartbeat_interval)
 
     def _heartbeat_metrics(self) -> dict:
-        metrics = {"executing": self.executing, "tasks_done": self.tasks_done, "nkeys_local": len(self.data), "memory": _rss(),
-                   "tasks_failed": self.tasks_failed, "bytes_fetched": self.bytes_fetched, "bytes_served": self.bytes_served}
+        metrics = {"nkeys_local": len(self.data), "memory": _rss(), **self._activity()}
         if self.memory is not None:
             metrics.update((k, v) for k, v in self.memory.metrics().items() if v is not None)
         if self.retiring:  # clients see it as paused: no new tasks
             metrics.update(status="paused", retiring=1)
         return metrics
+
+    def _activity(self) -> dict:
+        """Tasks executing (in a thread now), queued here, done and erred, per group as they changed; bytes moved.
+
+        A few numbers per group that changed since the last heartbeat: what
+        the dashboard shows as it happens, at a cost the Center does not feel.
+        """
+        progress = self.progress.report()
+        activity: dict[str, Any] = {
+            "executing": progress["executing"],
+            "queued": progress["queued"],
+            "tasks_done": progress["done"],
+            "tasks_failed": progress["erred"],
+            "bytes_fetched": self.bytes_fetched,
+            "bytes_served": self.bytes_served,
+        }
+        if progress["groups"]:
+            activity["task_groups"] = progress["groups"]
+        sent = self._peer_bytes_sent
+        moved = {peer: n for peer, n in self.peer_bytes.items() if sent.get(peer) != n}
+        if moved:
+            activity["transfers"] = moved
+            sent.update(moved)
+        return activity
 
     def _memory_changed(self) -> None:
         """Paused or resumed: tell the Center now (clients send work elsewhere meanwhile)."""
@@ -728,9 +764,11 @@ class Worker(Node):
                     continue
                 if session is not None and session in self.released_sessions:
                     continue  # released while fetching: keep no copy (its tasks will not run)
+                fetched = 0
                 for key, value in result.items():
-                    nbytes = self._store(key, value, session=session)
-                    self.bytes_fetched += nbytes
+                    fetched += self._store(key, value, session=session)
+                self.bytes_fetched += fetched
+                self.peer_bytes[address] = self.peer_bytes.get(address, 0) + fetched
             if not remaining:
                 return
             who_has = await self._ask_center("who_has", {"keys": remaining})
@@ -923,6 +961,8 @@ class Worker(Node):
         elif plain:
             groups.extend((chunk, self._run_in_pool) for chunk in _split(plain, self.ncores))
         left = [len(groups) or 1]  # no group (every task failed already): reply at once
+        if failed:
+            self.progress.failed([tasks[index][0] for index in failed])
 
         def group_done(indices: list, results: list) -> None:
             for index, outcome in zip(indices, results):
@@ -942,14 +982,19 @@ class Worker(Node):
 
     def _run_on_loop(
         self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None,
-        outputs: dict | None = None, warned: dict | None = None, results: list | None = None,
+        outputs: dict | None = None, warned: dict | None = None, results: JobResults | None = None, token: int | None = None,
     ) -> None:
         """Run tasks here and now, a slice at a time; at the next turn of the loop go on with the rest."""
-        ran = _run_tasks(tasks, self.data, time.time() + INLINE_SLICE_SECONDS, session, self.released_sessions, outputs, warned)
-        results = ran if results is None else results + ran
-        if len(ran) < len(tasks):
-            loop.call_soon(self._run_on_loop, loop, tasks[len(ran):], indices, done, session, outputs, warned, results)
+        if token is None:
+            results = JobResults()
+            token = self.progress.started([task[0] for task in tasks], results)
+        before = len(results)
+        _run_tasks(tasks, self.data, time.time() + INLINE_SLICE_SECONDS, session, self.released_sessions, outputs, warned, results)
+        ran = len(results) - before
+        if ran < len(tasks):
+            loop.call_soon(self._run_on_loop, loop, tasks[ran:], indices, done, session, outputs, warned, results, token)
         else:
+            self.progress.finished(token, results)
             done(indices, results)
 
     def _run_in_pool(
@@ -957,20 +1002,24 @@ class Worker(Node):
     ) -> None:
         """One thread-pool job; its results come back with one ``call_soon_threadsafe``."""
         self.executing += len(tasks)
+        results = JobResults()  # the job appends each task's outcome as it ends: TaskProgress counts them meanwhile
+        token = self.progress.started([task[0] for task in tasks], results)
 
         def finished(result: Any, error: BaseException | None) -> None:  # in the pool's thread, or the one shutting it down
             try:
-                loop.call_soon_threadsafe(self._job_done, result, error, indices, done)
+                loop.call_soon_threadsafe(self._job_done, result, error, indices, done, token)
             except RuntimeError:  # the loop closed: the worker has stopped
                 pass
 
         # Each client session's jobs queue apart and take turns (zdist.fairpool).
-        self.executor.submit(session, _run_tasks, (tasks, self.data, None, session, self.released_sessions, outputs, warned), finished)
+        self.executor.submit(session, _run_tasks, (tasks, self.data, None, session, self.released_sessions, outputs, warned, results), finished)
 
-    def _job_done(self, result: Any, error: BaseException | None, indices: list, done: Callable) -> None:
+    def _job_done(self, result: Any, error: BaseException | None, indices: list, done: Callable, token: int | None = None) -> None:
         self.executing -= len(indices)
         if error is not None:  # not the function's error (that is an outcome): the pool shut down, or a BaseException
             result = [(False, error, "", 0.0, 0.0)] * len(indices)
+        if token is not None:
+            self.progress.finished(token, result)
         done(indices, result)
 
     def _await_group(
@@ -980,6 +1029,7 @@ class Worker(Node):
         self.executing += len(tasks)
         data, released = self.data, self.released_sessions
         gathered = asyncio.gather(*(_await_task(task, data, session, released, outputs, warned) for task in tasks))
+        token = self.progress.started([task[0] for task in tasks], awaited=True)
 
         def finished(future: asyncio.Future) -> None:
             self.executing -= len(tasks)
@@ -989,6 +1039,7 @@ class Worker(Node):
                 results = [(False, future.exception(), "", 0.0, 0.0)] * len(tasks)
             else:
                 results = future.result()
+            self.progress.finished(token, results)
             done(indices, results)
 
         gathered.add_done_callback(finished)

@@ -3,7 +3,8 @@
 Where the signal comes from: a client (Pool, Executor, dask ``get``) keeps
 its backlog to itself and sends each worker a few batches at a time (at
 least two tasks per core while it has more), so a worker that is saturated
-reports, in its heartbeat, more tasks ``executing`` than it has cores. The
+reports, in its heartbeat, more tasks in hand (``executing`` in its threads
+now, plus ``queued`` behind them) than it has cores. The
 Center keeps those numbers; every ``interval`` seconds :class:`Adaptive`
 reads them (``Center.info()``) and calls two pure functions:
 
@@ -46,6 +47,11 @@ DEFAULT_INTERVAL = 1.0
 DEFAULT_WAIT = 3.0
 
 
+def in_hand_of(info: dict) -> float:
+    """Tasks a worker holds: running in its threads now and queued behind them (zdist.taskprogress)."""
+    return _number(info.get("executing")) + _number(info.get("queued"))
+
+
 def queued_and_idle(workers: dict, newcomers: Any = ()) -> tuple[int, int]:
     """(tasks waiting on workers beyond their cores, cores running nothing), from ``Center.workers()``.
 
@@ -62,10 +68,10 @@ def queued_and_idle(workers: dict, newcomers: Any = ()) -> tuple[int, int]:
         if info.get("retiring") or info.get("status") == "paused":
             continue
         ncores = _number(info.get("ncores")) or 1
-        executing = _number(info.get("executing"))
-        queued += max(0, executing - ncores)
+        in_hand = in_hand_of(info)
+        queued += max(0, in_hand - ncores)
         if address not in newcomers:
-            idle += max(0, ncores - executing)
+            idle += max(0, ncores - in_hand)
     return queued, idle
 
 
@@ -114,7 +120,7 @@ def track_idle(workers: dict, idle_since: dict, now: float) -> dict:
     """
     fresh = {}
     for address, info in workers.items():
-        if not _number(info.get("executing")) and not info.get("retiring"):
+        if not in_hand_of(info) and not info.get("retiring"):
             fresh[address] = idle_since.get(address, now)
     return fresh
 

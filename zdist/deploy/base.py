@@ -216,7 +216,8 @@ class Cluster:
             unit = self._unit_of(address, info)
             if unit in load:
                 registered, executing, nbytes = load[unit]
-                load[unit] = (registered + 1, executing + int(info.get("executing") or 0), nbytes + int(info.get("nbytes") or 0))
+                in_hand = int(info.get("executing") or 0) + int(info.get("queued") or 0)  # running now and queued behind
+                load[unit] = (registered + 1, executing + in_hand, nbytes + int(info.get("nbytes") or 0))
         return sorted(load, key=lambda name: load[name])[:k]
 
     def _retire_units(self, names: list[str], workers: dict | None = None, timeout: float = RETIRE_TIMEOUT) -> None:

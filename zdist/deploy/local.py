@@ -1,4 +1,4 @@
-"""LocalCluster: a Center and workers on 127.0.0.1, cleaned up on exit.
+"""LocalCluster: a Center and workers on this machine, private to its user, cleaned up on exit.
 
 It is a :class:`~zdist.deploy.Cluster`: ``scale(n)`` starts worker
 processes or retires them (their data goes to the others first), and
@@ -30,6 +30,7 @@ from typing import Any
 import psutil
 
 from ..center import Center
+from ..comm import private_directory, split_address
 from ..loop import LoopThread
 from ..memory import MemoryThresholds, parse_memory_limit
 from ..rpc import rpc
@@ -62,6 +63,11 @@ class LocalCluster(Cluster):
     for tests that kill a worker and need it to stay dead. ``memory_limit``
     (each worker's: ``'400MB'``, bytes, ``'auto'``, ...) and
     ``memory_thresholds`` are passed to every worker (see :mod:`zdist.memory`).
+
+    Private by default: with no ``host``, the nodes listen on Unix sockets
+    (``ipc://DIR/N`` addresses) in a new directory only this user may open,
+    removed on close; no other local user can reach them.
+    ``protocol='tcp'`` (or a ``host``) listens on TCP, 127.0.0.1 by default.
     """
 
     def __init__(
@@ -70,7 +76,8 @@ class LocalCluster(Cluster):
         threads_per_worker: int = 1,
         processes: bool = True,
         *,
-        host: str = "127.0.0.1",
+        host: str | None = None,
+        protocol: str | None = None,
         heartbeat_timeout: float = 5.0,
         heartbeat_interval: float = 0.5,
         security: Any = None,
@@ -85,7 +92,23 @@ class LocalCluster(Cluster):
         self.n_workers = n_workers if n_workers is not None else (os.cpu_count() or 1)
         self.threads_per_worker = threads_per_worker
         self.processes = processes
-        self.host = host
+        # Private by default: the nodes listen on Unix sockets (ZeroMQ ipc://) in
+        # a directory only this user may open, so no other local user can reach
+        # them (anyone who reaches a worker can run code as its user), and a
+        # round trip costs less than over TCP loopback. protocol='tcp' (or a
+        # host) listens on TCP instead, for what needs it (namespaces, other hosts).
+        if protocol is None:
+            protocol = "tcp" if host is not None else "ipc"
+        if protocol not in ("ipc", "tcp"):
+            raise ValueError(f"protocol is 'ipc' (private to this user, the default) or 'tcp', got {protocol!r}")
+        if protocol == "ipc" and host is not None:
+            raise ValueError(f"host={host!r} listens on TCP: give protocol='tcp' with it, or leave host out for a private ipc:// cluster")
+        self.protocol = protocol
+        self._ipc_dir: str | None = None
+        if protocol == "ipc":
+            self._ipc_dir = private_directory()
+            host = "ipc://" + self._ipc_dir
+        self.host = host or "127.0.0.1"
         self.heartbeat_timeout = heartbeat_timeout
         self.heartbeat_interval = heartbeat_interval
         self.start_timeout = start_timeout
@@ -174,6 +197,8 @@ class LocalCluster(Cluster):
         if self._owns_security:
             self.security.cleanup()
         shutil.rmtree(self._log_dir, ignore_errors=True)
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     def __del__(self) -> None:
         try:
@@ -326,7 +351,8 @@ class LocalCluster(Cluster):
         """Start a new Center at the same address (after :meth:`kill_center`)."""
         if self.center_process is not None and self.center_process.poll() is None:
             self.kill_center()
-        host, port = self.center_address.rsplit(":", 1)
+        host, port = split_address(self.center_address)
+        port = str(port)
         deadline = time.monotonic() + self.start_timeout
         while True:  # the old socket may linger in the kernel for a moment
             try:

@@ -100,8 +100,10 @@
     setCard("total-keys", t.nkeys, fmtInt(t.nkeys));
     setCard("total-bytes", t.nbytes, fmtBytes(t.nbytes));
     setCard("total-memory", t.memory, fmtBytes(t.memory));
-    setCard("total-running", t.executing, fmtInt(t.executing));
+    setCard("total-executing", t.executing, fmtInt(t.executing));
+    state.workerQueued = t.queued || 0;  // renderActivity adds the tasks clients hold back
     setCard("total-done", t.tasks_done, fmtInt(t.tasks_done));
+    setCard("total-erred", t.tasks_failed, fmtInt(t.tasks_failed));
     setCard("total-rate", t.task_rate, fmtRate(t.task_rate));
 
     const tbody = document.querySelector("#workers tbody");
@@ -111,22 +113,106 @@
       const addr = el("td"); addr.appendChild(el("code", null, w.address)); tr.appendChild(addr);
       tr.appendChild(el("td", null, w.name === w.address ? "–" : w.name)); // unnamed workers are known by address
       tr.appendChild(el("td", { class: "num" }, fmtInt(w.ncores)));
+      tr.appendChild(el("td", { class: "num", "data-field": "executing" }, fmtInt(w.executing)));
+      tr.appendChild(el("td", { class: "num", "data-field": "queued" }, fmtInt(w.queued)));
+      tr.appendChild(el("td", { class: "num", "data-field": "tasks_done" }, fmtInt(w.tasks_done)));
+      tr.appendChild(el("td", { class: "num" + (w.tasks_failed ? " failed" : ""), "data-field": "tasks_failed" }, fmtInt(w.tasks_failed)));
+      tr.appendChild(el("td", { class: "num" }, fmtRate(w.task_rate)));
       tr.appendChild(el("td", { class: "num" }, fmtInt(w.nkeys)));
       tr.appendChild(el("td", { class: "num" }, fmtBytes(w.nbytes)));
-      tr.appendChild(el("td", { class: "num" }, fmtBytes(w.memory)));
-      tr.appendChild(el("td", { class: "num" }, fmtInt(w.executing)));
-      tr.appendChild(el("td", { class: "num", "data-field": "tasks_done" }, fmtInt(w.tasks_done)));
-      tr.appendChild(el("td", { class: "num" }, fmtRate(w.task_rate)));
+      tr.appendChild(memoryCell(w));
+      tr.appendChild(el("td", { class: "num" }, fmtBytes(w.bytes_on_disk)));
+      tr.appendChild(el("td", { class: "num" }, fmtBytes(w.bytes_fetched)));
+      tr.appendChild(el("td", { class: "num" }, fmtBytes(w.bytes_served)));
+      tr.appendChild(el("td", { class: "num" + (w.restarts ? " restarted" : ""), "data-field": "restarts" }, fmtInt(w.restarts)));
       const stale = w.last_seen_age > state.heartbeatTimeout / 2;
       tr.appendChild(el("td", { class: "num" + (stale ? " stale" : "") }, fmtAge(w.last_seen_age)));
       rows.push(tr);
     }
     if (!rows.length) {
       const tr = el("tr", { class: "empty" });
-      tr.appendChild(el("td", { colspan: "10" }, "No workers registered"));
+      tr.appendChild(el("td", { colspan: "16" }, "No workers registered"));
       rows.push(tr);
     }
     tbody.replaceChildren(...rows);
+    renderPlacement(data.workers);
+  }
+
+  function bar(parts, total) {
+    const node = el("div", { class: "bar" });
+    for (const [cls, n, label] of parts) {
+      if (!n || !total) continue;
+      const span = el("span", { class: cls, title: label });
+      span.style.width = (100 * n / total).toFixed(2) + "%";
+      node.appendChild(span);
+    }
+    return node;
+  }
+
+  // A worker's process memory against its limit (no limit: against the most any worker uses).
+  function memoryCell(w) {
+    const td = el("td", { "data-field": "memory" });
+    const limit = w.memory_limit || 0;
+    const scale = limit || Math.max(1, ...state.workers.map(x => x.memory || 0));
+    const high = limit && w.memory > 0.7 * limit;
+    td.appendChild(bar([[high ? "memory high" : "memory", Math.min(w.memory || 0, scale), fmtBytes(w.memory)]], scale));
+    td.appendChild(document.createTextNode(fmtBytes(w.memory) + " / " + (limit ? fmtBytes(limit) : "no limit")));
+    if (w.status && w.status !== "running") td.appendChild(el("span", { class: "restarted" }, " " + w.status));
+    return td;
+  }
+
+  function renderPlacement(workers) {
+    const box = document.getElementById("placement");
+    const most = Math.max(1, ...workers.map(w => (w.nbytes || 0)));
+    const rows = workers.filter(w => w.nkeys || w.nbytes).map(w => {
+      const row = el("div", { class: "group", "data-address": w.address });
+      row.appendChild(el("div", { class: "name", title: w.address }, w.name === w.address ? w.address : w.name));
+      const disk = Math.min(w.bytes_on_disk || 0, w.nbytes || 0);
+      row.appendChild(bar([["done", (w.nbytes || 0) - disk, "in memory"], ["disk", disk, "on disk"]], most));
+      row.appendChild(el("div", { class: "counts" }, fmtInt(w.nkeys) + " keys · " + fmtBytes(w.nbytes) + (disk ? " (" + fmtBytes(disk) + " on disk)" : "")));
+      return row;
+    });
+    if (!rows.length) rows.push(el("div", { class: "empty-note" }, "No data held"));
+    box.replaceChildren(...rows);
+  }
+
+  // ------------------------------------------------------------ task groups and transfers
+
+  function renderActivity(data) {
+    const box = document.getElementById("groups");
+    const groups = data.groups.slice(0, 20);
+    const rows = groups.map(g => {
+      const row = el("div", { class: "group", "data-group": g.group, "data-done": String(g.done), "data-total": String(g.total),
+                              "data-executing": String(g.executing), "data-queued": String(g.queued + (g.waiting || 0)), "data-erred": String(g.erred) });
+      row.appendChild(el("div", { class: "name", title: g.group }, g.label));
+      row.appendChild(bar([["done", g.done, "done"], ["erred", g.erred, "erred"], ["executing", g.executing, "executing"], ["queued", g.queued, "queued"], ["waiting", g.waiting, "not yet sent"]], g.total));
+      let text = fmtInt(g.done) + " / " + fmtInt(g.total) + " done";
+      if (g.executing) text += " · " + fmtInt(g.executing) + " executing";
+      if (g.queued || g.waiting) text += " · " + fmtInt(g.queued + (g.waiting || 0)) + " queued";
+      if (g.erred) text += " · " + fmtInt(g.erred) + " erred";
+      row.appendChild(el("div", { class: "counts" }, text));
+      return row;
+    });
+    if (!rows.length) rows.push(el("div", { class: "empty-note" }, "No tasks yet"));
+    box.replaceChildren(...rows);
+
+    const queued = (state.workerQueued || 0) + data.waiting;
+    setCard("total-queued", queued, fmtInt(queued));
+    setCard("total-moved", data.bytes_moved, fmtBytes(data.bytes_moved));
+    const tbody = document.querySelector("#transfers tbody");
+    const trs = data.transfers.slice(0, 20).map(t => {
+      const tr = el("tr");
+      tr.appendChild(el("td", { title: t.from }, t.from_name));
+      tr.appendChild(el("td", { title: t.to }, t.to_name));
+      tr.appendChild(el("td", { class: "num" }, fmtBytes(t.bytes)));
+      return tr;
+    });
+    if (!trs.length) {
+      const tr = el("tr", { class: "empty" });
+      tr.appendChild(el("td", { colspan: "3" }, "No transfers yet"));
+      trs.push(tr);
+    }
+    tbody.replaceChildren(...trs);
   }
 
   // ------------------------------------------------------------ tasks per second
@@ -149,12 +235,12 @@
         axes: [
           { stroke: "#6b7385", grid: { stroke: "#eef0f4" } },
           { scale: "rate", label: "done / s", stroke: "#2f6fde", grid: { stroke: "#eef0f4" }, size: 60 },
-          { scale: "run", side: 1, label: "running", stroke: "#e8833a", grid: { show: false }, size: 60 },
+          { scale: "run", side: 1, label: "executing", stroke: "#e8833a", grid: { show: false }, size: 60 },
         ],
         series: [
           {},
           { label: "done / s", scale: "rate", stroke: "#2f6fde", width: 2, fill: "rgba(47,111,222,0.12)", value: (u, v) => v === null ? "–" : fmtRate(v) },
-          { label: "running", scale: "run", stroke: "#e8833a", width: 1.5, value: (u, v) => v === null ? "–" : fmtInt(v) },
+          { label: "executing", scale: "run", stroke: "#e8833a", width: 1.5, value: (u, v) => v === null ? "–" : fmtInt(v) },
         ],
       };
       state.plot = new uPlot(opts, series, document.getElementById("rate-plot"));
@@ -319,9 +405,11 @@
   async function tick() {
     try {
       const streamPath = "/api/task-stream" + (state.seq === null ? "?limit=2000" : "?after=" + state.seq);
-      const [workers, tasks, stream] = await Promise.all([getJSON("/api/workers"), getJSON("/api/tasks?window=300"), getJSON(streamPath)]);
+      const [workers, tasks, stream, activity] = await Promise.all([
+        getJSON("/api/workers"), getJSON("/api/tasks?window=300"), getJSON(streamPath), getJSON("/api/activity")]);
       state.clockOffset = workers.time - Date.now() / 1000;
       renderWorkers(workers);
+      renderActivity(activity);
       renderRates(tasks);
       addTasks(stream);
       drawStream();
