@@ -283,7 +283,7 @@ def _quick(i):
 def test_two_clients_on_one_cluster_both_finish_and_the_small_one_is_not_starved():
     """A long map from one client process; a small one from another meanwhile: it finishes first, on the workers."""
     with make_cluster(2) as cluster:
-        long_client = subprocess.Popen([sys.executable, "-c", _LONG_CLIENT, cluster.center_address, "400"], stdout=subprocess.PIPE, text=True)
+        long_client = subprocess.Popen([sys.executable, "-c", _LONG_CLIENT, cluster.center_address, "600"], stdout=subprocess.PIPE, text=True)
         try:
             assert long_client.stdout.readline().strip() == "started"
             time.sleep(0.5)  # its batches fill the workers' queues
