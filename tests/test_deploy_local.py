@@ -100,3 +100,9 @@ def test_adapt_checks_its_bounds():
             cluster.adapt(minimum=3, maximum=2)
         with pytest.raises(ValueError, match="scale needs a number of workers >= 0"):
             cluster.scale(-1)
+
+
+def test_dashboard_link_of_a_local_cluster():
+    with LocalCluster(n_workers=1, dashboard=True, heartbeat_timeout=HEARTBEAT_TIMEOUT, heartbeat_interval=HEARTBEAT_INTERVAL) as cluster:
+        assert cluster.dashboard_link is not None and cluster.dashboard_link == cluster.dashboard_url
+        assert cluster.dashboard_link.startswith("http://127.0.0.1:")

@@ -169,14 +169,6 @@ class LocalCluster(Cluster):
         """The workers this cluster started (in the order they started), less those killed or retired."""
         return self._addresses
 
-    @property
-    def dashboard_link(self) -> str | None:  # type: ignore[override]
-        return self.dashboard_url
-
-    @dashboard_link.setter
-    def dashboard_link(self, value: str | None) -> None:
-        pass  # the base class sets it; here it is dashboard_url
-
     def _close(self) -> None:
         """Stop every node this cluster started, and wait for them."""
         if self._loop_thread is not None:
@@ -230,7 +222,7 @@ class LocalCluster(Cluster):
             from ..dashboard import serve_dashboard
 
             self._dashboard_server = await serve_dashboard(self.center, port=0)
-            self.dashboard_url = self._dashboard_server.url
+            self.dashboard_url = self.dashboard_link = self._dashboard_server.url
         self.center_address = self.center.address
         for i in range(self.n_workers):
             await self.start_worker_in_process(name=f"worker-{i}")
@@ -381,7 +373,7 @@ class LocalCluster(Cluster):
             async with rpc(self.center_address, timeout=self.start_timeout, security=self.security) as center:
                 return await center.info()
 
-        self.dashboard_url = run_sync(ask()).get("dashboard")
+        self.dashboard_url = self.dashboard_link = run_sync(ask()).get("dashboard")
 
     def live_worker_addresses(self) -> list[str]:
         return [a for a, p in self.worker_processes.items() if p.poll() is None]

@@ -206,7 +206,7 @@ class SSHCluster(Cluster):
         if isinstance(connect_options, list):
             if len(connect_options) != len(self.hosts):
                 raise ValueError(f"connect_options has {len(connect_options)} entries for {len(self.hosts)} hosts: give one dict, or one per host")
-            self._connect_options = dict(zip(self.hosts, connect_options))  # a host listed twice takes its first
+            self._connect_options = dict(zip(self.hosts, connect_options))  # a host listed twice: its last entry counts (one connection per host)
         else:
             self._connect_options = {host: dict(connect_options or {}) for host in self.hosts}
         self.worker_options = {"death_timeout": DEATH_TIMEOUT, **(worker_options or {})}
