@@ -60,14 +60,17 @@ async def retire(worker: Worker, timeout: float = RETIRE_TIMEOUT) -> dict:
     if not keys:
         return result
     worker.flush_reports()
-    first = alone = await _alone(worker, keys)
-    if not alone:
-        return result
-    for _attempt in range(3):
+    for attempt in range(3):
+        alone = await _alone(worker, keys)
+        if not alone:
+            if attempt == 0:
+                return result
+            break  # all handed over: ``keys`` (what the last attempt copied) counts below
         targets = await _targets(worker)
         if not targets:
             logger.warning("retiring %s: no other worker to hand %d keys to; they leave with it", worker.address, len(alone))
-            break
+            result["left"] = alone
+            return result
         plan = _plan(worker, alone, targets)
         logger.info("retiring %s: handing %d keys to %d workers", worker.address, len(alone), len(plan))
         jobs = [(target, session, chunk) for (target, session), chunks in plan.items() for chunk in chunks]
@@ -77,16 +80,15 @@ async def retire(worker: Worker, timeout: float = RETIRE_TIMEOUT) -> dict:
                 logger.warning("retiring %s: %s could not take %d keys: %s", worker.address, target, len(chunk), outcome)
             else:
                 result["to"][target] = result["to"].get(target, 0) + len(chunk)
-        # Wait for the Center to list the new holders before trying again:
-        # asking at once would copy keys that were handed over already.
-        alone = await _alone(worker, alone, settle=True)
-        if not alone or time.monotonic() > deadline:
+        keys = alone
+        if time.monotonic() > deadline:
             break
-    left = set(alone)
-    result["moved"] = sum(key not in left for key in first)
-    result["left"] = alone
-    if alone and targets:
-        logger.warning("retiring %s: %d keys could not be handed over: %r", worker.address, len(alone), alone[:10])
+    left = await _alone(worker, keys, settle=True)
+    moved = [key for key in keys if key not in left]
+    result["moved"] = len(moved)
+    result["left"] = left
+    if left:
+        logger.warning("retiring %s: %d keys could not be handed over: %r", worker.address, len(left), left[:10])
     return result
 
 
