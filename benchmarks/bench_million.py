@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import threading
 import time
 
-import psutil
 from dask._task_spec import Task, TaskRef
 from dask.order import order
+
+from bench_executor import PeakRSS  # this folder's scripts import each other (run as python benchmarks/...)
 
 
 def inc(x: int) -> int:
@@ -57,32 +57,6 @@ def tree_graph(n: int, fan_in: int, prefix: str) -> tuple[dict, str]:
     return graph, level[0]
 
 
-class PeakRSS:
-    """This process's peak RSS growth while the block runs (sampled every 10 ms)."""
-
-    def __enter__(self) -> "PeakRSS":
-        self.process = psutil.Process()
-        self.base = self.peak = self.process.memory_info().rss
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.01)
-
-    def __exit__(self, *exc: object) -> None:
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
-
-
 def run_zdist(address: str, n: int, fan_in: int) -> dict:
     from zdist.dask import get
 
@@ -97,7 +71,7 @@ def run_zdist(address: str, n: int, fan_in: int) -> dict:
         result = get(address, graph, root)
         seconds = time.perf_counter() - start
     assert result == expected, (result, expected)
-    return {"tasks": len(graph), "seconds": seconds, "order": ordering, "bytes_per_task": peak.growth / len(graph)}
+    return {"tasks": len(graph), "seconds": seconds, "order": ordering, "bytes_per_task": peak.growth_mb * 2**20 / len(graph)}
 
 
 def run_distributed(client, n: int, fan_in: int, limit: float = 600.0) -> float | None:
