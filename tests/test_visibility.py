@@ -17,7 +17,7 @@ from zdist import Executor, Pool
 from .conftest import make_cluster, wait_for
 from .test_cli import programs, start_worker  # noqa: F401 - programs is a fixture
 
-ADDRESS = r"127\.0\.0\.1:\d+"
+ADDRESS = r"(?:127\.0\.0\.1:\d+|ipc://\S+)"  # private (ipc://) local clusters by default, TCP on request
 
 
 def chatty(x):
