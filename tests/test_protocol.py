@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import pickle
+import subprocess
+import sys
 import threading
 
 import msgpack
@@ -658,3 +660,34 @@ def test_protocol_error_is_a_value_error_and_pickles():
     reply = parse_reply(encode_error(4, error))
     assert type(reply.error["exception"]) is ProtocolError
     assert "bad" in str(reply.error["exception"])
+
+
+_IMPORT_RACE = r"""
+import pickle, sys, threading, time
+import numpy as np
+from zdist.protocol.serialize import loads
+# What a client sends for dask's _concatenate2 (protocol 5: a STACK_GLOBAL).
+blob = b"\x80\x05\x8c\x0fdask.array.core\x94\x8c\x0d_concatenate2\x94\x93\x94."
+importer = threading.Thread(target=__import__, args=("dask.array",))
+importer.start()
+deadline = time.monotonic() + 30
+while not hasattr(sys.modules.get("dask.array.core"), "_concatenate2") and time.monotonic() < deadline:
+    time.sleep(0.0001)
+concatenate = (loads if sys.argv[1] == "zdist" else pickle.loads)(blob)
+try:
+    print(concatenate([np.ones(2), np.ones(2)], axes=[0]).sum())
+except TypeError as e:
+    print(e)
+importer.join(30)
+"""
+
+
+def test_unpickling_waits_for_a_package_another_thread_is_importing():
+    """A worker unpickles in several threads. While one is inside ``import dask.array``
+    (which registers NumPy with dask's dispatch tables after dask.array.core is loaded),
+    a task unpickled by another used to call into dask.array.core too early and fail
+    with "No dispatch for <class 'numpy.ndarray'>". zdist's ``loads`` waits for the
+    package to finish importing. A fresh interpreter each time: the race is on first import."""
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", _IMPORT_RACE, "zdist"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "4.0", out.stdout + out.stderr

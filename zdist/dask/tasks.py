@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import cloudpickle
 from dask._task_spec import GraphNode, Task, TaskRef, _execute_subgraph
+from ..protocol.serialize import loads
 
 __all__ = ["TaskBatch", "run_node", "run_task_spec"]
 
@@ -78,7 +79,7 @@ class TaskBatch:
             with self._lock:
                 tasks = self._tasks
                 if tasks is None:
-                    tasks = self._tasks = pickle.loads(self.blob, buffers=self.buffers)
+                    tasks = self._tasks = loads(self.blob, self.buffers)
         return tasks
 
     def __reduce__(self):

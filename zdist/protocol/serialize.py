@@ -19,7 +19,10 @@ np.int64(4999950000)
 """
 from __future__ import annotations
 
+import importlib
+import io
 import pickle
+import sys
 import types
 from collections import OrderedDict
 from typing import Any, Sequence
@@ -96,13 +99,63 @@ def dumps_function(func: Any) -> bytes:
 
 _LOADED_FUNCTIONS: "OrderedDict[bytes, Any]" = OrderedDict()
 
+#: Modules seen fully imported, with all their parent packages: the fast path.
+_IMPORTED: set[str] = set()
+
+
+def _initializing(module: Any) -> bool:
+    return getattr(getattr(module, "__spec__", None), "_initializing", False)
+
+
+def _import_whole(module: str) -> None:
+    """Import ``module`` and each package above it, waiting for any other thread importing one.
+
+    Why: a worker unpickles in several threads at once. While one thread is
+    inside ``import dask.array`` (which registers NumPy with dask's dispatch
+    tables last), another can find ``dask.array.core`` already in
+    ``sys.modules`` and call into it before that registration ran ("No dispatch
+    for <class 'numpy.ndarray'>"). ``import_module`` of a package that is still
+    initialising waits for the thread importing it.
+    """
+    if module in _IMPORTED:
+        return
+    parts = module.split(".")
+    for end in range(1, len(parts) + 1):
+        name = ".".join(parts[:end])
+        loaded = sys.modules.get(name)
+        if loaded is None or _initializing(loaded):
+            importlib.import_module(name)
+    _IMPORTED.add(module)
+
+
+class _Unpickler(pickle.Unpickler):
+    """The standard unpickler, but a global's module (and its packages) are imported whole first."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        _import_whole(module)
+        return super().find_class(module, name)
+
+
+def loads(blob: Any, buffers: Sequence[Any] = ()) -> Any:
+    """``pickle.loads`` that is safe while other threads import the same packages.
+
+    >>> loads(pickle.dumps({"a": [1, 2]}))
+    {'a': [1, 2]}
+    """
+    if isinstance(blob, (bytes, bytearray)) and _STACK_GLOBAL not in blob:
+        return pickle.loads(blob, buffers=buffers)  # no global to look up: nothing to import
+    return _Unpickler(io.BytesIO(blob), buffers=buffers).load()
+
+
+_STACK_GLOBAL = pickle.STACK_GLOBAL  # protocol 4 and 5 name every global this way
+
 
 def loads_function(blob: bytes) -> Any:
     """Unpickle a function, caching by its pickle so a worker loads it once."""
     blob = bytes(blob)
     func = _LOADED_FUNCTIONS.get(blob)
     if func is None:
-        func = cloudpickle.loads(blob)
+        func = loads(blob)  # cloudpickle's output is a standard pickle
         _LOADED_FUNCTIONS[blob] = func
         if len(_LOADED_FUNCTIONS) > _FUNCTION_CACHE_SIZE:
             _LOADED_FUNCTIONS.popitem(last=False)
@@ -139,11 +192,11 @@ def serialize(obj: Any) -> Serialized:
 def deserialize(kind: str, blob: bytes, buffers: Sequence[Any] = ()) -> Any:
     """Inverse of :func:`serialize`; arrays are built on ``buffers`` without a copy."""
     if kind == PICKLE:
-        return pickle.loads(blob, buffers=buffers)
+        return loads(blob, buffers)
     if kind == FUNCTION:
         return loads_function(blob)
     if kind == CLOUDPICKLE:
-        return pickle.loads(blob, buffers=buffers)
+        return loads(blob, buffers)
     if kind == RAW:
         return bytes(buffers[0])
     if kind == RAW_BYTEARRAY:
