@@ -122,20 +122,30 @@ def read_marked(process: subprocess.Popen, marker: str, timeout: float) -> dict:
 
 
 def read_lines(process: subprocess.Popen, marker: str, timeout: float) -> list[str]:
-    """Lines of ``process``'s output up to the first that starts with ``marker``, within ``timeout`` s."""
+    """Lines of ``process``'s output up to the first that starts with ``marker``, within ``timeout`` s.
+
+    Reads the pipe's bytes itself: lines that arrive in one chunk would otherwise
+    wait in the text wrapper's buffer, where ``select`` cannot see them.
+    """
     import selectors
 
     deadline = time.monotonic() + timeout
     seen: list[str] = []
+    pending = b""
+    fd = process.stdout.fileno()
     with selectors.DefaultSelector() as selector:
-        selector.register(process.stdout, selectors.EVENT_READ)
+        selector.register(fd, selectors.EVENT_READ)
         while time.monotonic() < deadline:
-            if selector.select(0.5):
-                line = process.stdout.readline()  # the programs print whole lines at once
-                if not line:
-                    break
-                seen.append(line)
-                if line.startswith(marker):
+            if not selector.select(0.5):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            pending += chunk
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                seen.append(line.decode() + "\n")
+                if seen[-1].startswith(marker):
                     return seen
     process.kill()
     _, err = process.communicate(timeout=30)
