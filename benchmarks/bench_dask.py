@@ -98,6 +98,7 @@ def main() -> None:
     from zdist import LocalCluster
     from zdist.dask import client as zclient
     from zdist.dask import get
+    from zdist.session import client_loop
 
     with LocalCluster(n_workers=2, threads_per_worker=1) as cluster:
         zget = functools.partial(get, cluster.center_address)
@@ -105,7 +106,7 @@ def main() -> None:
         if args.profile and "b" in labels:
             dsk, keys, _ = materialize(workload_b())
             profile = cProfile.Profile()
-            loop = zclient._shared_loop()
+            loop = client_loop()
             loop.call(profile.enable)
             main_profile = cProfile.Profile()
             main_profile.enable()
