@@ -21,7 +21,7 @@ from ..session import client_loop, close_all_sessions, open_session
 from ..output import reemit_warnings
 from ..scheduling.controls import CONTROL_NAMES, controls_from
 from .graph import annotations_of, controls_by_key, convert_recording_literals, flatten_keys, nest_results, to_task_graph
-from .plan import Plan, make_plan
+from .plan import Plan, gc_paused, make_plan
 from .scheduler import Computation
 
 __all__ = ["get", "close"]
@@ -64,7 +64,8 @@ async def _ask_center(address: str, op: str, keys: Iterable, security: Any) -> d
 
 async def _compute(address: str, plan: Plan, external: dict, security: Any, options: dict, seen: list | None = None) -> dict:
     session = await open_session(address, security, 10.0)
-    computation = Computation(plan, session, external=external, **options)
+    with gc_paused():
+        computation = Computation(plan, session, external=external, **options)
     if seen is not None:
         seen.append(computation)  # lets the caller's thread read its progress
     return await computation.run()
@@ -168,7 +169,8 @@ def get(
         known = {key for key, holders in held.items() if holders}
         if known:
             graph = to_task_graph(dsk, known_keys=known)
-    plan = make_plan(graph, flatten_keys(keys))
+    with gc_paused():
+        plan = make_plan(graph, flatten_keys(keys))
     if annotations or defaults is not None:
         plan.controls = controls_by_key(plan.keys, annotations, defaults, normalize_address)
     external: dict = {}

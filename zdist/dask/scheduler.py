@@ -25,7 +25,7 @@ from ..protocol import ProtocolError, Ref
 from ..scheduling import Scheduler, TaskState, events
 from ..session import Session
 from ..shell import Shell
-from .plan import Plan
+from .plan import Plan, gc_paused
 from .tasks import TaskBatch, run_task_spec
 
 __all__ = ["Computation", "TaskKilledWorkersError"]
@@ -69,12 +69,16 @@ class Computation(Shell):
             ts.holders, ts.nbytes = set(holders), nbytes
         outputs = set(plan.output_ids.values())
         index_of = {key: i for i, key in enumerate(plan.keys)} if plan.controls else {}
-        self.tasks: list[TaskState] = []
-        ext_deps, ext = plan.ext_deps, self.external
+        # The hot path of a big graph (a TaskState per task): list lookups, no generators.
+        tasks: list[TaskState] = []
+        append, lookup, ext_deps, ext, prefix = tasks.append, tasks.__getitem__, plan.ext_deps, self.external, self.prefix
         for i, deps in enumerate(plan.deps):
-            inputs = tuple(self.tasks[d] for d in deps) + tuple(ext[key] for key in ext_deps[i])
+            inputs = tuple(map(lookup, deps))
+            if ext_deps[i]:
+                inputs += tuple([ext[key] for key in ext_deps[i]])
             output = i in outputs
-            self.tasks.append(TaskState(f"{self.prefix}{i}", i, inputs, wanted=int(output), deliver=output))
+            append(TaskState(prefix + str(i), i, inputs, wanted=int(output), deliver=output))
+        self.tasks = tasks
         for key, controls in plan.controls.items():
             self.tasks[index_of[key]].controls = controls
         self.pending_outputs = len(outputs)
@@ -93,7 +97,8 @@ class Computation(Shell):
                     f"no workers are registered with the Center at {self.session.address}; start some with `zdist-worker {self.session.address}`"
                 )
             await self._fetch_external_outputs()
-            self.feed(events.DataPlaced(list(self.external.values())), events.Submit(self.tasks))
+            with gc_paused():  # the core's bookkeeping of every task, made at once
+                self.feed(events.DataPlaced(list(self.external.values())), events.Submit(self.tasks))
             self._check_finished()
             return await self.finished
         finally:

@@ -20,6 +20,9 @@ to what the worker has already (dask's core).
 """
 from __future__ import annotations
 
+import copyreg
+import io
+import operator
 import pickle
 import threading
 from typing import Any, Sequence
@@ -32,6 +35,20 @@ __all__ = ["TaskBatch", "run_node", "run_task_spec"]
 
 #: Buffers at least this large travel as frames of their own (zero-copy).
 OUT_OF_BAND = 2**16
+
+
+def _reduce_task(task: Task) -> tuple:
+    """What ``Task.__getstate__`` makes, read by one C call instead of a generator over its slots.
+
+    Why: dask's own ``__getstate__`` was a fifth of the client's time on a
+    graph of tiny tasks. The pickle is the same (the worker's ``Task.__setstate__``
+    reads it), so this changes nothing but the speed.
+    """
+    return copyreg.__newobj__, (Task,), _task_state(task)
+
+
+_task_state = operator.attrgetter(*Task.get_all_slots())
+_DISPATCH_TABLE = {**copyreg.dispatch_table, Task: _reduce_task}  # exact type only: subclasses keep their own
 
 
 class TaskBatch:
@@ -63,7 +80,11 @@ class TaskBatch:
             return False
 
         try:
-            blob = pickle.dumps(payload, protocol=5, buffer_callback=out_of_band)
+            out = io.BytesIO()
+            pickler = pickle.Pickler(out, protocol=5, buffer_callback=out_of_band)
+            pickler.dispatch_table = _DISPATCH_TABLE
+            pickler.dump(payload)
+            blob = out.getvalue()
         except Exception:
             blob = None
         if blob is None or b"__main__" in blob:
