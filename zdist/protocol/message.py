@@ -147,7 +147,7 @@ class _Encoder:
 
     def __init__(self):
         self.frames: list = []
-        self.memo: dict[int, int] = {}
+        self.memo: dict[int, msgpack.ExtType] = {}  # id of a value serialized already -> its back-reference
         self.nserialized = 0
         self.keep: list = []  # temporaries whose ids are in ``memo``
 
@@ -207,9 +207,9 @@ class _Encoder:
             return msgpack.ExtType(EXT_FROZENSET, self.pack(list(obj)))
         if cls is int:
             return msgpack.ExtType(EXT_BIGINT, str(obj).encode())
-        index = self.memo.get(id(obj))
-        if index is not None:
-            return msgpack.ExtType(EXT_MEMO, self.pack(index))
+        reference = self.memo.get(id(obj))
+        if reference is not None:  # the same function or batch again: made once, not once per task
+            return reference
         serialized = obj if cls is Serialized else serialize(obj)
         layout = []
         for buffer in serialized.buffers:
@@ -224,7 +224,7 @@ class _Encoder:
             else:
                 self.frames.append(view)
             layout.append([first, len(self.frames) - first, nbytes])
-        self.memo[id(obj)] = self.nserialized
+        self.memo[id(obj)] = msgpack.ExtType(EXT_MEMO, self.pack(self.nserialized))
         self.nserialized += 1
         return msgpack.ExtType(EXT_PICKLED, msgpack.packb([serialized.kind, serialized.blob, layout], use_bin_type=True))
 
