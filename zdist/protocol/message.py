@@ -168,6 +168,8 @@ class _Encoder:
                 return obj
             out = None
             for index, item in enumerate(obj):
+                if type(item) not in _BUFFER_OR_CONTAINER:
+                    continue  # a leaf that stays as it is: no call for it (a batch has thousands)
                 new = self.buffers_out_of_band(item)
                 if new is not item:
                     if out is None:
@@ -179,6 +181,8 @@ class _Encoder:
                 return obj
             changed = {}
             for key, value in obj.items():
+                if type(value) not in _BUFFER_OR_CONTAINER:
+                    continue
                 new = self.buffers_out_of_band(value)
                 if new is not value:
                     changed[key] = new
