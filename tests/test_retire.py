@@ -109,3 +109,25 @@ def test_lifetime_retires_a_worker_by_itself():
                 process.wait()
             process.stdout.close()
             process.stderr.close()
+
+
+def test_two_workers_retiring_together_do_not_count_on_each_other():
+    """A key held by two workers that retire at the same time reaches a third: neither
+    may leave it in the belief that the other keeps it (scale-down retires several at once)."""
+    from zdist.retirement import retire_workers
+
+    with make_cluster(3) as cluster:
+        first, second, staying = cluster.worker_addresses
+        shared = {"shared": np.arange(10_000)}
+        scatter(first, shared)
+        scatter(second, shared)
+        scatter(first, {"first-only": 1})
+        wait_for(lambda: len(center_call(cluster.center_address, "who_has", keys=["shared"])["shared"]) == 2, message="both copies listed")
+        results = run(retire_workers(cluster.center_address, [first, second]))
+        assert all(not isinstance(r, BaseException) for r in results.values()), results
+        for address in (first, second):
+            assert cluster.worker_processes[address].wait(STOP_TIMEOUT) == 0
+        wait_for(lambda: set(center_call(cluster.center_address, "ncores")) == {staying}, message="only the staying worker listed")
+        got = gather(cluster.center_address, ["shared", "first-only"])
+        assert got["first-only"] == 1 and (got["shared"] == shared["shared"]).all()
+        assert {h for k in ("shared", "first-only") for h in center_call(cluster.center_address, "who_has", keys=[k])[k]} == {staying}

@@ -330,7 +330,7 @@ class Center(Node):
             holders = _holders(self.who_has_table.get(key))
             if not n or not holders:
                 continue
-            candidates = sorted((a for a in self.worker_info if a not in holders), key=lambda a: load[a])
+            candidates = sorted((a for a, info in self.worker_info.items() if a not in holders and not info.get("retiring")), key=lambda a: load[a])  # a retiring worker would leave with it
             for address in candidates[: max(0, n - len(holders))]:
                 wanted[address, self.replica_session.get(key)].append(key)
                 load[address] += self.nbytes_table.get(key, 0)

@@ -53,6 +53,10 @@ class NoWorkersError(RuntimeError):
     """The cluster has no live workers left to run anything on."""
 
 
+class WorkerRetiringError(RuntimeError):
+    """The worker asked to take keys is retiring itself; they would leave with it: ask another."""
+
+
 class SessionClosedError(RuntimeError):
     """The client session a task or value belonged to was closed.
 

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 256 * 2**20
 #: How long a retirement may take before the worker leaves anyway, saying what it could not move.
 RETIRE_TIMEOUT = 300.0
+#: Rounds of "which keys only I hold? hand them over": a round repeats what a refusing target did not take.
+ATTEMPTS = 5
 
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -49,24 +51,30 @@ def parse_duration(text: str | float) -> float:
     return seconds
 
 
-async def retire(worker: Worker, timeout: float = RETIRE_TIMEOUT) -> dict:
+async def retire(worker: Worker, timeout: float = RETIRE_TIMEOUT, leaving: set | None = None) -> dict:
     """Move the keys only ``worker`` holds to other workers; ``{'moved': n, 'to': {address: n}, 'left': [...]}``.
 
-    The worker is left running (paused for tasks); the caller stops it.
+    A copy on a worker that is leaving too (in ``leaving``, or retiring by
+    the Center's table) does not count: two workers retiring together must not
+    each leave a key in the belief that the other keeps it. The worker is left
+    running (paused for tasks); the caller stops it.
     """
+    leaving = {worker.address, *(leaving or ())}
     deadline = time.monotonic() + timeout
-    keys = list(worker.data)
     result: dict[str, Any] = {"moved": 0, "to": {}, "left": []}
-    if not keys:
+    if not worker.data:
         return result
     worker.flush_reports()
-    for attempt in range(3):
-        alone = await _alone(worker, keys)
+    handed: dict = {}  # every key this retirement tried to hand over, in order
+    failed = False  # a target refused or failed in the last round
+    for attempt in range(ATTEMPTS):
+        # What the worker holds now, not at the start: keys can still arrive (a task that
+        # finished, a peer's copy) until the Center has told everyone this one is retiring.
+        # After a round that went well, wait (bounded) for the copies' reports to reach the Center.
+        alone = await _alone(worker, list(worker.data), leaving, settle=attempt > 0 and not failed)
         if not alone:
-            if attempt == 0:
-                return result
-            break  # all handed over: ``keys`` (what the last attempt copied) counts below
-        targets = await _targets(worker)
+            break
+        targets = await _targets(worker, leaving)
         if not targets:
             logger.warning("retiring %s: no other worker to hand %d keys to; they leave with it", worker.address, len(alone))
             result["left"] = alone
@@ -75,38 +83,51 @@ async def retire(worker: Worker, timeout: float = RETIRE_TIMEOUT) -> dict:
         logger.info("retiring %s: handing %d keys to %d workers", worker.address, len(alone), len(plan))
         jobs = [(target, session, chunk) for (target, session), chunks in plan.items() for chunk in chunks]
         outcomes = await asyncio.gather(*(_copy(worker, *job, deadline) for job in jobs), return_exceptions=True)
+        failed = False
         for (target, _, chunk), outcome in zip(jobs, outcomes):
             if isinstance(outcome, BaseException):
+                # e.g. a target that is retiring too (it refuses): the next attempt asks the Center again
                 logger.warning("retiring %s: %s could not take %d keys: %s", worker.address, target, len(chunk), outcome)
+                failed = True
             else:
                 result["to"][target] = result["to"].get(target, 0) + len(chunk)
-        keys = alone
+        handed.update(dict.fromkeys(alone))
         if time.monotonic() > deadline:
             break
-    left = await _alone(worker, keys, settle=True)
-    moved = [key for key in keys if key not in left]
-    result["moved"] = len(moved)
+        if failed:
+            await asyncio.sleep(0.2 * (attempt + 1))  # bounded: the others' retiring news reaches the Center
+    if not handed:
+        return result
+    left = await _alone(worker, list(worker.data), leaving, settle=True)
+    result["moved"] = sum(1 for key in handed if key not in left)
     result["left"] = left
     if left:
         logger.warning("retiring %s: %d keys could not be handed over: %r", worker.address, len(left), left[:10])
     return result
 
 
-async def _alone(worker: Worker, keys: list, settle: bool = False) -> list:
-    """The keys the Center lists no other holder for (after a short wait for reports in flight, if ``settle``)."""
+async def _alone(worker: Worker, keys: list, leaving: set, settle: bool = False) -> list:
+    """The keys the Center lists no holder for but workers that are leaving (after a short wait for reports in flight, if ``settle``)."""
     for _ in range(40 if settle else 1):  # bounded: 2 s at most
         who_has = await worker._ask_center("who_has", {"keys": keys})
-        alone = [key for key in keys if key in worker.data and not (set(who_has.get(key, ())) - {worker.address})]
+        gone = leaving | _retiring(await worker._ask_center("workers", {}))
+        alone = [key for key in keys if key in worker.data and not (set(who_has.get(key, ())) - gone)]
         if not alone or not settle:
             return alone
         await asyncio.sleep(0.05)
     return alone
 
 
-async def _targets(worker: Worker) -> dict:
-    """Other workers that take data: address → bytes they hold (retiring ones left out)."""
+def _retiring(infos: dict) -> set:
+    """Workers the Center's table says are retiring."""
+    return {address for address, info in infos.items() if info.get("retiring")}
+
+
+async def _targets(worker: Worker, leaving: set) -> dict:
+    """Other workers that take data: address → bytes they hold (retiring and leaving ones left out)."""
     infos = await worker._ask_center("workers", {})
-    return {address: info.get("nbytes", 0) for address, info in infos.items() if address != worker.address and not info.get("retiring")}
+    gone = leaving | _retiring(infos)
+    return {address: info.get("nbytes", 0) for address, info in infos.items() if address not in gone}
 
 
 def _plan(worker: Worker, keys: list, load: dict) -> dict:
@@ -158,7 +179,7 @@ async def retire_workers(center_address: str, wanted: list[str], timeout: float 
 
     async def one(address: str) -> Any:
         async with rpc(address, timeout=timeout, security=security) as worker:
-            return await worker.retire()
+            return await worker.retire(leaving=[other for other in chosen if other != address])
 
     results = await asyncio.gather(*(one(a) for a in chosen), return_exceptions=True)
     return dict(zip(chosen, results))

@@ -18,7 +18,7 @@ import uuid
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 
-from .errors import EXIT_NO_CENTER, MissingDataError, SessionClosedError
+from .errors import EXIT_NO_CENTER, MissingDataError, SessionClosedError, WorkerRetiringError
 from .fairpool import FairThreadPool
 from .loop import Later
 from .memory import MemoryThresholds, parse_memory_limit
@@ -334,12 +334,13 @@ class Worker(Node):
         if self.memory is not None:
             self.memory.close()
 
-    async def retire(self, stop: bool = True) -> dict:
+    async def retire(self, stop: bool = True, leaving: list | None = None) -> dict:
         """Hand every key no other worker holds to other workers, then stop (see :mod:`zdist.retirement`).
 
         Answers ``{'moved': n, 'to': {address: n}, 'left': [keys not handed over]}``;
         the worker stops right after (unless ``stop=False``). ``zdist retire``
-        and SIGTERM call this.
+        and SIGTERM call this. ``leaving``: other workers retiring at the same
+        time, which neither take keys nor count as their second holder.
         """
         from .retirement import retire
 
@@ -347,7 +348,7 @@ class Worker(Node):
             self.retiring = True
             self._memory_changed()  # tell the Center now: no new tasks here
         try:
-            return await retire(self)
+            return await retire(self, leaving=set(leaving or ()))
         finally:
             if stop:  # after the reply has left
                 asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(self.stop()))
@@ -679,6 +680,8 @@ class Worker(Node):
         if session is not None and session in self.released_sessions:
             return "OK"
         self._check_session(session)
+        if self.retiring:  # it would leave with them: the asker hands them to another worker
+            raise WorkerRetiringError(f"worker {self.address} is retiring and takes no keys; ask another worker")
         await self.gather_deps(list(keys), session=session)
         return "OK"
 
