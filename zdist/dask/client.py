@@ -64,7 +64,7 @@ async def _ask_center(address: str, op: str, keys: Iterable, security: Any) -> d
 
 async def _compute(address: str, plan: Plan, external: dict, security: Any, options: dict, seen: list | None = None) -> dict:
     session = await open_session(address, security, 10.0)
-    with gc_paused():
+    with gc_paused():  # a TaskState per task, no garbage
         computation = Computation(plan, session, external=external, **options)
     if seen is not None:
         seen.append(computation)  # lets the caller's thread read its progress
@@ -169,8 +169,7 @@ def get(
         known = {key for key, holders in held.items() if holders}
         if known:
             graph = to_task_graph(dsk, known_keys=known)
-    with gc_paused():
-        plan = make_plan(graph, flatten_keys(keys))
+    plan = make_plan(graph, flatten_keys(keys))  # not under gc_paused: dask.order's garbage has cycles
     if annotations or defaults is not None:
         plan.controls = controls_by_key(plan.keys, annotations, defaults, normalize_address)
     external: dict = {}

@@ -29,14 +29,14 @@ _gc_was_enabled = False  # whether the first of them found the collector on
 
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
-    """Hold off Python's cyclic garbage collector while a big graph's bookkeeping is built.
+    """Hold off Python's cyclic garbage collector while many long-lived objects are made at once.
 
-    Why: a 13,000-task graph makes some 100,000 small long-lived objects at
-    once; each counts towards the collector's next run, and its full runs walk
-    every object alive (the whole graph, again and again): up to a third of
-    the time spent building the plan and the scheduler's tasks. Nothing built
-    here is garbage, so nothing is lost by waiting; the collector is on again
-    (if it was) when the last thread inside leaves.
+    Why: a 13,000-task graph's scheduler state is some 100,000 small objects;
+    each counts towards the collector's next run, and its full runs walk every
+    object alive (the whole graph, again and again). Only for code that makes
+    no cyclic garbage: garbage held meanwhile raises the peak memory (around
+    ``dask.order``, whose temporaries have cycles, it did 4x). The collector is
+    on again (if it was) when the last thread inside leaves.
 
     >>> import gc
     >>> with gc_paused():

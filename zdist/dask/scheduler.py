@@ -25,7 +25,7 @@ from ..protocol import ProtocolError, Ref
 from ..scheduling import Scheduler, TaskState, events
 from ..session import Session
 from ..shell import Shell
-from .plan import Plan, gc_paused
+from .plan import Plan
 from .tasks import TaskBatch, run_task_spec
 
 __all__ = ["Computation", "TaskKilledWorkersError"]
@@ -97,8 +97,7 @@ class Computation(Shell):
                     f"no workers are registered with the Center at {self.session.address}; start some with `zdist-worker {self.session.address}`"
                 )
             await self._fetch_external_outputs()
-            with gc_paused():  # the core's bookkeeping of every task, made at once
-                self.feed(events.DataPlaced(list(self.external.values())), events.Submit(self.tasks))
+            self.feed(events.DataPlaced(list(self.external.values())), events.Submit(self.tasks))
             self._check_finished()
             return await self.finished
         finally:
