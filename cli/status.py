@@ -20,7 +20,6 @@ from typing import Any
 
 from .common import add_version, program
 
-from .common import program
 
 #: Seconds to wait for the Center by default.
 DEFAULT_TIMEOUT = 5.0

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import msgpack
 import zmq
 
-from .comm import Stream, is_ipc, make_socket, normalize_address
+from .comm import Stream, is_ipc, make_socket
 from .output import LOG_RING_SIZE, install_log_ring, recent_logs
 from .protocol import ProtocolError, encode_error, encode_reply, parse_request
 

@@ -27,7 +27,6 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any
 
 import zmq
 import zmq.auth
