@@ -191,6 +191,14 @@ def test_pool_without_address_starts_and_stops_its_cluster():
     assert cluster.status == "closed"
 
 
+def test_pool_with_a_number_starts_that_many_processes_as_multiprocessing_does():
+    with Pool(1) as pool:
+        assert len(pool.available_cores) == 1
+        assert pool.apply(inc, (1,)).get() == 2
+    with pytest.raises(TypeError, match="number of processes once"):
+        Pool(1, processes=2)
+
+
 def test_pool_inside_a_running_event_loop(cluster):
     async def main():
         with Pool(cluster.center_address) as pool:

@@ -61,7 +61,8 @@ class Pool(WorkerOps):
     """A ``multiprocessing.Pool`` whose workers are a zdist cluster.
 
     ``Pool(center_address)`` joins a running cluster; ``Pool()`` starts a
-    :class:`~zdist.LocalCluster` (a worker process per core) and stops it on
+    :class:`~zdist.LocalCluster` (a worker process per core; ``Pool(4)`` or
+    ``Pool(processes=4)``: four, as with multiprocessing) and stops it on
     :meth:`close`. A Center that cannot be reached within ``timeout``
     seconds raises :class:`~zdist.errors.CenterUnreachableError`.
 
@@ -114,6 +115,11 @@ class Pool(WorkerOps):
         allow_other_workers: bool | None = None,
         forward_output: bool | None = None,
     ):
+        if isinstance(center, int) and not isinstance(center, bool):
+            # multiprocessing.Pool(4): the first argument is the number of processes.
+            if processes is not None:
+                raise TypeError(f"Pool({center!r}, processes={processes!r}): give the number of processes once")
+            center, processes = None, center
         if maxtasksperchild is not None:
             raise ValueError(
                 "maxtasksperchild is not supported: zdist workers are long-lived processes shared by every client; "
