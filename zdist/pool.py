@@ -39,6 +39,7 @@ from .protocol import OK, Serialized, deserialize
 from .rpc import ThreadSockets, rebuild_exception
 from .scheduling import NO_VALUE, Scheduler, TaskState, events
 from .scheduling.controls import CONTROL_NAMES, Controls, controls_from
+from .scheduling.gcpause import gc_paused
 from .handles import (  # noqa: F401 - RemoteData and ChunkedResults are also this module's
     CANCELLABLE, ChunkedResults, RemoteData, _ChunkData, _ItemData, _PoolTask, _call_each, _fresh, _local_value, _to_refs, _watched,
 )
@@ -213,17 +214,18 @@ class Pool(WorkerOps):
             function = self._with_initializer(function)
         prefix, counter = f"{name}-{self._prefix}-", self._counter
         handles = []
-        for args in arg_tuples:
-            deps: list = []
-            args = _to_refs(args, deps)
-            task_kwargs = _to_refs(kwargs, deps) if kwargs else None
-            deps = tuple(dict.fromkeys(deps))
-            key = f"{prefix}{next(counter)}"
-            payload = (function, list(args), task_kwargs or {}, [d.key for d in deps])
-            ts = _PoolTask(key, payload, deps)
-            if controls is not None:
-                ts.controls = controls
-            handles.append(handle_type(self, ts))
+        with gc_paused():  # a TaskState and a handle per item, no garbage
+            for args in arg_tuples:
+                deps: list = []
+                args = _to_refs(args, deps)
+                task_kwargs = _to_refs(kwargs, deps) if kwargs else None
+                deps = tuple(dict.fromkeys(deps))
+                key = f"{prefix}{next(counter)}"
+                payload = (function, list(args), task_kwargs or {}, [d.key for d in deps])
+                ts = _PoolTask(key, payload, deps)
+                if controls is not None:
+                    ts.controls = controls
+                handles.append(handle_type(self, ts))
         self._shell.session.note_submitted(prefix[:-1], len(handles))  # the whole of the dashboard's progress bar
         return handles
 

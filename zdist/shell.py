@@ -19,6 +19,7 @@ from typing import Any
 from .output import show_output
 from .rpc import rebuild_exception
 from .scheduling import Scheduler, events
+from .scheduling.gcpause import gc_paused
 from .session import Session
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class Shell:
             while self._queue:
                 batch, self._queue = self._queue, []
                 try:
-                    commands = self.core.handle(*batch, now=self.loop.time())
+                    with gc_paused():  # the core makes and drops task states in bulk, without cycles
+                        commands = self.core.handle(*batch, now=self.loop.time())
                 except Exception as exc:  # noqa: BLE001 - a broken invariant: stop this client, loudly
                     logger.exception("the scheduling core failed")
                     self.on_fatal(exc)

@@ -20,8 +20,9 @@ from ..errors import MissingDataError
 from ..session import client_loop, close_all_sessions, open_session
 from ..output import reemit_warnings
 from ..scheduling.controls import CONTROL_NAMES, controls_from
+from ..scheduling.gcpause import gc_paused
 from .graph import annotations_of, controls_by_key, convert_recording_literals, flatten_keys, nest_results, to_task_graph
-from .plan import Plan, gc_paused, make_plan
+from .plan import Plan, make_plan
 from .scheduler import Computation
 
 __all__ = ["get", "close"]

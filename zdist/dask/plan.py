@@ -13,51 +13,10 @@ bookkeeping of the scheduler to list indexing.
 """
 from __future__ import annotations
 
-import contextlib
-import gc
-import threading
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterable, Iterator
+from typing import Any, Hashable, Iterable
 
 from .graph import cull, priorities
-
-
-_gc_lock = threading.Lock()
-_gc_pausers = 0  # threads inside gc_paused() now
-_gc_was_enabled = False  # whether the first of them found the collector on
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Hold off Python's cyclic garbage collector while many long-lived objects are made at once.
-
-    Why: a 13,000-task graph's scheduler state is some 100,000 small objects;
-    each counts towards the collector's next run, and its full runs walk every
-    object alive (the whole graph, again and again). Only for code that makes
-    no cyclic garbage: garbage held meanwhile raises the peak memory (around
-    ``dask.order``, whose temporaries have cycles, it did 4x). The collector is
-    on again (if it was) when the last thread inside leaves.
-
-    >>> import gc
-    >>> with gc_paused():
-    ...     gc.isenabled()
-    False
-    >>> gc.isenabled()
-    True
-    """
-    global _gc_pausers, _gc_was_enabled
-    with _gc_lock:
-        if _gc_pausers == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_pausers += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pausers -= 1
-            if _gc_pausers == 0 and _gc_was_enabled:
-                gc.enable()
 
 
 @dataclass
