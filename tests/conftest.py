@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import selectors
+import subprocess
 import time
 from typing import Any, Callable
 
@@ -13,6 +16,37 @@ from zdist import LocalCluster, rpc
 # Short heartbeats so that tests that kill workers see them dropped quickly.
 HEARTBEAT_TIMEOUT = 2.0
 HEARTBEAT_INTERVAL = 0.25
+
+
+def read_lines_until(process: subprocess.Popen, marker: str, timeout: float = 30.0, starts: bool = False, describe: Callable[[], str] = lambda: "") -> list[str]:
+    """Lines ``process`` printed (its stdout pipe), up to the first that contains (``starts``: starts with) ``marker``.
+
+    Reads the pipe's bytes itself: lines that arrive in one chunk would otherwise
+    wait in a text wrapper's buffer, where ``select`` cannot see them. Fails
+    after ``timeout`` seconds or when the output ends, saying what it got and
+    ``describe()`` (for example the process's logs).
+    """
+    deadline = time.monotonic() + timeout
+    fd = process.stdout.fileno()
+    buffer = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            lines = buffer.decode(errors="replace").splitlines()
+            for i, line in enumerate(lines):
+                if line.startswith(marker) if starts else marker in line:
+                    return lines[: i + 1]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if selector.select(min(remaining, 0.1)):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                buffer += chunk
+            elif process.poll() is not None and not selector.select(0):
+                break
+    raise AssertionError(f"no {marker!r} within {timeout} s (exit {process.poll()}); got {lines!r}\n{describe()}")
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, message: str = "") -> Any:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import random
 import secrets
-import selectors
 import shutil
 import subprocess
 import sys
 import time
+
+from .conftest import read_lines_until
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -100,22 +101,8 @@ class Processes:
         return process
 
     def wait_line(self, process: subprocess.Popen, marker: str, timeout: float = 60.0) -> str:
-        deadline = time.monotonic() + timeout
-        buffer = b""
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if selector.select(0.1):
-                    chunk = os.read(process.stdout.fileno(), 4096)
-                    if not chunk:
-                        break
-                    buffer += chunk
-                    for line in buffer.decode(errors="replace").splitlines():
-                        if marker in line:
-                            return line
-                elif process.poll() is not None:
-                    break
-        raise AssertionError(f"no {marker!r} from {process.args[3:]} (exit {process.poll()}):\n{buffer.decode(errors='replace')}\n{self.logs()}")
+        """The first line ``process`` printed that contains ``marker``."""
+        return read_lines_until(process, marker, timeout, describe=self.logs)[-1]
 
     def log(self, label: str) -> str:
         for name, _, path in self.started:

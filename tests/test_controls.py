@@ -13,7 +13,7 @@ import pytest
 from zdist import Executor, Pool
 from zdist.scheduling.controls import controls_from
 
-from .conftest import center_call, make_cluster, wait_for
+from .conftest import center_call, make_cluster
 
 
 def flaky(path: str, failures: int) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import selectors
 import shutil
 import socket
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 from zdist import LocalCluster, Pool, rpc
 from zdist.center import Center
 
-from .conftest import make_cluster, wait_for
+from .conftest import make_cluster, read_lines_until, wait_for
 
 aiohttp = pytest.importorskip("aiohttp", reason="the dashboard needs aiohttp (pip install '.[dashboard]')")
 
@@ -62,30 +61,6 @@ def get_json(url: str) -> dict:
 def get(url: str) -> tuple[int, str, bytes]:
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.status, response.headers["Content-Type"], response.read()
-
-
-def read_lines_until(process: subprocess.Popen, marker: str, timeout: float = 30.0) -> list[str]:
-    """Lines the process printed, up to the first that contains ``marker``."""
-    deadline = time.monotonic() + timeout
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    buffer = b""
-    try:
-        while True:
-            lines = buffer.decode(errors="replace").splitlines()
-            for i, line in enumerate(lines):
-                if marker in line:
-                    return lines[: i + 1]
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no {marker!r} within {timeout} s; got {lines!r}")
-            if selector.select(min(remaining, 0.1)):
-                chunk = os.read(process.stdout.fileno(), 4096)
-                if not chunk:
-                    raise AssertionError(f"exited with {process.wait()} before printing {marker!r}; got {lines!r}")
-                buffer += chunk
-    finally:
-        selector.close()
 
 
 def stop(process: subprocess.Popen) -> str:

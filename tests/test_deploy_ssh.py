@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from .conftest import read_lines_until
 from .netns import Hosts, SSHDaemons, namespace_skip_reason
 
 pytest.importorskip("asyncssh", reason="SSHCluster needs asyncssh: pip install 'zdist[ssh]'")
@@ -122,34 +123,14 @@ def read_marked(process: subprocess.Popen, marker: str, timeout: float) -> dict:
 
 
 def read_lines(process: subprocess.Popen, marker: str, timeout: float) -> list[str]:
-    """Lines of ``process``'s output up to the first that starts with ``marker``, within ``timeout`` s.
+    """Lines of ``process``'s output up to the first that starts with ``marker``; on failure, its stderr too."""
 
-    Reads the pipe's bytes itself: lines that arrive in one chunk would otherwise
-    wait in the text wrapper's buffer, where ``select`` cannot see them.
-    """
-    import selectors
+    def stderr() -> str:
+        process.kill()
+        _, err = process.communicate(timeout=30)
+        return f"stderr:\n{err[-6000:]}"
 
-    deadline = time.monotonic() + timeout
-    seen: list[str] = []
-    pending = b""
-    fd = process.stdout.fileno()
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if not selector.select(0.5):
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            pending += chunk
-            while b"\n" in pending:
-                line, pending = pending.split(b"\n", 1)
-                seen.append(line.decode() + "\n")
-                if seen[-1].startswith(marker):
-                    return seen
-    process.kill()
-    _, err = process.communicate(timeout=30)
-    raise AssertionError(f"no {marker!r} from the client (exit {process.returncode}); stdout {seen!r}\nstderr:\n{err[-6000:]}")
+    return read_lines_until(process, marker, timeout, starts=True, describe=stderr)
 
 
 def assert_hosts_drain(hosts, daemons) -> float:

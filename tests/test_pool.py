@@ -9,10 +9,9 @@ import time
 import numpy as np
 import pytest
 
-import zdist
 from zdist import LostDataError, Pool, RemoteData, rpc
 
-from .conftest import center_call, make_cluster, wait_for
+from .conftest import center_call, wait_for
 
 
 def inc(x):

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from zdist.protocol import (
     ERROR,
-    FRAME_SIZE,
     OK,
     ProtocolError,
     Ref,
