@@ -643,7 +643,7 @@ def test_worker_dies_mid_batch_and_its_task_runs_elsewhere():
     assert sent(out) == {"x": ("A", 1)}
     s.handle(seen("A", "B"), now=0.1)
     out = s.handle(seen("B"), now=0.2)  # A died with x in flight
-    assert sent(out) == {"x": ("B", 2)} and x.deaths == ["A"]
+    assert sent(out) == {"x": ("B", 2)} and x.deaths == ("A",)
     assert one(done(s, "B", 2, ok("x"), now=0.3), E.Finished).tasks == [x]
     assert x.holders == {"B"}
 

@@ -37,7 +37,7 @@ from .events import (
 from .controls import PRIORITY_SHIFT
 from .policy import least_loaded
 from .state import (
-    ERRED, FORGOTTEN, LOST, MEMORY, NEW, NO_VALUE, PROCESSING, READY, RELEASED, TO_RUN, WAITING,
+    EMPTY, ERRED, FORGOTTEN, LOST, MEMORY, NEW, NO_VALUE, PROCESSING, READY, RELEASED, TO_RUN, WAITING,
     TaskState, WorkerState,
 )
 
@@ -264,7 +264,7 @@ class Scheduler:
         if ts.replicas > 1 and ts.owned:
             self._out.append(DeleteEverywhere([ts.key]))
         ts.holders = set() if ts.owned else ts.holders - ts.copies
-        ts.copies = set()
+        ts.copies = EMPTY
 
     def _delete(self, worker: str, key: Any, nbytes: int = 0) -> None:
         pending = self._deletes.get(worker)

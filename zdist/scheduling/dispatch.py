@@ -248,6 +248,6 @@ def _send(s: "Scheduler", worker: WorkerState, batch: list) -> None:
                     if address not in dep.holders and dep.holders:
                         who_has[dep.key] = [w for w in dep.holders if w in workers]
                         if not dep.owned:  # the worker fetches a copy of someone else's value: ours to delete
-                            dep.copies.add(address)
+                            dep.copies = dep.copies | {address}
             worker.batches[batch_id] = (chunk, s.now)
             s._out.append(SendBatch(address, batch_id, chunk, who_has, limit))

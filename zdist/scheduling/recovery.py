@@ -133,9 +133,9 @@ def worker_lost(s: "Scheduler", worker: WorkerState, why: str) -> None:
     for tasks, _ in batches.values():
         for ts in tasks:
             if ts.state == PROCESSING and ts.worker == address:
-                ts.deaths.append(address)
+                ts.deaths += (address,)
                 if len(ts.deaths) >= s.max_worker_deaths:
-                    s._fail(ts, TaskKilledWorkersError(ts.key, ts.deaths))
+                    s._fail(ts, TaskKilledWorkersError(ts.key, list(ts.deaths)))
                 else:
                     s._enqueue(ts)
     for task_id in worker.held:
@@ -144,7 +144,8 @@ def worker_lost(s: "Scheduler", worker: WorkerState, why: str) -> None:
             dispatch.push_ready(s, ts)
     gone, refetch = [], []
     for ts in s.tasks.values():
-        ts.copies.discard(address)  # also one it was to fetch for a task
+        if address in ts.copies:  # also one it was to fetch for a task
+            ts.copies = ts.copies - {address}
         if address in ts.holders:
             ts.holders.discard(address)
             if not ts.holders and ts.state == MEMORY:
@@ -169,7 +170,7 @@ def inputs_kept(s: Scheduler, ts: TaskState, worker: str) -> None:
             continue
         dep.holders.add(worker)
         if not dep.owned:
-            dep.copies.add(worker)
+            dep.copies = dep.copies | {worker}
 
 
 def has_copies(ts: TaskState) -> bool:
@@ -186,7 +187,7 @@ def copy_fetched(s: Scheduler, ts: TaskState, worker: str) -> None:
     if ts.state == LOST:
         ts.holders.add(worker)
         if not ts.owned:
-            ts.copies.add(worker)
+            ts.copies = ts.copies | {worker}
         s._now_in_memory(ts)
     elif ts.state not in TO_RUN:
         s._delete(worker, ts.key)

@@ -20,6 +20,9 @@ STATE_NAMES = ("new", "waiting", "ready", "processing", "memory", "erred", "lost
 #: States of a task that still has to run.
 TO_RUN = frozenset({WAITING, READY, PROCESSING})
 
+#: What most tasks' ``copies`` stay: one shared empty set, not one made per task (a million tasks, a million sets).
+EMPTY: frozenset = frozenset()
+
 #: ``TaskState.value`` until a value came back.
 NO_VALUE = type("NoValue", (), {"__repr__": lambda self: "NO_VALUE", "__slots__": ()})()
 
@@ -52,7 +55,7 @@ class TaskState:
         self.wanted = wanted
         self.deliver = deliver
         self.holders: set[str] = set()
-        self.copies: set[str] = set()  # for owned=False: holders this client caused
+        self.copies: frozenset[str] = EMPTY  # for owned=False: holders this client caused (replaced, never changed)
         self.nbytes = 0
         self.worker: str | None = None
         self.batch: int | None = None
@@ -60,7 +63,7 @@ class TaskState:
         self.error: BaseException | None = None
         self.owned = owned
         self.replicas = 1
-        self.deaths: list[str] = []  # workers that died while running it
+        self.deaths: tuple[str, ...] = ()  # workers that died while running it
         self.missing_retries = 0
         self.lost_on: str | None = None
         self.fetching: str | None = None
