@@ -79,7 +79,7 @@ def test_adapt_grows_under_a_long_map_and_shrinks_after_it():
         with Pool(cluster) as pool:
             handles = pool.map_async(time.sleep, [0.3] * 100)
             wait_for(lambda: nworkers(cluster) == 4, timeout=GROW_TIMEOUT, interval=0.2, message="adapt to grow to 4 workers")
-            pool._wait(handles, GROW_TIMEOUT, raise_errors=True)
+            pool._results.wait(handles, GROW_TIMEOUT, raise_errors=True)
             ended = time.monotonic()
             del handles
             wait_for(lambda: nworkers(cluster) == 1, timeout=SHRINK_TIMEOUT, interval=0.2, message="adapt to shrink back to 1 worker")

@@ -25,7 +25,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-from .pool import Pool, RemoteData, _chunks, _results_in_order, _run_chunk, _run_star_chunk, merge_controls
+from .pool import Pool, RemoteData, _results_in_order, merge_controls
+from .pool_tasks import chunks, run_chunk, run_star_chunk
 from .scheduling import NO_VALUE
 
 __all__ = ["Executor", "as_completed", "wait"]
@@ -58,7 +59,7 @@ class Executor(concurrent.futures.Executor):
         self._pool = Pool(center, **pool_options)
         self._shutdown_lock = threading.Lock()
         self._closed = [False]  # shared with the views made by options()
-        self._controls = self._pool._controls
+        self._controls = self._pool._tasks.controls
 
     @property
     def _shutdown(self) -> bool:
@@ -114,12 +115,11 @@ class Executor(concurrent.futures.Executor):
             if chunksize == 1:
                 handles = self._pool._submit(fn, zip(*iterables), None, controls)
             else:
-                if self._pool._initializer is not None:
-                    fn = self._pool._with_initializer(fn)
+                fn = self._pool._tasks.wrap(fn)
                 if len(iterables) == 1:
-                    handles = self._pool._submit(_run_chunk, ((fn, chunk) for chunk in _chunks(iterables[0], chunksize)), None, controls)
+                    handles = self._pool._submit(run_chunk, ((fn, chunk) for chunk in chunks(iterables[0], chunksize)), None, controls)
                 else:
-                    handles = self._pool._submit(_run_star_chunk, ((fn, chunk) for chunk in _chunks(zip(*iterables), chunksize)), None, controls)
+                    handles = self._pool._submit(run_star_chunk, ((fn, chunk) for chunk in chunks(zip(*iterables), chunksize)), None, controls)
         return _results_in_order(self._pool, handles, end, flatten=chunksize > 1)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -137,7 +137,7 @@ class Executor(concurrent.futures.Executor):
                 pool._cancel(pending)
         if wait:
             live = _live_handles(pool)
-            pool._wait(live, None, raise_errors=False)
+            pool._results.wait(live, None, raise_errors=False)
             _keep_values(pool, live)
             pool.close()
         else:
@@ -181,7 +181,7 @@ def _keep_values(pool: Pool, handles: list[RemoteData]) -> None:
     """Fetch the values of finished futures still referenced, so that they outlive the session."""
     good = [h for h in handles if h.done() and not h.cancelled() and h._error() is None]
     try:
-        values = pool._get_values(good, pool.timeout)
+        values = pool._results.values(good, pool.timeout)
     except Exception:  # noqa: BLE001 - one lost value: keep the others one by one
         values = []
         for handle in good:

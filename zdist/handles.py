@@ -70,7 +70,7 @@ class RemoteData(Future):
         # Not Future.__init__: it makes a Condition per future. A pool's
         # handles share the pool's one (an RLock: concurrent.futures.wait
         # takes every future's condition at once, so the same lock nests).
-        self._condition = pool._changed
+        self._condition = pool._results.changed
         self._state = FINISHED if task.done else PENDING
         self._result = None
         self._exception = None
@@ -91,7 +91,7 @@ class RemoteData(Future):
         """Wait for the value, fetch it and return it; raise the remote exception if the task failed."""
         if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
             raise CancelledError(f"{self.key} was cancelled")
-        return self._pool._get_values([self], timeout)[0]
+        return self._pool._results.values([self], timeout)[0]
 
     def get(self, timeout: float | None = None) -> Any:
         """multiprocessing's name for :meth:`result`."""
@@ -103,7 +103,7 @@ class RemoteData(Future):
     def wait(self, timeout: float | None = None) -> None:
         """Wait until the task is done, or ``timeout`` seconds have passed (no error either way, as in multiprocessing)."""
         try:
-            self._pool._wait([self], timeout, raise_errors=False)
+            self._pool._results.wait([self], timeout, raise_errors=False)
         except TimeoutError:
             pass
 
@@ -152,7 +152,7 @@ class RemoteData(Future):
     def _invoke_callbacks(self) -> None:
         callbacks, self._done_callbacks = self._done_callbacks, []
         if callbacks:
-            self._pool._run_callbacks(self, callbacks)
+            self._pool._results.run_callbacks(self, callbacks)
 
     def __await__(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -198,7 +198,7 @@ class _ItemData(RemoteData):
     """
 
     def __init__(self, pool: "Pool", chunk: _ChunkData, index: int):
-        self._condition = pool._changed
+        self._condition = pool._results.changed
         self._result = None
         self._waiters: list = []
         self._done_callbacks: list = []

@@ -28,18 +28,20 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable, Iterator
 
 from .cluster_ops import WorkerOps
 from .comm import normalize_address
 from .errors import LostDataError, NoWorkersError, noted
-from .output import reemit_warnings
-from .protocol import OK, Serialized, deserialize
+from .protocol import OK
 from .rpc import ThreadSockets, rebuild_exception
 from .scheduling import NO_VALUE, Scheduler, TaskState, events
 from .scheduling.controls import CONTROL_NAMES, Controls, controls_from
 from .scheduling.gcpause import gc_paused
+from .pool_results import Results
+from .pool_tasks import TaskMaker, checked_chunksize, run_chunk, run_star_chunk
+from .pool_tasks import chunks as make_chunks
 from .handles import (  # noqa: F401 - RemoteData and ChunkedResults are also this module's
     CANCELLABLE, ChunkedResults, RemoteData, _ChunkData, _ItemData, _PoolTask, _call_each, _fresh, _local_value, _to_refs, _watched,
 )
@@ -129,12 +131,9 @@ class Pool(WorkerOps):
             )
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, got {type(initializer).__name__}")
-        self._initializer = (initializer, tuple(initargs)) if initializer is not None else None
-        self._controls: Controls | None = controls_from(retries, priority, resources, workers, allow_other_workers, normalize=normalize_address)
-        self._wrapped: dict = {}
+        controls = controls_from(retries, priority, resources, workers, allow_other_workers, normalize=normalize_address)
+        self._tasks = TaskMaker(uuid.uuid4().hex[:8], initializer, initargs, controls)
         self._kept_for_callbacks: dict[int, Any] = {}  # handles whose callbacks have not run yet
-        self._warning_registry: dict = {}  # warnings raised again here: one per place and message, as Python does
-        self._warned = False  # some task raised a warning: results are looked at for them
         self.security = security
         self._cluster = None
         self._state = "closed"
@@ -152,11 +151,8 @@ class Pool(WorkerOps):
             self.security = getattr(center, "security", None)
         self.center_address = normalize_address(getattr(center, "center_address", center))
         self.timeout = timeout
-        self._prefix = uuid.uuid4().hex[:8]
-        self._counter = itertools.count()
-        self._changed = threading.Condition()
+        self._results = Results(self)
         self._direct = ThreadSockets(security=self.security)
-        self._callbacks: ThreadPoolExecutor | None = None
         self._loop = client_loop()
         self.available_cores: dict[str, int] = {}
         try:
@@ -200,7 +196,7 @@ class Pool(WorkerOps):
 
     def _task_controls(self, controls: dict) -> Controls | None:
         """This pool's task controls, with those given to one call on top."""
-        return merge_controls(self._controls, controls) if controls else self._controls
+        return merge_controls(self._tasks.controls, controls) if controls else self._tasks.controls
 
     def _make_tasks(
         self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None, controls: Controls | None = None, handle_type: type = RemoteData
@@ -208,11 +204,9 @@ class Pool(WorkerOps):
         self._check_running()
         if not callable(function):
             raise TypeError(f"the function to run must be callable, got {type(function).__name__}")
-        name = getattr(function, "__name__", "task")
-        name = "lambda" if name == "<lambda>" else name
-        if self._initializer is not None and function not in (_run_chunk, _run_star_chunk):
-            function = self._with_initializer(function)
-        prefix, counter = f"{name}-{self._prefix}-", self._counter
+        prefix = self._tasks.key_prefix(function)
+        function = self._tasks.wrap(function)
+        counter = self._tasks.counter
         handles = []
         with gc_paused():  # a TaskState and a handle per item, no garbage
             for args in arg_tuples:
@@ -228,20 +222,6 @@ class Pool(WorkerOps):
                 handles.append(handle_type(self, ts))
         self._shell.session.note_submitted(prefix[:-1], len(handles))  # the whole of the dashboard's progress bar
         return handles
-
-    def _with_initializer(self, function: Callable) -> Callable:
-        """``function``, preceded once per worker process by this pool's initializer (one wrapper per function: sent once)."""
-        wrapped = self._wrapped.get(function)
-        if wrapped is None:
-            token, (initializer, initargs) = self._prefix, self._initializer
-
-            def wrapped(*args: Any, **kwargs: Any) -> Any:
-                _run_initializer(token, initializer, initargs)
-                return function(*args, **kwargs)
-
-            wrapped.__name__ = getattr(function, "__name__", "task")
-            self._wrapped[function] = wrapped
-        return wrapped
 
     def _submit(
         self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None, controls: Controls | None = None, handle_type: type = RemoteData
@@ -267,7 +247,7 @@ class Pool(WorkerOps):
     def apply(self, func: Callable, args: tuple = (), kwds: dict | None = None, **controls: Any) -> RemoteData:
         """Run ``func(*args, **kwds)``; return its :class:`RemoteData` once it is done (raise if it failed)."""
         handle = self._apply_here(func, tuple(args), kwds, self._task_controls(controls))
-        self._wait([handle], None, raise_errors=True)
+        self._results.wait([handle], None, raise_errors=True)
         return handle
 
     def _apply_here(self, func: Callable, args: tuple, kwds: dict | None, controls: Controls | None) -> RemoteData:
@@ -313,7 +293,7 @@ class Pool(WorkerOps):
         warned = shell.take_notes(reply.result)
         if warned is not None and ts.key in warned["warnings"]:
             handle._warnings = (warned["worker"], warned["warnings"][ts.key])
-            self._warned = True
+            self._results.warned = True
         entry = reply.result[0]
         if entry[1] == "ok":
             handle._early = (True, entry[3] if len(entry) > 3 else NO_VALUE)
@@ -333,8 +313,8 @@ class Pool(WorkerOps):
         called once every task is done, as in multiprocessing.
         """
         handles: Any
-        if _checked_chunksize(chunksize) > 1:
-            handles = self._submit_chunks(func, iterable, chunksize, _run_chunk, self._task_controls(controls))
+        if checked_chunksize(chunksize) > 1:
+            handles = self._submit_chunks(func, iterable, chunksize, run_chunk, self._task_controls(controls))
         else:
             handles = self._submit(func, [(item,) for item in iterable], None, self._task_controls(controls))
         _when_done(handles, callback, error_callback)
@@ -342,9 +322,8 @@ class Pool(WorkerOps):
 
     def _submit_chunks(self, func: Callable, iterable: Iterable, chunksize: int, runner: Callable, controls: Controls | None) -> "ChunkedResults":
         """One task per ``chunksize`` items (``runner(func, chunk)``); a handle per item, made when asked for."""
-        if self._initializer is not None:
-            func = self._with_initializer(func)
-        chunks = list(_chunks(iterable, chunksize))
+        func = self._tasks.wrap(func)
+        chunks = list(make_chunks(iterable, chunksize))
         chunk_handles = self._submit(runner, [(func, chunk) for chunk in chunks], None, controls, _ChunkData)
         return ChunkedResults(self, chunk_handles, [len(chunk) for chunk in chunks])
 
@@ -356,7 +335,7 @@ class Pool(WorkerOps):
         Jupyter). ``controls``: see :class:`Pool`.
         """
         handles = self.map_async(func, iterable, chunksize, **controls)
-        self._wait(_watched(handles), None, raise_errors=True, progress=progress)
+        self._results.wait(_watched(handles), None, raise_errors=True, progress=progress)
         return handles
 
     def imap(self, func: Callable, iterable: Iterable, chunksize: int = 1, **controls: Any) -> Iterator:
@@ -380,12 +359,11 @@ class Pool(WorkerOps):
     def _stream(self, func: Callable, iterable: Iterable, chunksize: int, ordered: bool, controls: dict) -> Iterator:
         self._check_running()
         task_controls = self._task_controls(controls)
-        _checked_chunksize(chunksize)
+        checked_chunksize(chunksize)
         calls: Iterator = ((item,) for item in iterable)
         function = func
         if chunksize > 1:
-            func = self._with_initializer(func) if self._initializer is not None else func
-            calls, function = ((func, chunk) for chunk in _chunks(iterable, chunksize)), _run_chunk
+            calls, function = ((self._tasks.wrap(func), chunk) for chunk in make_chunks(iterable, chunksize)), run_chunk
         window = max(STREAM_WINDOW, 8 * sum(self.available_cores.values()))
         return _stream(self, function, calls, window, ordered, flatten=chunksize > 1, controls=task_controls)
 
@@ -394,8 +372,8 @@ class Pool(WorkerOps):
     ) -> list[RemoteData]:
         """Like :meth:`starmap` but returns the list of :class:`RemoteData` at once (callbacks as for :meth:`map_async`)."""
         handles: Any
-        if _checked_chunksize(chunksize) > 1:
-            handles = self._submit_chunks(func, iterable, chunksize, _run_star_chunk, self._task_controls(controls))
+        if checked_chunksize(chunksize) > 1:
+            handles = self._submit_chunks(func, iterable, chunksize, run_star_chunk, self._task_controls(controls))
         else:
             handles = self._submit(func, [tuple(args) for args in iterable], None, self._task_controls(controls))
         _when_done(handles, callback, error_callback)
@@ -404,7 +382,7 @@ class Pool(WorkerOps):
     def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None, progress: bool = False, **controls: Any) -> list[RemoteData]:
         """``[func(*args) for args in iterable]`` on the cluster."""
         handles = self.starmap_async(func, iterable, chunksize, **controls)
-        self._wait(_watched(handles), None, raise_errors=True, progress=progress)
+        self._results.wait(_watched(handles), None, raise_errors=True, progress=progress)
         return handles
 
     def scatter(self, values: Iterable, workers: Iterable[str] | None = None, replicas: int = 1) -> list[RemoteData]:
@@ -419,7 +397,7 @@ class Pool(WorkerOps):
         self._check_running()
         targets = [normalize_address(w) for w in workers] if workers is not None else None
         values = list(values)
-        keys = [f"scatter-{self._prefix}-{next(self._counter)}" for _ in values]
+        keys = [self._tasks.next_key(f"scatter-{self._tasks.prefix}-") for _ in values]
         tasks = self._loop.run(self._shell.scatter(dict(zip(keys, values)), targets, replicas), self.timeout)
         return [RemoteData(self, ts) for ts in tasks]
 
@@ -428,101 +406,13 @@ class Pool(WorkerOps):
     def gather(self, remote_data: Iterable[RemoteData], timeout: float | None = None) -> list:
         """The values of many RemoteData, fetched together (one request per worker)."""
         if isinstance(remote_data, ChunkedResults):  # a chunked map's: fetch the chunks, not item by item
-            return list(itertools.chain.from_iterable(self._get_values(remote_data.chunks, timeout)))
-        return self._get_values(list(remote_data), timeout)
+            return list(itertools.chain.from_iterable(self._results.values(remote_data.chunks, timeout)))
+        return self._results.values(list(remote_data), timeout)
 
     def delete(self, remote_data: Iterable[RemoteData]) -> None:
         """Delete values from the cluster now (their handles become unusable)."""
         handles = list(remote_data)
         self._loop.run(self._shell.delete([h._task for h in handles]), self.timeout)
-
-    def _get_values(self, handles: list[RemoteData], timeout: float | None) -> list:
-        for handle in handles:
-            if not isinstance(handle, RemoteData):
-                raise TypeError(f"gather takes RemoteData handles, got {type(handle).__name__}")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._wait(handles, timeout, raise_errors=True)
-        missing = list({h._task: None for h in handles if _local_value(h) is NO_VALUE})  # one per task: a chunk's items share theirs
-        if missing:
-            self._shell.post(events.Wanted(missing), urgent=True)
-            self._until(lambda: all(ts.value is not NO_VALUE or ts.state == ERRED for ts in missing), deadline, timeout)
-            for ts in missing:
-                if ts.value is NO_VALUE and ts.state == ERRED:
-                    raise _fresh(ts.error)
-        self._reemit_warnings(handles)
-        values = []
-        loaded: dict = {}  # task -> its value, deserialized once (a chunk's, for its many items)
-        for handle in handles:
-            ts = handle._task
-            value = loaded.get(ts, NO_VALUE)
-            if value is NO_VALUE:
-                value = _local_value(handle)
-                if value is NO_VALUE:
-                    value = ts.value
-                if isinstance(value, Serialized):
-                    value = deserialize(value.kind, value.blob, value.buffers)
-                loaded[ts] = value
-            values.append(value[handle._index] if type(handle) is _ItemData else value)
-        return values
-
-    def _reemit_warnings(self, handles: list[RemoteData]) -> None:
-        """Raise here the warnings the tasks of ``handles`` raised on their workers, once each (see :mod:`zdist.output`)."""
-        if not self._warned:
-            return
-        for handle in handles:
-            owner = handle._task.handle() if handle._warnings is None else handle  # an item's warnings are its chunk's
-            if owner is not None and owner._warnings is not None:
-                (worker, found), owner._warnings = owner._warnings, None
-                reemit_warnings(found, owner.key, worker, self._warning_registry)
-
-    def _wait(self, handles: list[RemoteData], timeout: float | None, raise_errors: bool, progress: bool = False) -> None:
-        """Wait until every handle is ready; raise the first failure (in order) once all before it are done."""
-        bar = progress_bar(len(handles), "tasks") if progress else None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        position = [0]  # handles[:position] are done: each look starts past them
-
-        def all_done() -> bool:
-            i, count = position[0], len(handles)
-            while i < count and handles[i].ready():
-                if raise_errors:
-                    error = handles[i]._error()
-                    if error is not None:
-                        self._reemit_warnings([handles[i]])
-                        raise _fresh(error)
-                i += 1
-            position[0] = i
-            if bar is not None:
-                bar.update(i - bar.n)
-            return i == count
-
-        try:
-            self._until(all_done, deadline, timeout)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    def _until(self, condition: Callable[[], bool], deadline: float | None, timeout: float | None) -> None:
-        with self._changed:
-            while not condition():
-                if self._state != "running":
-                    raise RuntimeError("the Pool was closed while waiting for results")
-                if self._shell.fatal is not None:
-                    raise self._shell.fatal
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"results not ready within {timeout} s")
-                self._changed.wait(0.5 if remaining is None else min(remaining, 0.5))
-
-    def _notify(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
-
-    def _run_callbacks(self, handle: RemoteData, callbacks: list) -> None:
-        """Run done-callbacks in order on the pool's callback thread: one may call ``result()``, which needs the loop."""
-        with self._changed:
-            if self._callbacks is None:
-                self._callbacks = ThreadPoolExecutor(1, thread_name_prefix="zdist-callbacks")
-        self._callbacks.submit(_call_each, handle, callbacks)
 
     def _cancel(self, handles: list[RemoteData]) -> bool:
         """Ask the core to cancel tasks not sent yet (and what waits for them); True if they were."""
@@ -564,7 +454,7 @@ class Pool(WorkerOps):
                 handle = ts.handle()
                 if handle is not None:
                     handle._mark_done(closed)
-        self._notify()
+        self._results.notify()
         self._direct.close()
         if self._cluster is not None:
             self._cluster.close()
@@ -640,7 +530,7 @@ class _PoolShell(Shell):
         self._news = True
 
     def on_warnings(self, worker: str, warned: dict) -> None:
-        self.pool._warned = True
+        self.pool._results.warned = True
         for key, found in warned.items():  # before the task is marked done: a waiter sees them
             ts = self.core.by_key.get(key)
             handle = ts.handle() if ts is not None else None
@@ -650,11 +540,11 @@ class _PoolShell(Shell):
     def after_feed(self) -> None:
         if self._news:
             self._news = False
-            self.pool._notify()
+            self.pool._results.notify()
 
     def on_fatal(self, error: BaseException) -> None:
         self.fatal = error
-        self.pool._notify()
+        self.pool._results.notify()
 
     async def scatter(self, values: dict, targets: list | None, replicas: int) -> list[TaskState]:
         if not self.core.workers:
@@ -774,12 +664,12 @@ def _stream(pool: Pool, function: Callable, calls: Iterator, window: int, ordere
                 if not taken:
                     pending.popleft().result()  # raises the head's error
             else:
-                pool._until(lambda: any(h.ready() for h in pending), None, None)
+                pool._results.until(lambda: any(h.ready() for h in pending), None, None)
                 taken = [h for h in pending if h.ready()]
                 pending = collections.deque(h for h in pending if not h.ready())
                 failed = [h for h in taken if h._error() is not None]
                 taken = [h for h in taken if h._error() is None]
-            for value in pool._get_values(taken, None):
+            for value in pool._results.values(taken, None):
                 if flatten:
                     yield from value
                 else:
@@ -790,43 +680,6 @@ def _stream(pool: Pool, function: Callable, calls: Iterator, window: int, ordere
     finally:
         for handle in pending:  # the caller stopped early: what has not started need not run
             handle.cancel()
-
-
-_initialized: set = set()
-_initializing = threading.Lock()
-
-
-def _run_initializer(token: str, initializer: Callable, initargs: tuple) -> None:
-    """Run a pool's initializer once in this worker process (every task of the pool calls this first)."""
-    if token in _initialized:
-        return
-    with _initializing:
-        if token not in _initialized:
-            initializer(*initargs)
-            _initialized.add(token)
-
-
-def _run_chunk(fn: Callable, chunk: list) -> list:
-    """One task of a chunked map: ``fn`` over a chunk of single arguments (a plain list: cheap to scan and send)."""
-    return [fn(item) for item in chunk]
-
-
-def _run_star_chunk(fn: Callable, chunk: list) -> list:
-    return [fn(*args) for args in chunk]
-
-
-def _checked_chunksize(chunksize: Any) -> int:
-    """``chunksize`` as given (None: 1), or a clear error."""
-    if chunksize is None:
-        return 1
-    if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
-        raise ValueError(f"chunksize must be a positive integer, got {chunksize!r}")
-    return chunksize
-
-
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    it = iter(items)
-    return iter(lambda: list(itertools.islice(it, size)), [])
 
 
 def _results_in_order(pool: Pool, handles: list[RemoteData], end: float | None, flatten: bool) -> Iterator:
@@ -845,7 +698,7 @@ def _results_in_order(pool: Pool, handles: list[RemoteData], end: float | None, 
                     if not handle.ready() or len(run) >= 1000:
                         break
                     run.append(handle)
-                pool._get_values([h for h in run if h._error() is None], remaining)
+                pool._results.values([h for h in run if h._error() is None], remaining)
             value = handles.pop().result(None if end is None else max(0.0, end - time.monotonic()))
             if flatten:
                 yield from value
@@ -854,13 +707,6 @@ def _results_in_order(pool: Pool, handles: list[RemoteData], end: float | None, 
     finally:
         for handle in handles:  # the caller stopped early: what has not started need not run
             handle.cancel()
-
-
-def progress_bar(total: int, unit: str) -> Any:
-    """A tqdm bar that suits where we run: a widget in Jupyter, text in a terminal."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit=unit, dynamic_ncols=True, mininterval=0.2)
 
 
 __all__ = ["LostDataError", "Pool", "RemoteData"]
