@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any, Callable, Iterable
 
 from .errors import EXIT_NO_CENTER, MissingDataError, SessionClosedError, WorkerRetiringError
@@ -30,6 +30,7 @@ from .datastore import WorkerMemory, work_directory
 from . import output as _output
 from . import worker_setup
 from .taskprogress import JobResults, TaskProgress
+from .worker_sessions import ClientSessions
 
 logger = logging.getLogger(__name__)
 
@@ -268,12 +269,8 @@ class Worker(Node):
         self.peer_bytes: dict[str, int] = {}  # peer address → bytes fetched from it
         self._peer_bytes_sent: dict[str, int] = {}  # as of the last heartbeat
         self._fetching: dict[Any, asyncio.Future] = {}
-        # Keys stored on behalf of a client session (results, scattered
-        # values, copies fetched for its tasks); untagged keys are not here.
-        self.key_session: dict[Any, str] = {}
-        self.session_keys: dict[str, set] = {}
-        # Sessions released lately (oldest first), to refuse their late requests.
-        self.released_sessions: OrderedDict[str, float] = OrderedDict()
+        # The keys of client sessions, and the sessions closed.
+        self.sessions = ClientSessions(self)
         self._report_add: dict[Any, int] = {}
         self._report_remove: set = set()
         # Batched on a short timer: one message for however many keys changed
@@ -379,7 +376,7 @@ class Worker(Node):
             **({"memory_limit": self.memory_limit} if self.memory_limit else {}),
             **({"resources": self.resources} if self.resources else {}),
             **({"nanny": self.nanny, "replaces": self.replaces} if self.nanny is not None else {}),
-            **({"sessions": list(self.session_keys)} if self.session_keys else {}),
+            **({"sessions": list(self.sessions.session_keys)} if self.sessions.session_keys else {}),
             **({"public_key": self.security.public_key_text} if self.security else {}),
         }
         # Cleared when the snapshot is taken, not when the Center answers:
@@ -535,33 +532,28 @@ class Worker(Node):
             nbytes = sizeof(value)
         self.data[key] = value
         self.nbytes[key] = nbytes
-        if session is not None or self.key_session:
-            self._tag(key, session)
+        sessions = self.sessions
+        if session is not None or sessions.key_session:
+            sessions.tag(key, session)
         self._gained(key, nbytes)
         return nbytes
 
     # -------------------------------------------------------------- client sessions
 
-    def _tag(self, key: Any, session: str | None) -> None:
-        """``key`` now belongs to ``session`` (None: to no session); the last store decides."""
-        old = self.key_session.pop(key, None)
-        if old is not None:
-            keys = self.session_keys[old]
-            keys.discard(key)
-            if not keys:
-                del self.session_keys[old]
-        if session is not None:
-            self.key_session[key] = session
-            self.session_keys.setdefault(session, set()).add(key)
+    @property
+    def key_session(self) -> dict:
+        """Key → the client session it belongs to (tagged keys only)."""
+        return self.sessions.key_session
 
-    def _check_session(self, session: Any) -> None:
-        """Refuse a request of a session that is not a string, or that was released."""
-        if session is None:
-            return
-        if not isinstance(session, str) or not session:
-            raise TypeError(f"session must be a non-empty string (a session id) or None, got {type(session).__name__} {session!r:.40}")
-        if session in self.released_sessions:
-            raise SessionClosedError(session, f"worker {self.address} refuses its late request")
+    @property
+    def session_keys(self) -> dict:
+        """Client session → its keys held here."""
+        return self.sessions.session_keys
+
+    @property
+    def released_sessions(self) -> dict:
+        """Client sessions released lately (oldest first), whose late requests are refused."""
+        return self.sessions.released
 
     def release_session(self, session: str) -> str:
         """A client session closed: delete its keys here and drop its tasks not yet started.
@@ -571,16 +563,8 @@ class Worker(Node):
         requests of it are refused with that error. The Center sends this to
         every worker when it closes a session.
         """
-        if not isinstance(session, str) or not session:
-            raise TypeError(f"session must be a non-empty string (a session id), got {type(session).__name__} {session!r:.40}")
-        released = self.released_sessions
-        released[session] = time.time()
-        released.move_to_end(session)
-        while len(released) > RELEASED_SESSIONS_KEPT:
-            released.popitem(last=False)
-        keys = self.session_keys.pop(session, ())
+        keys = self.sessions.release(session)
         for key in keys:
-            del self.key_session[key]
             if key in self.data:
                 del self.data[key]
                 self.nbytes.pop(key, None)
@@ -616,7 +600,7 @@ class Worker(Node):
         """
         if not isinstance(data, dict):
             raise TypeError(f"update_data needs a dict of key: value, got {type(data).__name__}")
-        self._check_session(session)
+        self.sessions.check(session)
         sizes = {}
         for key, value in data.items():
             if report:
@@ -624,8 +608,8 @@ class Worker(Node):
             else:
                 self.data[key] = value
                 sizes[key] = self.nbytes[key] = sizeof(value)
-                if session is not None or self.key_session:
-                    self._tag(key, session)
+                if session is not None or self.sessions.key_session:
+                    self.sessions.tag(key, session)
         if report:
             self.flush_reports()  # tell the Center before the caller hears back
         return (b"OK", {"nbytes": sizes})
@@ -636,8 +620,8 @@ class Worker(Node):
             if key in self.data:
                 del self.data[key]
                 self.nbytes.pop(key, None)
-                if self.key_session:
-                    self._tag(key, None)
+                if self.sessions.key_session:
+                    self.sessions.tag(key, None)
                 if report:
                     self._dropped(key)
         return "OK"
@@ -660,7 +644,7 @@ class Worker(Node):
             "ops_served": dict(self.ops_served),
             "memory": _rss(),
             "pid": os.getpid(),
-            "sessions": len(self.session_keys),
+            "sessions": len(self.sessions.session_keys),
             "restarts": self.restarts,
             "memory_limit": self.memory_limit,
             **(self.memory.metrics() if self.memory is not None else {}),
@@ -677,9 +661,9 @@ class Worker(Node):
         With ``session``, the copies belong to that client session; none is
         made once it closed.
         """
-        if session is not None and session in self.released_sessions:
+        if session is not None and session in self.sessions.released:
             return "OK"
-        self._check_session(session)
+        self.sessions.check(session)
         if self.retiring:  # it would leave with them: the asker hands them to another worker
             raise WorkerRetiringError(f"worker {self.address} is retiring and takes no keys; ask another worker")
         await self.gather_deps(list(keys), session=session)
@@ -765,7 +749,7 @@ class Worker(Node):
                         tried[key].add(address)
                     remaining.extend(ks)
                     continue
-                if session is not None and session in self.released_sessions:
+                if session is not None and session in self.sessions.released:
                     continue  # released while fetching: keep no copy (its tasks will not run)
                 fetched = 0
                 for key, value in result.items():
@@ -892,7 +876,7 @@ class Worker(Node):
         """The future of a batch's replies."""
         if not isinstance(tasks, list):
             raise TypeError("compute_batch needs a list of [key, function, args, kwargs, deps] tasks")
-        self._check_session(session)
+        self.sessions.check(session)
         if self.retiring or (self.memory is not None and self.memory.paused):  # no new task until memory is back under the limit
             waiting = asyncio.ensure_future(self._when_running(tasks, return_values, inline, who_has, report_now, session, output))
             self._tasks.add(waiting)
@@ -930,7 +914,7 @@ class Worker(Node):
                 absent = [dep for dep in task[4] if dep not in self.data]
                 if absent:
                     failed[index] = MissingDataError(absent, f"needed on worker {self.address}")
-        if session is not None and session in self.released_sessions:
+        if session is not None and session in self.sessions.released:
             closed = SessionClosedError(session, "while the inputs of its tasks were being fetched")
             failed = dict.fromkeys(range(len(tasks)), closed)
         return await self._run_batch(tasks, return_values, failed, inline, report_now, session, output)
@@ -992,7 +976,7 @@ class Worker(Node):
             results = JobResults()
             token = self.progress.started([task[0] for task in tasks], results)
         before = len(results)
-        _run_tasks(tasks, self.data, time.time() + INLINE_SLICE_SECONDS, session, self.released_sessions, outputs, warned, results)
+        _run_tasks(tasks, self.data, time.time() + INLINE_SLICE_SECONDS, session, self.sessions.released, outputs, warned, results)
         ran = len(results) - before
         if ran < len(tasks):
             loop.call_soon(self._run_on_loop, loop, tasks[ran:], indices, done, session, outputs, warned, results, token)
@@ -1015,7 +999,7 @@ class Worker(Node):
                 pass
 
         # Each client session's jobs queue apart and take turns (zdist.fairpool).
-        self.executor.submit(session, _run_tasks, (tasks, self.data, None, session, self.released_sessions, outputs, warned, results), finished)
+        self.executor.submit(session, _run_tasks, (tasks, self.data, None, session, self.sessions.released, outputs, warned, results), finished)
 
     def _job_done(self, result: Any, error: BaseException | None, indices: list, done: Callable, token: int | None = None) -> None:
         self.executing -= len(indices)
@@ -1030,7 +1014,7 @@ class Worker(Node):
     ) -> None:
         """Await coroutine functions' tasks on the loop, concurrently."""
         self.executing += len(tasks)
-        data, released = self.data, self.released_sessions
+        data, released = self.data, self.sessions.released
         gathered = asyncio.gather(*(_await_task(task, data, session, released, outputs, warned) for task in tasks))
         token = self.progress.started([task[0] for task in tasks], awaited=True)
 
@@ -1054,7 +1038,7 @@ class Worker(Node):
         outputs: dict | None = None, warned: dict | None = None,
     ) -> list:
         replies = []
-        closed = session is not None and session in self.released_sessions
+        closed = session is not None and session in self.sessions.released
         for index, task in enumerate(tasks):
             key = task[0]
             if index in failed:
@@ -1091,9 +1075,6 @@ class Worker(Node):
             self.flush_reports()  # tell the Center before the caller hears back
         return replies
 
-
-#: A worker remembers this many released client sessions, to refuse their late requests.
-RELEASED_SESSIONS_KEPT = 1000
 
 #: Heartbeats left unanswered in a row before a worker takes the Center for
 #: gone and registers again (with every key it holds).
