@@ -18,18 +18,18 @@ import uuid
 from collections import deque
 from typing import Any, Callable, Iterable
 
-from .errors import EXIT_NO_CENTER, MissingDataError, SessionClosedError, WorkerRetiringError
+from .errors import MissingDataError, SessionClosedError, WorkerRetiringError
 from .fairpool import FairThreadPool
-from .loop import Later
 from .memory import MemoryThresholds, parse_memory_limit
 from .node import Node
 from .protocol import Ref, error_fields, serialize
-from .rpc import CommClosedError, ConnectionPool, RPCTimeoutError, rebuild_exception, unwrap_value
+from .rpc import ConnectionPool, rebuild_exception, unwrap_value
 from .comm import normalize_address
 from .datastore import WorkerMemory, work_directory
 from . import output as _output
 from . import worker_setup
 from .taskprogress import JobResults, TaskProgress
+from .worker_center import CenterLink, rss
 from .worker_sessions import ClientSessions
 
 logger = logging.getLogger(__name__)
@@ -228,7 +228,6 @@ class Worker(Node):
         self.name = name
         self.local_dir = local_dir
         self.heartbeat_interval = heartbeat_interval
-        self.told_heartbeat_interval = 0.0  # what the Center last asked for (it stretches with the cluster)
         self.peer_timeout = peer_timeout
         # Under a nanny: how often it started this worker again, the address of
         # the one it replaces (the Center drops that one at once), the nanny's pid.
@@ -257,7 +256,6 @@ class Worker(Node):
         self.nbytes: dict[Any, int] = {}
         self.executor: FairThreadPool | None = None
         self.peers: ConnectionPool | None = None
-        self.registered = asyncio.Event()
         self.tasks_done = 0
         self.tasks_failed = 0
         self.executing = 0
@@ -267,17 +265,11 @@ class Worker(Node):
         # Per task group: queued, executing, done, erred, as tasks start and end (for the heartbeat).
         self.progress = TaskProgress()
         self.peer_bytes: dict[str, int] = {}  # peer address → bytes fetched from it
-        self._peer_bytes_sent: dict[str, int] = {}  # as of the last heartbeat
         self._fetching: dict[Any, asyncio.Future] = {}
         # The keys of client sessions, and the sessions closed.
         self.sessions = ClientSessions(self)
-        self._report_add: dict[Any, int] = {}
-        self._report_remove: set = set()
-        # Batched on a short timer: one message for however many keys changed
-        # meanwhile, and the Center (one more process on the same cores) is
-        # not woken in the middle of every task's round trip. Ops whose
-        # callers may ask the Center right away flush before replying.
-        self._report_later = Later(REPORT_DELAY, self.flush_reports)
+        # Registration, heartbeats and the key reports to the Center.
+        self.center_link = CenterLink(self)
         self._background: list[asyncio.Task] = []
         self.handlers.update(
             {
@@ -300,7 +292,7 @@ class Worker(Node):
 
     async def on_start(self) -> None:
         self.work_dir = work_directory(self.local_dir)  # raises OSError, saying so, if it cannot be made
-        self.memory = WorkerMemory(self.memory_limit, self.memory_thresholds, self.work_dir, self._memory_changed)
+        self.memory = WorkerMemory(self.memory_limit, self.memory_thresholds, self.work_dir, self.center_link.heartbeat_now)
         self.data = self.memory.data
         self._background.append(asyncio.ensure_future(self.memory.monitor()))
         if self.lifetime:
@@ -311,19 +303,14 @@ class Worker(Node):
         self.peers = ConnectionPool(timeout=self.peer_timeout, security=self.security)
         if self.preload:  # before registering: no task arrives before the set-up is done
             self._preloaded = await worker_setup.preload(self, self.preload)
-        self._background.append(asyncio.ensure_future(self._stay_registered()))
+        self._background.append(asyncio.ensure_future(self.center_link.stay_registered()))
 
     async def on_stop(self) -> None:
         for task in self._background:
             task.cancel()
         if self._preloaded:
             await worker_setup.teardown(self, self._preloaded)
-        if self.registered.is_set() and self.peers is not None:
-            try:
-                self.flush_reports()
-                await self.peers.get(self.center_address).request("unregister", {"address": self.address}, timeout=1.0)
-            except Exception as exc:  # the Center may be gone already
-                logger.info("could not unregister from %s: %s", self.center_address, exc)
+        await self.center_link.unregister()
         if self.executor is not None:
             self.executor.shutdown()
         if self.peers is not None:
@@ -343,7 +330,7 @@ class Worker(Node):
 
         if not self.retiring:
             self.retiring = True
-            self._memory_changed()  # tell the Center now: no new tasks here
+            self.center_link.heartbeat_now()  # tell the Center now: no new tasks here
         try:
             return await retire(self, leaving=set(leaving or ()))
         finally:
@@ -364,169 +351,6 @@ class Worker(Node):
         logger.warning("worker %s reached its lifetime (%.0f s); retiring", self.address, delay)
         await self.close_gracefully()
 
-    async def _register(self) -> None:
-        center = self.peers.get(self.center_address)
-        args = {
-            "address": self.address,
-            "ncores": self.ncores,
-            "name": self.name,
-            "keys": dict(self.nbytes),
-            "pid": os.getpid(),
-            "restarts": self.restarts,
-            **({"memory_limit": self.memory_limit} if self.memory_limit else {}),
-            **({"resources": self.resources} if self.resources else {}),
-            **({"nanny": self.nanny, "replaces": self.replaces} if self.nanny is not None else {}),
-            **({"sessions": list(self.sessions.session_keys)} if self.sessions.session_keys else {}),
-            **({"public_key": self.security.public_key_text} if self.security else {}),
-        }
-        # Cleared when the snapshot is taken, not when the Center answers:
-        # keys gained or dropped meanwhile (e.g. a session the Center
-        # releases as we register) are still reported afterwards.
-        self._report_add.clear()
-        self._report_remove.clear()
-        await center.request("register", args, timeout=max(2.0, self.heartbeat_interval * 4))
-
-    async def _stay_registered(self) -> None:
-        """Register, then heartbeat; register again whenever the Center forgets us.
-
-        The Center says in each heartbeat's answer how often it wants to hear
-        from this worker (less often in a large cluster, so that it handles a
-        bounded number of heartbeats a second); the worker heartbeats at that
-        interval or its own ``heartbeat_interval``, whichever is longer, give
-        or take 10% so that a fleet started at once does not beat in step.
-        A heartbeat left unanswered is not yet a lost Center: a busy one
-        answers late. Only after :data:`HEARTBEAT_MISSES` in a row does the
-        worker start over (a fresh socket, registering again with every key).
-        """
-        said_waiting = False
-        last_contact = time.monotonic()
-        misses = 0
-        while True:
-            try:
-                if not self.registered.is_set():
-                    await self._register()
-                    self.registered.set()
-                    self.flush_reports()  # what changed while registering
-                    logger.info("registered with center at %s", self.center_address)
-                    said_waiting = False
-                    last_contact = time.monotonic()
-                    misses = 0
-                await asyncio.sleep(self.current_heartbeat_interval * random.uniform(0.9, 1.1))
-                answer = await self.peers.get(self.center_address).request(
-                    "heartbeat", {"address": self.address, **self._heartbeat_metrics()}, timeout=max(2.0, self.current_heartbeat_interval * 4)
-                )
-                last_contact = time.monotonic()
-                misses = 0
-                if answer == "unknown" or (isinstance(answer, dict) and answer.get("status") == "unknown"):
-                    logger.warning("center at %s does not know this worker (restarted?); registering again", self.center_address)
-                    self.registered.clear()
-                elif isinstance(answer, dict) and isinstance(answer.get("interval"), (int, float)):
-                    self.told_heartbeat_interval = min(float(answer["interval"]), MAX_HEARTBEAT_INTERVAL)
-            except (RPCTimeoutError, CommClosedError, ConnectionError) as exc:
-                if self.death_timeout is not None and time.monotonic() - last_contact >= self.death_timeout:
-                    self._die_without_center()
-                    return
-                misses += 1
-                if misses < HEARTBEAT_MISSES and self.registered.is_set() and isinstance(exc, RPCTimeoutError):
-                    logger.info("center at %s did not answer a heartbeat in time (%s); trying again", self.center_address, exc)
-                    continue
-                if not said_waiting:
-                    how_long = f"for {self.death_timeout:g} s (--death-timeout)" if self.death_timeout is not None else ""
-                    logger.warning("center at %s is not answering (%s); will keep trying %s", self.center_address, exc, how_long)
-                    said_waiting = True
-                self.registered.clear()
-                # A fresh socket so that stale requests queued for a dead Center are dropped.
-                self.peers.remove(self.center_address)
-                await asyncio.sleep(min(1.0, self.heartbeat_interval))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("unexpected error talking to the center")
-                await asyncio.sleep(1.0)
-
-    def _die_without_center(self) -> None:
-        """No Center for ``death_timeout`` seconds: stop, with :data:`~zdist.errors.EXIT_NO_CENTER` as exit code."""
-        logger.error(
-            "no center at %s for %g s (--death-timeout): worker %s exits (status %d); its data is dropped",
-            self.center_address, self.death_timeout, self.address, EXIT_NO_CENTER,
-        )
-        self.exit_code = EXIT_NO_CENTER
-        self.registered.clear()  # nothing to unregister from
-        asyncio.ensure_future(self.stop())
-
-    @property
-    def current_heartbeat_interval(self) -> float:
-        """Seconds between heartbeats now: the Center's wish or this worker's own, whichever is longer."""
-        return max(self.heartbeat_interval, self.told_heartbeat_interval)
-
-    def _heartbeat_metrics(self) -> dict:
-        metrics = {"nkeys_local": len(self.data), "memory": _rss(), **self._activity()}
-        if self.memory is not None:
-            metrics.update((k, v) for k, v in self.memory.metrics().items() if v is not None)
-        if self.retiring:  # clients see it as paused: no new tasks
-            metrics.update(status="paused", retiring=1)
-        return metrics
-
-    def _activity(self) -> dict:
-        """Tasks executing (in a thread now), queued here, done and erred, per group as they changed; bytes moved.
-
-        A few numbers per group that changed since the last heartbeat: what
-        the dashboard shows as it happens, at a cost the Center does not feel.
-        """
-        progress = self.progress.report()
-        activity: dict[str, Any] = {
-            "executing": progress["executing"],
-            "queued": progress["queued"],
-            "tasks_done": progress["done"],
-            "tasks_failed": progress["erred"],
-            "bytes_fetched": self.bytes_fetched,
-            "bytes_served": self.bytes_served,
-        }
-        if progress["groups"]:
-            activity["task_groups"] = progress["groups"]
-        sent = self._peer_bytes_sent
-        moved = {peer: n for peer, n in self.peer_bytes.items() if sent.get(peer) != n}
-        if moved:
-            activity["transfers"] = moved
-            sent.update(moved)
-        return activity
-
-    def _memory_changed(self) -> None:
-        """Paused or resumed: tell the Center now (clients send work elsewhere meanwhile)."""
-        if self.registered.is_set() and self.peers is not None:
-            self.peers.get(self.center_address).send("heartbeat", address=self.address, **self._heartbeat_metrics())
-
-    # -------------------------------------------------------------- reporting to the Center
-
-    def _gained(self, key: Any, nbytes: int) -> None:
-        self._report_remove.discard(key)
-        self._report_add[key] = nbytes
-        self._schedule_report()
-
-    def _dropped(self, key: Any) -> None:
-        # Reported removed even if gained since the last report: it may have
-        # been stored before that too (the Center knows it), and removing a
-        # key the Center never heard of costs nothing.
-        self._report_add.pop(key, None)
-        self._report_remove.add(key)
-        self._schedule_report()
-
-    def _schedule_report(self) -> None:
-        self._report_later.schedule()
-
-    def flush_reports(self) -> None:
-        """Send the keys gained and dropped since the last report, as one message each."""
-        self._report_later.cancel()
-        if not self.registered.is_set() or self.peers is None:
-            return  # registration sends every key we hold
-        center = self.peers.get(self.center_address)
-        if self._report_remove:
-            center.send("remove_keys", address=self.address, keys=list(self._report_remove))
-            self._report_remove = set()
-        if self._report_add:
-            center.send("add_keys", address=self.address, keys=self._report_add)
-            self._report_add = {}
-
     def _store(self, key: Any, value: Any, nbytes: int | None = None, session: str | None = None) -> int:
         if nbytes is None:
             nbytes = sizeof(value)
@@ -535,10 +359,24 @@ class Worker(Node):
         sessions = self.sessions
         if session is not None or sessions.key_session:
             sessions.tag(key, session)
-        self._gained(key, nbytes)
+        self.center_link.gained(key, nbytes)
         return nbytes
 
-    # -------------------------------------------------------------- client sessions
+    # -------------------------------------------------------------- what the collaborators own
+
+    @property
+    def registered(self) -> asyncio.Event:
+        """Set while the Center knows this worker (see :class:`~zdist.worker_center.CenterLink`)."""
+        return self.center_link.registered
+
+    @property
+    def current_heartbeat_interval(self) -> float:
+        """Seconds between heartbeats now: the Center's wish or this worker's own, whichever is longer."""
+        return self.center_link.current_heartbeat_interval
+
+    def flush_reports(self) -> None:
+        """Tell the Center now of the keys gained and dropped since the last report."""
+        self.center_link.flush_reports()
 
     @property
     def key_session(self) -> dict:
@@ -568,10 +406,10 @@ class Worker(Node):
             if key in self.data:
                 del self.data[key]
                 self.nbytes.pop(key, None)
-                self._dropped(key)
+                self.center_link.dropped(key)
         if keys:
             logger.info("client session %s closed: deleted its %d keys", session, len(keys))
-            self.flush_reports()
+            self.center_link.flush_reports()
         return "OK"
 
     # -------------------------------------------------------------- data ops
@@ -611,7 +449,7 @@ class Worker(Node):
                 if session is not None or self.sessions.key_session:
                     self.sessions.tag(key, session)
         if report:
-            self.flush_reports()  # tell the Center before the caller hears back
+            self.center_link.flush_reports()  # tell the Center before the caller hears back
         return (b"OK", {"nbytes": sizes})
 
     def delete_data(self, keys: Iterable, report: bool = True) -> str:
@@ -623,7 +461,7 @@ class Worker(Node):
                 if self.sessions.key_session:
                     self.sessions.tag(key, None)
                 if report:
-                    self._dropped(key)
+                    self.center_link.dropped(key)
         return "OK"
 
     def keys(self) -> list:
@@ -642,7 +480,7 @@ class Worker(Node):
             "bytes_fetched": self.bytes_fetched,
             "bytes_served": self.bytes_served,
             "ops_served": dict(self.ops_served),
-            "memory": _rss(),
+            "memory": rss(),
             "pid": os.getpid(),
             "sessions": len(self.sessions.session_keys),
             "restarts": self.restarts,
@@ -668,18 +506,6 @@ class Worker(Node):
             raise WorkerRetiringError(f"worker {self.address} is retiring and takes no keys; ask another worker")
         await self.gather_deps(list(keys), session=session)
         return "OK"
-
-    async def _ask_center(self, op: str, args: dict) -> Any:
-        """A request to the Center that waits out a Center restart (up to ``peer_timeout``)."""
-        deadline = time.monotonic() + self.peer_timeout
-        while True:
-            try:
-                return await self.peers.get(self.center_address).request(op, args, timeout=max(2.0, self.heartbeat_interval * 4))
-            except (RPCTimeoutError, CommClosedError) as exc:
-                if time.monotonic() > deadline:
-                    raise ConnectionError(f"center {self.center_address} did not answer {op!r} for {self.peer_timeout} s") from exc
-                self.peers.remove(self.center_address)
-                await asyncio.sleep(0.2)
 
     async def gather_deps(self, keys: Iterable, who_has: dict | None = None, session: str | None = None) -> None:
         """Make sure every key is held here, fetching missing ones from peers.
@@ -724,7 +550,7 @@ class Worker(Node):
                     who_has[key] = holders
         unknown = [key for key in keys if key not in who_has]
         if unknown:
-            who_has.update(await self._ask_center("who_has", {"keys": unknown}))
+            who_has.update(await self.center_link.ask("who_has", {"keys": unknown}))
         tried: dict[Any, set] = {key: set() for key in keys}
         remaining = list(keys)
         for _attempt in range(3):
@@ -758,7 +584,7 @@ class Worker(Node):
                 self.peer_bytes[address] = self.peer_bytes.get(address, 0) + fetched
             if not remaining:
                 return
-            who_has = await self._ask_center("who_has", {"keys": remaining})
+            who_has = await self.center_link.ask("who_has", {"keys": remaining})
         raise MissingDataError(remaining, f"every holder failed to send them to worker {self.address}")
 
     async def _fetch_from(self, address: str, keys: list) -> dict:
@@ -832,8 +658,9 @@ class Worker(Node):
         inputs are fetched from peers first; a task whose inputs cannot be
         found fails with :class:`MissingDataError`. ``who_has`` tells where
         inputs are, as in :meth:`gather_deps`. The Center hears of the new
-        keys within :data:`REPORT_DELAY`, not before the reply: a scheduler
-        that sends this knows where they are, and passes ``who_has`` on.
+        keys within :data:`~zdist.worker_center.REPORT_DELAY`, not before the
+        reply: a scheduler that sends this knows where they are, and passes
+        ``who_has`` on.
 
         Where a task runs is one rule, decided by what the caller sent:
 
@@ -1072,18 +899,9 @@ class Worker(Node):
         if warned:  # likewise: raised again on the client when it takes the results
             replies.append([None, "warnings", {"worker": self.name or self.address, "warnings": warned}])
         if report_now:
-            self.flush_reports()  # tell the Center before the caller hears back
+            self.center_link.flush_reports()  # tell the Center before the caller hears back
         return replies
 
-
-#: Heartbeats left unanswered in a row before a worker takes the Center for
-#: gone and registers again (with every key it holds).
-HEARTBEAT_MISSES = 3
-#: The longest heartbeat interval a worker accepts from a Center.
-MAX_HEARTBEAT_INTERVAL = 60.0
-
-#: How long a worker gathers key changes before telling the Center (one message).
-REPORT_DELAY = 0.005
 
 #: A batch sent with ``inline=True`` runs on the worker's event loop this
 #: long at most before the loop serves other requests; then it goes on.
@@ -1104,12 +922,3 @@ def _split(tasks: list, n: int) -> list[list]:
         chunks.append(tasks[start:end])
         start = end
     return chunks
-
-
-def _rss() -> int:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except Exception:
-        return 0
