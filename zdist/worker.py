@@ -18,7 +18,7 @@ import uuid
 from collections import deque
 from typing import Any, Callable, Iterable
 
-from .errors import MissingDataError, SessionClosedError, WorkerRetiringError
+from .errors import MissingDataError, SessionClosedError
 from .fairpool import FairThreadPool
 from .memory import MemoryThresholds, parse_memory_limit
 from .node import Node
@@ -30,6 +30,7 @@ from . import output as _output
 from . import worker_setup
 from .taskprogress import JobResults, TaskProgress
 from .worker_center import CenterLink, rss
+from .worker_fetch import PeerFetcher
 from .worker_sessions import ClientSessions
 
 logger = logging.getLogger(__name__)
@@ -259,17 +260,16 @@ class Worker(Node):
         self.tasks_done = 0
         self.tasks_failed = 0
         self.executing = 0
-        self.bytes_fetched = 0
         self.bytes_served = 0
         self.task_log: deque = deque(maxlen=10_000)  # (key, start, stop, ok)
         # Per task group: queued, executing, done, erred, as tasks start and end (for the heartbeat).
         self.progress = TaskProgress()
-        self.peer_bytes: dict[str, int] = {}  # peer address → bytes fetched from it
-        self._fetching: dict[Any, asyncio.Future] = {}
         # The keys of client sessions, and the sessions closed.
         self.sessions = ClientSessions(self)
         # Registration, heartbeats and the key reports to the Center.
         self.center_link = CenterLink(self)
+        # Copies of keys from other workers.
+        self.fetcher = PeerFetcher(self)
         self._background: list[asyncio.Task] = []
         self.handlers.update(
             {
@@ -281,7 +281,7 @@ class Worker(Node):
                 "keys": self.keys,
                 "metrics": self.metrics,
                 "get_task_log": self.get_task_log,
-                "fetch_keys": self.fetch_keys,
+                "fetch_keys": self.fetcher.fetch_keys,
                 "release_session": self.release_session,
                 "retire": self.retire,
                 **worker_setup.handlers(self),  # upload_file, run
@@ -351,7 +351,8 @@ class Worker(Node):
         logger.warning("worker %s reached its lifetime (%.0f s); retiring", self.address, delay)
         await self.close_gracefully()
 
-    def _store(self, key: Any, value: Any, nbytes: int | None = None, session: str | None = None) -> int:
+    def keep(self, key: Any, value: Any, nbytes: int | None = None, session: str | None = None) -> int:
+        """Hold ``value`` as ``key`` (of client ``session``, if given) and report it to the Center; its size in bytes."""
         if nbytes is None:
             nbytes = sizeof(value)
         self.data[key] = value
@@ -442,7 +443,7 @@ class Worker(Node):
         sizes = {}
         for key, value in data.items():
             if report:
-                sizes[key] = self._store(key, value, session=session)
+                sizes[key] = self.keep(key, value, session=session)
             else:
                 self.data[key] = value
                 sizes[key] = self.nbytes[key] = sizeof(value)
@@ -477,7 +478,7 @@ class Worker(Node):
             "executing": self.executing,
             "tasks_done": self.tasks_done,
             "tasks_failed": self.tasks_failed,
-            "bytes_fetched": self.bytes_fetched,
+            "bytes_fetched": self.fetcher.bytes_fetched,
             "bytes_served": self.bytes_served,
             "ops_served": dict(self.ops_served),
             "memory": rss(),
@@ -490,125 +491,6 @@ class Worker(Node):
 
     def get_task_log(self, since: float = 0.0) -> list:
         return [entry for entry in self.task_log if entry[2] >= since]
-
-    # -------------------------------------------------------------- peer to peer
-
-    async def fetch_keys(self, keys: Iterable, session: str | None = None) -> str:
-        """Copy keys here from the workers that hold them (to restore replicas).
-
-        With ``session``, the copies belong to that client session; none is
-        made once it closed.
-        """
-        if session is not None and session in self.sessions.released:
-            return "OK"
-        self.sessions.check(session)
-        if self.retiring:  # it would leave with them: the asker hands them to another worker
-            raise WorkerRetiringError(f"worker {self.address} is retiring and takes no keys; ask another worker")
-        await self.gather_deps(list(keys), session=session)
-        return "OK"
-
-    async def gather_deps(self, keys: Iterable, who_has: dict | None = None, session: str | None = None) -> None:
-        """Make sure every key is held here, fetching missing ones from peers.
-
-        ``who_has`` (key → worker addresses), where the caller knows, saves
-        asking the Center; the Center is asked when those holders fail.
-        Copies fetched for a client ``session``'s tasks belong to it.
-        """
-        missing = [key for key in dict.fromkeys(keys) if key not in self.data]
-        if not missing:
-            return
-        waiting = [self._fetching[key] for key in missing if key in self._fetching]
-        to_fetch = [key for key in missing if key not in self._fetching]
-        if to_fetch:
-            loop = asyncio.get_running_loop()
-            future = loop.create_future()
-            for key in to_fetch:
-                self._fetching[key] = future
-            try:
-                await self._fetch(to_fetch, who_has, session)
-                future.set_result(None)
-            except BaseException as exc:
-                future.set_exception(exc)
-                future.exception()  # mark retrieved
-                raise
-            finally:
-                for key in to_fetch:
-                    if self._fetching.get(key) is future:
-                        del self._fetching[key]
-        if waiting:
-            await asyncio.gather(*waiting)
-        still = [key for key in missing if key not in self.data]
-        if still:
-            raise MissingDataError(still, f"fetched but then deleted on worker {self.address}")
-
-    async def _fetch(self, keys: list, hints: dict | None = None, session: str | None = None) -> None:
-        who_has: dict = {}
-        if hints:
-            for key in keys:
-                holders = hints.get(key)
-                if holders:
-                    who_has[key] = holders
-        unknown = [key for key in keys if key not in who_has]
-        if unknown:
-            who_has.update(await self.center_link.ask("who_has", {"keys": unknown}))
-        tried: dict[Any, set] = {key: set() for key in keys}
-        remaining = list(keys)
-        for _attempt in range(3):
-            by_worker: dict[str, list] = {}
-            lost = []
-            for key in remaining:
-                holders = [w for w in who_has.get(key, ()) if w not in tried[key] and w != self.address]
-                if not holders:
-                    lost.append(key)
-                    continue
-                by_worker.setdefault(random.choice(holders), []).append(key)
-            if lost:
-                raise MissingDataError(lost, f"needed on worker {self.address}")
-            results = await asyncio.gather(*(self._fetch_from(w, ks) for w, ks in by_worker.items()), return_exceptions=True)
-            remaining = []
-            for (address, ks), result in zip(by_worker.items(), results):
-                if isinstance(result, BaseException):
-                    if isinstance(result, asyncio.CancelledError):
-                        raise result
-                    logger.info("fetching %d keys from %s failed: %s", len(ks), address, result)
-                    for key in ks:
-                        tried[key].add(address)
-                    remaining.extend(ks)
-                    continue
-                if session is not None and session in self.sessions.released:
-                    continue  # released while fetching: keep no copy (its tasks will not run)
-                fetched = 0
-                for key, value in result.items():
-                    fetched += self._store(key, value, session=session)
-                self.bytes_fetched += fetched
-                self.peer_bytes[address] = self.peer_bytes.get(address, 0) + fetched
-            if not remaining:
-                return
-            who_has = await self.center_link.ask("who_has", {"keys": remaining})
-        raise MissingDataError(remaining, f"every holder failed to send them to worker {self.address}")
-
-    async def _fetch_from(self, address: str, keys: list) -> dict:
-        """get_data from a peer; give up early if the Center drops that peer meanwhile."""
-        if self.security is not None and address not in self.security.server_keys and address not in self.peers.connections:
-            # The peer may have a key pair of its own: the Center knows its public key.
-            self.security.learn(await self.peers.get(self.center_address).request("workers", {}))
-        request = self.peers.get(address).request("get_data", {"keys": keys})
-        absent = 0
-        while True:
-            done, _ = await asyncio.wait({request}, timeout=max(1.0, self.heartbeat_interval * 2))
-            if done:
-                return request.result()
-            try:
-                workers = await self.peers.get(self.center_address).request("alive", {"workers": [address]}, timeout=5.0)
-            except Exception:
-                continue
-            # Absent several times in a row: a restarted Center lists workers
-            # again only as they re-register.
-            absent = absent + 1 if address not in workers else 0
-            if absent >= 3:
-                request.cancel()
-                self.peers.remove(address)
-                raise ConnectionError(f"peer {address} died while sending {len(keys)} keys")
 
     # -------------------------------------------------------------- compute
 
@@ -657,9 +539,10 @@ class Worker(Node):
         ``[key, 'error', {type, message, traceback, exception}]``. Missing
         inputs are fetched from peers first; a task whose inputs cannot be
         found fails with :class:`MissingDataError`. ``who_has`` tells where
-        inputs are, as in :meth:`gather_deps`. The Center hears of the new
-        keys within :data:`~zdist.worker_center.REPORT_DELAY`, not before the
-        reply: a scheduler that sends this knows where they are, and passes
+        inputs are, as in :meth:`~zdist.worker_fetch.PeerFetcher.gather_deps`.
+        The Center hears of the new keys within
+        :data:`~zdist.worker_center.REPORT_DELAY`, not before the reply: a
+        scheduler that sends this knows where they are, and passes
         ``who_has`` on.
 
         Where a task runs is one rule, decided by what the caller sent:
@@ -734,7 +617,7 @@ class Worker(Node):
     async def _fetch_then_run(self, tasks: list, return_values: int, needed: list, inline: bool, who_has: dict | None, report_now: bool, session: str | None = None, output: bool = False) -> list:
         failed: dict[int, BaseException] = {}
         try:
-            await self.gather_deps(needed, who_has, session)
+            await self.fetcher.gather_deps(needed, who_has, session)
         except MissingDataError:
             # Run what we can; tasks whose inputs are gone report which.
             for index, task in enumerate(tasks):
@@ -883,7 +766,7 @@ class Worker(Node):
                 self.tasks_failed += 1
                 continue
             self.tasks_done += 1
-            self._store(key, value, extra, session)
+            self.keep(key, value, extra, session)
             entry = [key, "ok", extra]
             if return_values and extra <= return_values:
                 if type(value) in _MSGPACK_NATIVE:

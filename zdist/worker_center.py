@@ -57,7 +57,7 @@ class CenterLink:
         # not woken in the middle of every task's round trip. Ops whose
         # callers may ask the Center right away flush before replying.
         self._report_later = Later(REPORT_DELAY, self.flush_reports)
-        self._peer_bytes_sent: dict[str, int] = {}  # worker.peer_bytes as of the last heartbeat
+        self._peer_bytes_sent: dict[str, int] = {}  # worker.fetcher.peer_bytes as of the last heartbeat
 
     @property
     def current_heartbeat_interval(self) -> float:
@@ -207,13 +207,13 @@ class CenterLink:
             "queued": progress["queued"],
             "tasks_done": progress["done"],
             "tasks_failed": progress["erred"],
-            "bytes_fetched": worker.bytes_fetched,
+            "bytes_fetched": worker.fetcher.bytes_fetched,
             "bytes_served": worker.bytes_served,
         }
         if progress["groups"]:
             activity["task_groups"] = progress["groups"]
         sent = self._peer_bytes_sent
-        moved = {peer: n for peer, n in worker.peer_bytes.items() if sent.get(peer) != n}
+        moved = {peer: n for peer, n in worker.fetcher.peer_bytes.items() if sent.get(peer) != n}
         if moved:
             activity["transfers"] = moved
             sent.update(moved)
