@@ -201,7 +201,7 @@ class CenterLink:
         the dashboard shows as it happens, at a cost the Center does not feel.
         """
         worker = self.worker
-        progress = worker.progress.report()
+        progress = worker.batches.progress.report()
         activity: dict[str, Any] = {
             "executing": progress["executing"],
             "queued": progress["queued"],
