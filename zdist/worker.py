@@ -1,8 +1,25 @@
 """The Worker: serves its local ``data`` dict and runs functions on it.
 
-Inputs it lacks it fetches peer to peer, after asking the Center who has
-them; every key it gains or drops it reports to the Center (batched: one
-message per turn of the event loop, however many keys changed).
+The data model: ``data`` maps each key held here to its value (a plain dict,
+or with a memory limit the spilling store of ``memory``), ``nbytes`` each key
+to its size, and a key stored for a client session is tagged with that
+session. Inputs it lacks it fetches peer to peer, after asking the Center
+who has them; every key it gains or drops it reports to the Center
+(batched: one message per :data:`~zdist.worker_center.REPORT_DELAY`,
+however many keys changed).
+
+The :class:`Worker` is the node (its ``handlers``) and holds ``data`` and
+``nbytes``; the rest is in parts beside it, each owning its own state:
+
+* ``center_link``, a :class:`~zdist.worker_center.CenterLink`: registration,
+  heartbeats, and the key reports;
+* ``batches``, a :class:`~zdist.worker_batches.BatchRunner`: where and how
+  the tasks of ``compute`` and ``compute_batch`` run, the thread pool, and
+  the counts of tasks;
+* ``fetcher``, a :class:`~zdist.worker_fetch.PeerFetcher`: copies of keys
+  from other workers (``fetch_keys``), and the bytes fetched;
+* ``sessions``, a :class:`~zdist.worker_sessions.ClientSessions`: which key
+  belongs to which client session, and the sessions closed.
 """
 from __future__ import annotations
 
