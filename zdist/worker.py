@@ -27,7 +27,7 @@ import asyncio
 import logging
 import os
 import random
-from typing import Any, Callable, Coroutine, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import MissingDataError
 from .fairpool import FairThreadPool
@@ -370,7 +370,7 @@ class Worker(Node):
 
     # -------------------------------------------------------------- compute
 
-    def compute(
+    async def compute(
         self,
         function: Callable,
         keys: Iterable = (),
@@ -379,8 +379,8 @@ class Worker(Node):
         kwargs: dict | None = None,
         return_value: int = 0,
         session: str | None = None,
-    ) -> Coroutine[Any, Any, tuple]:
-        """Run ``function(*[data[k] for k in keys], *args, **kwargs)`` and keep the result (a coroutine: await it).
+    ) -> tuple:
+        """Run ``function(*[data[k] for k in keys], *args, **kwargs)`` and keep the result.
 
         Answers ``(b'OK', {'key': key, 'nbytes': n})``; with ``return_value=N``
         a result of at most N bytes also comes back as ``'value'``. With
@@ -389,7 +389,7 @@ class Worker(Node):
         awaited on the loop if it is a coroutine function (the rule of
         :meth:`compute_batch`).
         """
-        return self.batches.compute(function, keys, key, args, kwargs, return_value, session)
+        return await self.batches.compute(function, keys, key, args, kwargs, return_value, session)
 
     def compute_batch(self, tasks: list, return_values: int = 0, inline: bool = False, who_has: dict | None = None, session: str | None = None, output: bool = False) -> asyncio.Future:
         """Run many tasks ``[key, function, args, kwargs, deps]``; ``Ref(k)`` in args is ``data[k]``.
