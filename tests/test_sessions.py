@@ -408,7 +408,7 @@ def test_killed_client_process_leaves_the_tables_empty():
             # No close_session: the Center notices the silence, and the workers clean up.
             await until(lambda: session_free(center, workers, session), message="the killed client's session is closed everywhere")
             await until(
-                lambda: center.who_has() == {} and all(not w.data and not w.executing and not w._fetching for w in workers),
+                lambda: center.who_has() == {} and all(not w.data and not w.executing and not w.fetcher.in_flight for w in workers),
                 message="the cluster's tables are empty again",
             )
             assert all(w.key_session == {} for w in workers)

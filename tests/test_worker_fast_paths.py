@@ -8,7 +8,7 @@ import time
 import warnings
 
 
-from zdist import worker as worker_module
+from zdist import worker_batches
 from zdist.protocol import Ref
 from zdist.rpc import ConnectionPool
 
@@ -155,7 +155,7 @@ async def _async(value):
 
 
 def test_a_long_inline_batch_lets_other_requests_in_between_slices(monkeypatch):
-    monkeypatch.setattr(worker_module, "INLINE_SLICE_SECONDS", 0.01)
+    monkeypatch.setattr(worker_batches, "INLINE_SLICE_SECONDS", 0.01)
     STARTED.clear()
     async def main():
         async with local_nodes(("solo",)) as (_, (worker,)):

@@ -109,8 +109,8 @@ async def retire(worker: Worker, timeout: float = RETIRE_TIMEOUT, leaving: set |
 async def _alone(worker: Worker, keys: list, leaving: set, settle: bool = False) -> list:
     """The keys the Center lists no holder for but workers that are leaving (after a short wait for reports in flight, if ``settle``)."""
     for _ in range(40 if settle else 1):  # bounded: 2 s at most
-        who_has = await worker._ask_center("who_has", {"keys": keys})
-        gone = leaving | _retiring(await worker._ask_center("workers", {}))
+        who_has = await worker.center_link.ask("who_has", {"keys": keys})
+        gone = leaving | _retiring(await worker.center_link.ask("workers", {}))
         alone = [key for key in keys if key in worker.data and not (set(who_has.get(key, ())) - gone)]
         if not alone or not settle:
             return alone
@@ -125,7 +125,7 @@ def _retiring(infos: dict) -> set:
 
 async def _targets(worker: Worker, leaving: set) -> dict:
     """Other workers that take data: address → bytes they hold (retiring and leaving ones left out)."""
-    infos = await worker._ask_center("workers", {})
+    infos = await worker.center_link.ask("workers", {})
     gone = leaving | _retiring(infos)
     return {address: info.get("nbytes", 0) for address, info in infos.items() if address not in gone}
 

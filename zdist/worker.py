@@ -1,186 +1,49 @@
 """The Worker: serves its local ``data`` dict and runs functions on it.
 
-Inputs it lacks it fetches peer to peer, after asking the Center who has
-them; every key it gains or drops it reports to the Center (batched: one
-message per turn of the event loop, however many keys changed).
+The data model: ``data`` maps each key held here to its value (a plain dict,
+or with a memory limit the spilling store of ``memory``), ``nbytes`` each key
+to its size, and a key stored for a client session is tagged with that
+session. Inputs it lacks it fetches peer to peer, after asking the Center
+who has them; every key it gains or drops it reports to the Center
+(batched: one message per :data:`~zdist.worker_center.REPORT_DELAY`,
+however many keys changed).
+
+The :class:`Worker` is the node (its ``handlers``) and holds ``data`` and
+``nbytes``; the rest is in parts beside it, each owning its own state:
+
+* ``center_link``, a :class:`~zdist.worker_center.CenterLink`: registration,
+  heartbeats, and the key reports;
+* ``batches``, a :class:`~zdist.worker_batches.BatchRunner`: where and how
+  the tasks of ``compute`` and ``compute_batch`` run, the thread pool, and
+  the counts of tasks;
+* ``fetcher``, a :class:`~zdist.worker_fetch.PeerFetcher`: copies of keys
+  from other workers (``fetch_keys``), and the bytes fetched;
+* ``sessions``, a :class:`~zdist.worker_sessions.ClientSessions`: which key
+  belongs to which client session, and the sessions closed.
 """
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import random
-import sys
-import time
-import traceback
-import uuid
-from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 
-from .errors import EXIT_NO_CENTER, MissingDataError, SessionClosedError, WorkerRetiringError
+from .errors import MissingDataError
 from .fairpool import FairThreadPool
-from .loop import Later
 from .memory import MemoryThresholds, parse_memory_limit
 from .node import Node
-from .protocol import Ref, error_fields, serialize
-from .rpc import CommClosedError, ConnectionPool, RPCTimeoutError, rebuild_exception, unwrap_value
+from .protocol import serialize
+from .rpc import ConnectionPool
 from .comm import normalize_address
 from .datastore import WorkerMemory, work_directory
-from . import output as _output
 from . import worker_setup
-from .taskprogress import JobResults, TaskProgress
+from .worker_batches import BatchRunner, sizeof
+from .worker_center import CenterLink, rss
+from .worker_fetch import PeerFetcher
+from .worker_sessions import ClientSessions
 
 logger = logging.getLogger(__name__)
-
-try:  # dask knows the true size of NumPy, pandas and container values
-    from dask.sizeof import sizeof as _sizeof
-except ImportError:  # pragma: no cover - dask is a dependency
-    _sizeof = sys.getsizeof
-
-
-def sizeof(value: Any) -> int:
-    """Bytes a value holds: buffer sizes for NumPy/pandas, ``sys.getsizeof`` otherwise."""
-    try:
-        return int(_sizeof(value))
-    except Exception:
-        return sys.getsizeof(value, 0)
-
-
-def substitute(obj: Any, data: dict) -> Any:
-    """``obj`` with every :class:`Ref` replaced by the value it names (any depth)."""
-    cls = type(obj)
-    if cls is Ref:
-        try:
-            return data[obj.key]
-        except KeyError:
-            # Deleted between the batch's check and this thread running it: missing
-            # data (which a scheduler recovers from), not the user's KeyError.
-            raise MissingDataError([obj.key], "deleted on this worker before the task that needs it ran") from None
-    if cls is tuple or cls is list:
-        return cls(substitute(item, data) for item in obj)
-    if cls is dict:
-        return {key: substitute(value, data) for key, value in obj.items()}
-    return obj
-
-
-def _run_tasks(
-    tasks: list, data: dict, deadline: float | None = None, session: str | None = None, released: Any = (), output: dict | None = None, warned: dict | None = None,
-    results: JobResults | None = None,
-) -> list:
-    """Run tasks one after the other: ``[(ok, value_or_error, nbytes_or_traceback, start, stop)]``.
-
-    In a thread-pool thread, or, given a ``deadline`` (a ``time.time()``),
-    on the event loop (a batch sent with ``inline=True``): there it stops
-    once the deadline has passed, so the results may cover only the first
-    tasks (at least one), and a function that tries to run an event loop of
-    its own fails with an error that says why (:func:`_inline_loop_error`).
-
-    A task of a client ``session`` found in ``released`` (the session was
-    closed meanwhile) is not run: it fails with :class:`SessionClosedError`.
-
-    With ``output`` (a dict), what each task prints or logs is captured into
-    ``output[key]`` (:mod:`zdist.output`) instead of the worker's streams;
-    with ``warned`` (a dict), the warnings each task raises go to
-    ``warned[key]``, to be raised again on the client.
-
-    ``results``, if given, is the list to append to: the worker's
-    :class:`~zdist.taskprogress.TaskProgress` counts its entries while the
-    job runs, so that the Center hears of each task as it ends.
-    """
-    capture = token = warning_capture = warning_token = None
-    if output is not None:  # one ContextVar set per job; per task only the key in it changes
-        capture = [None, output]
-        token = _output.begin_batch(capture)
-    if warned is not None:
-        warning_capture = [None, warned]
-        warning_token = _output.record_warnings(warning_capture)
-    on_loop = deadline is not None
-    if results is None:
-        results = []
-    else:
-        results.started = True  # this job has a thread now: its first unfinished task is executing
-    try:
-        for key, function, args, kwargs, deps in tasks:
-            if on_loop and results and results[-1][4] > deadline:
-                break
-            start = time.time()
-            if session is not None and session in released:
-                results.append((False, SessionClosedError(session, "the task had not started"), "", start, start))
-                continue
-            if capture is not None:
-                capture[0] = key
-            if warning_capture is not None:
-                warning_capture[0] = key
-            try:
-                if deps:
-                    args = substitute(args, data)
-                    kwargs = substitute(kwargs, data) if kwargs else kwargs
-                value = function(*args, **kwargs) if kwargs else function(*args)
-            except Exception as exc:  # noqa: BLE001 - the user's function failed; report it
-                if on_loop and _raised_by_asyncio(exc):
-                    exc = _inline_loop_error(function, exc)
-                results.append(_failure(exc, start))
-                continue
-            results.append((True, value, sizeof(value), start, time.time()))
-    finally:
-        if token is not None:
-            _output.end(token)
-        if warning_token is not None:
-            _output.end_warnings(warning_token)
-    return results
-
-
-async def _await_task(task: list, data: dict, session: str | None = None, released: Any = (), output: dict | None = None, warned: dict | None = None) -> tuple:
-    """Await one task whose function is a coroutine function, on the worker's loop (see :func:`_run_tasks`)."""
-    key, function, args, kwargs, deps = task
-    if output is not None:  # this coroutine runs as an asyncio task of its own: the capture stays within it
-        _output.begin_batch([key, output])
-    if warned is not None:
-        _output.record_warnings([key, warned])
-    start = time.time()
-    if session is not None and session in released:
-        return (False, SessionClosedError(session, "the task had not started"), "", start, start)
-    try:
-        if deps:
-            args = substitute(args, data)
-            kwargs = substitute(kwargs, data) if kwargs else kwargs
-        value = await function(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - the user's function failed; report it
-        return _failure(exc, start)
-    return (True, value, sizeof(value), start, time.time())
-
-
-def _failure(exc: BaseException, start: float) -> tuple:
-    """A failed task's outcome, with its traceback as text (less the worker's own frame)."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next if exc.__traceback__ else None))
-    return (False, exc, tb, start, time.time())
-
-
-_ASYNCIO_DIR = os.path.dirname(asyncio.__file__)
-
-
-def _raised_by_asyncio(exc: BaseException) -> bool:
-    """A RuntimeError raised by asyncio itself, e.g. ``asyncio.run`` refusing to start on a thread whose loop runs."""
-    tb = exc.__traceback__
-    if not isinstance(exc, RuntimeError) or tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return os.path.dirname(tb.tb_frame.f_code.co_filename) == _ASYNCIO_DIR
-
-
-def _inline_loop_error(function: Callable, exc: BaseException) -> RuntimeError:
-    """The error of a function sent inline that asked asyncio for a loop of its own (the cause: asyncio's refusal)."""
-    name = getattr(function, "__qualname__", None) or repr(function)
-    error = RuntimeError(
-        f"{name} ran on the worker's event loop, because its batch was sent with inline=True, and asyncio refused what it "
-        f"asked there ({exc}). A function sent inline must be tiny and must not run or wait for an event loop "
-        "(asyncio.run, run_until_complete): send it without inline=True to run it in the worker's thread pool, "
-        "or make it an async def function, which the worker awaits on its loop."
-    )
-    error.__cause__ = exc
-    return error
 
 
 class Worker(Node):
@@ -227,7 +90,6 @@ class Worker(Node):
         self.name = name
         self.local_dir = local_dir
         self.heartbeat_interval = heartbeat_interval
-        self.told_heartbeat_interval = 0.0  # what the Center last asked for (it stretches with the cluster)
         self.peer_timeout = peer_timeout
         # Under a nanny: how often it started this worker again, the address of
         # the one it replaces (the Center drops that one at once), the nanny's pid.
@@ -254,33 +116,15 @@ class Worker(Node):
         self.memory: WorkerMemory | None = None
         self.work_dir: str | None = None
         self.nbytes: dict[Any, int] = {}
-        self.executor: FairThreadPool | None = None
         self.peers: ConnectionPool | None = None
-        self.registered = asyncio.Event()
-        self.tasks_done = 0
-        self.tasks_failed = 0
-        self.executing = 0
-        self.bytes_fetched = 0
         self.bytes_served = 0
-        self.task_log: deque = deque(maxlen=10_000)  # (key, start, stop, ok)
-        # Per task group: queued, executing, done, erred, as tasks start and end (for the heartbeat).
-        self.progress = TaskProgress()
-        self.peer_bytes: dict[str, int] = {}  # peer address → bytes fetched from it
-        self._peer_bytes_sent: dict[str, int] = {}  # as of the last heartbeat
-        self._fetching: dict[Any, asyncio.Future] = {}
-        # Keys stored on behalf of a client session (results, scattered
-        # values, copies fetched for its tasks); untagged keys are not here.
-        self.key_session: dict[Any, str] = {}
-        self.session_keys: dict[str, set] = {}
-        # Sessions released lately (oldest first), to refuse their late requests.
-        self.released_sessions: OrderedDict[str, float] = OrderedDict()
-        self._report_add: dict[Any, int] = {}
-        self._report_remove: set = set()
-        # Batched on a short timer: one message for however many keys changed
-        # meanwhile, and the Center (one more process on the same cores) is
-        # not woken in the middle of every task's round trip. Ops whose
-        # callers may ask the Center right away flush before replying.
-        self._report_later = Later(REPORT_DELAY, self.flush_reports)
+        # The collaborators, each owning its part of the state: registration,
+        # heartbeats and key reports; running batches; fetching from peers;
+        # the keys of client sessions and the sessions closed.
+        self.center_link = CenterLink(self)
+        self.batches = BatchRunner(self)
+        self.fetcher = PeerFetcher(self)
+        self.sessions = ClientSessions(self)
         self._background: list[asyncio.Task] = []
         self.handlers.update(
             {
@@ -292,7 +136,7 @@ class Worker(Node):
                 "keys": self.keys,
                 "metrics": self.metrics,
                 "get_task_log": self.get_task_log,
-                "fetch_keys": self.fetch_keys,
+                "fetch_keys": self.fetcher.fetch_keys,
                 "release_session": self.release_session,
                 "retire": self.retire,
                 **worker_setup.handlers(self),  # upload_file, run
@@ -303,32 +147,26 @@ class Worker(Node):
 
     async def on_start(self) -> None:
         self.work_dir = work_directory(self.local_dir)  # raises OSError, saying so, if it cannot be made
-        self.memory = WorkerMemory(self.memory_limit, self.memory_thresholds, self.work_dir, self._memory_changed)
+        self.memory = WorkerMemory(self.memory_limit, self.memory_thresholds, self.work_dir, self.center_link.heartbeat_now)
         self.data = self.memory.data
         self._background.append(asyncio.ensure_future(self.memory.monitor()))
         if self.lifetime:
             self._background.append(asyncio.ensure_future(self._retire_later()))
         if self.name is None:
             self.name = self.address
-        self.executor = FairThreadPool(self.ncores, f"zdist-worker-{self.port}")
+        self.batches.start_pool(f"zdist-worker-{self.port}")
         self.peers = ConnectionPool(timeout=self.peer_timeout, security=self.security)
         if self.preload:  # before registering: no task arrives before the set-up is done
             self._preloaded = await worker_setup.preload(self, self.preload)
-        self._background.append(asyncio.ensure_future(self._stay_registered()))
+        self._background.append(asyncio.ensure_future(self.center_link.stay_registered()))
 
     async def on_stop(self) -> None:
         for task in self._background:
             task.cancel()
         if self._preloaded:
             await worker_setup.teardown(self, self._preloaded)
-        if self.registered.is_set() and self.peers is not None:
-            try:
-                self.flush_reports()
-                await self.peers.get(self.center_address).request("unregister", {"address": self.address}, timeout=1.0)
-            except Exception as exc:  # the Center may be gone already
-                logger.info("could not unregister from %s: %s", self.center_address, exc)
-        if self.executor is not None:
-            self.executor.shutdown()
+        await self.center_link.unregister()
+        self.batches.close()
         if self.peers is not None:
             self.peers.close()
         if self.memory is not None:
@@ -346,7 +184,7 @@ class Worker(Node):
 
         if not self.retiring:
             self.retiring = True
-            self._memory_changed()  # tell the Center now: no new tasks here
+            self.center_link.heartbeat_now()  # tell the Center now: no new tasks here
         try:
             return await retire(self, leaving=set(leaving or ()))
         finally:
@@ -367,201 +205,70 @@ class Worker(Node):
         logger.warning("worker %s reached its lifetime (%.0f s); retiring", self.address, delay)
         await self.close_gracefully()
 
-    async def _register(self) -> None:
-        center = self.peers.get(self.center_address)
-        args = {
-            "address": self.address,
-            "ncores": self.ncores,
-            "name": self.name,
-            "keys": dict(self.nbytes),
-            "pid": os.getpid(),
-            "restarts": self.restarts,
-            **({"memory_limit": self.memory_limit} if self.memory_limit else {}),
-            **({"resources": self.resources} if self.resources else {}),
-            **({"nanny": self.nanny, "replaces": self.replaces} if self.nanny is not None else {}),
-            **({"sessions": list(self.session_keys)} if self.session_keys else {}),
-            **({"public_key": self.security.public_key_text} if self.security else {}),
-        }
-        # Cleared when the snapshot is taken, not when the Center answers:
-        # keys gained or dropped meanwhile (e.g. a session the Center
-        # releases as we register) are still reported afterwards.
-        self._report_add.clear()
-        self._report_remove.clear()
-        await center.request("register", args, timeout=max(2.0, self.heartbeat_interval * 4))
+    def cancel_on_stop(self, future: asyncio.Future) -> asyncio.Future:
+        """``future`` (a task of this worker's, a gather), to be cancelled when the worker stops."""
+        self._tasks.add(future)
+        future.add_done_callback(self._tasks.discard)
+        return future
 
-    async def _stay_registered(self) -> None:
-        """Register, then heartbeat; register again whenever the Center forgets us.
+    # -------------------------------------------------------------- what the collaborators own
 
-        The Center says in each heartbeat's answer how often it wants to hear
-        from this worker (less often in a large cluster, so that it handles a
-        bounded number of heartbeats a second); the worker heartbeats at that
-        interval or its own ``heartbeat_interval``, whichever is longer, give
-        or take 10% so that a fleet started at once does not beat in step.
-        A heartbeat left unanswered is not yet a lost Center: a busy one
-        answers late. Only after :data:`HEARTBEAT_MISSES` in a row does the
-        worker start over (a fresh socket, registering again with every key).
-        """
-        said_waiting = False
-        last_contact = time.monotonic()
-        misses = 0
-        while True:
-            try:
-                if not self.registered.is_set():
-                    await self._register()
-                    self.registered.set()
-                    self.flush_reports()  # what changed while registering
-                    logger.info("registered with center at %s", self.center_address)
-                    said_waiting = False
-                    last_contact = time.monotonic()
-                    misses = 0
-                await asyncio.sleep(self.current_heartbeat_interval * random.uniform(0.9, 1.1))
-                answer = await self.peers.get(self.center_address).request(
-                    "heartbeat", {"address": self.address, **self._heartbeat_metrics()}, timeout=max(2.0, self.current_heartbeat_interval * 4)
-                )
-                last_contact = time.monotonic()
-                misses = 0
-                if answer == "unknown" or (isinstance(answer, dict) and answer.get("status") == "unknown"):
-                    logger.warning("center at %s does not know this worker (restarted?); registering again", self.center_address)
-                    self.registered.clear()
-                elif isinstance(answer, dict) and isinstance(answer.get("interval"), (int, float)):
-                    self.told_heartbeat_interval = min(float(answer["interval"]), MAX_HEARTBEAT_INTERVAL)
-            except (RPCTimeoutError, CommClosedError, ConnectionError) as exc:
-                if self.death_timeout is not None and time.monotonic() - last_contact >= self.death_timeout:
-                    self._die_without_center()
-                    return
-                misses += 1
-                if misses < HEARTBEAT_MISSES and self.registered.is_set() and isinstance(exc, RPCTimeoutError):
-                    logger.info("center at %s did not answer a heartbeat in time (%s); trying again", self.center_address, exc)
-                    continue
-                if not said_waiting:
-                    how_long = f"for {self.death_timeout:g} s (--death-timeout)" if self.death_timeout is not None else ""
-                    logger.warning("center at %s is not answering (%s); will keep trying %s", self.center_address, exc, how_long)
-                    said_waiting = True
-                self.registered.clear()
-                # A fresh socket so that stale requests queued for a dead Center are dropped.
-                self.peers.remove(self.center_address)
-                await asyncio.sleep(min(1.0, self.heartbeat_interval))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("unexpected error talking to the center")
-                await asyncio.sleep(1.0)
-
-    def _die_without_center(self) -> None:
-        """No Center for ``death_timeout`` seconds: stop, with :data:`~zdist.errors.EXIT_NO_CENTER` as exit code."""
-        logger.error(
-            "no center at %s for %g s (--death-timeout): worker %s exits (status %d); its data is dropped",
-            self.center_address, self.death_timeout, self.address, EXIT_NO_CENTER,
-        )
-        self.exit_code = EXIT_NO_CENTER
-        self.registered.clear()  # nothing to unregister from
-        asyncio.ensure_future(self.stop())
+    @property
+    def registered(self) -> asyncio.Event:
+        """Set while the Center knows this worker (see :class:`~zdist.worker_center.CenterLink`)."""
+        return self.center_link.registered
 
     @property
     def current_heartbeat_interval(self) -> float:
         """Seconds between heartbeats now: the Center's wish or this worker's own, whichever is longer."""
-        return max(self.heartbeat_interval, self.told_heartbeat_interval)
-
-    def _heartbeat_metrics(self) -> dict:
-        metrics = {"nkeys_local": len(self.data), "memory": _rss(), **self._activity()}
-        if self.memory is not None:
-            metrics.update((k, v) for k, v in self.memory.metrics().items() if v is not None)
-        if self.retiring:  # clients see it as paused: no new tasks
-            metrics.update(status="paused", retiring=1)
-        return metrics
-
-    def _activity(self) -> dict:
-        """Tasks executing (in a thread now), queued here, done and erred, per group as they changed; bytes moved.
-
-        A few numbers per group that changed since the last heartbeat: what
-        the dashboard shows as it happens, at a cost the Center does not feel.
-        """
-        progress = self.progress.report()
-        activity: dict[str, Any] = {
-            "executing": progress["executing"],
-            "queued": progress["queued"],
-            "tasks_done": progress["done"],
-            "tasks_failed": progress["erred"],
-            "bytes_fetched": self.bytes_fetched,
-            "bytes_served": self.bytes_served,
-        }
-        if progress["groups"]:
-            activity["task_groups"] = progress["groups"]
-        sent = self._peer_bytes_sent
-        moved = {peer: n for peer, n in self.peer_bytes.items() if sent.get(peer) != n}
-        if moved:
-            activity["transfers"] = moved
-            sent.update(moved)
-        return activity
-
-    def _memory_changed(self) -> None:
-        """Paused or resumed: tell the Center now (clients send work elsewhere meanwhile)."""
-        if self.registered.is_set() and self.peers is not None:
-            self.peers.get(self.center_address).send("heartbeat", address=self.address, **self._heartbeat_metrics())
-
-    # -------------------------------------------------------------- reporting to the Center
-
-    def _gained(self, key: Any, nbytes: int) -> None:
-        self._report_remove.discard(key)
-        self._report_add[key] = nbytes
-        self._schedule_report()
-
-    def _dropped(self, key: Any) -> None:
-        # Reported removed even if gained since the last report: it may have
-        # been stored before that too (the Center knows it), and removing a
-        # key the Center never heard of costs nothing.
-        self._report_add.pop(key, None)
-        self._report_remove.add(key)
-        self._schedule_report()
-
-    def _schedule_report(self) -> None:
-        self._report_later.schedule()
+        return self.center_link.current_heartbeat_interval
 
     def flush_reports(self) -> None:
-        """Send the keys gained and dropped since the last report, as one message each."""
-        self._report_later.cancel()
-        if not self.registered.is_set() or self.peers is None:
-            return  # registration sends every key we hold
-        center = self.peers.get(self.center_address)
-        if self._report_remove:
-            center.send("remove_keys", address=self.address, keys=list(self._report_remove))
-            self._report_remove = set()
-        if self._report_add:
-            center.send("add_keys", address=self.address, keys=self._report_add)
-            self._report_add = {}
+        """Tell the Center now of the keys gained and dropped since the last report."""
+        self.center_link.flush_reports()
 
-    def _store(self, key: Any, value: Any, nbytes: int | None = None, session: str | None = None) -> int:
+    @property
+    def key_session(self) -> dict:
+        """Key → the client session it belongs to (tagged keys only)."""
+        return self.sessions.key_session
+
+    @property
+    def session_keys(self) -> dict:
+        """Client session → its keys held here."""
+        return self.sessions.session_keys
+
+    @property
+    def released_sessions(self) -> dict:
+        """Client sessions released lately (oldest first), whose late requests are refused."""
+        return self.sessions.released
+
+    @property
+    def executor(self) -> FairThreadPool | None:
+        """The thread pool tasks run in (None until the worker starts)."""
+        return self.batches.executor
+
+    @property
+    def executing(self) -> int:
+        """Tasks running now, in the thread pool or awaited on the loop."""
+        return self.batches.executing
+
+    @property
+    def tasks_failed(self) -> int:
+        return self.batches.tasks_failed
+
+    # -------------------------------------------------------------- data and client sessions
+
+    def keep(self, key: Any, value: Any, nbytes: int | None = None, session: str | None = None) -> int:
+        """Hold ``value`` as ``key`` (of client ``session``, if given) and report it to the Center; its size in bytes."""
         if nbytes is None:
             nbytes = sizeof(value)
         self.data[key] = value
         self.nbytes[key] = nbytes
-        if session is not None or self.key_session:
-            self._tag(key, session)
-        self._gained(key, nbytes)
+        sessions = self.sessions
+        if session is not None or sessions.key_session:
+            sessions.tag(key, session)
+        self.center_link.gained(key, nbytes)
         return nbytes
-
-    # -------------------------------------------------------------- client sessions
-
-    def _tag(self, key: Any, session: str | None) -> None:
-        """``key`` now belongs to ``session`` (None: to no session); the last store decides."""
-        old = self.key_session.pop(key, None)
-        if old is not None:
-            keys = self.session_keys[old]
-            keys.discard(key)
-            if not keys:
-                del self.session_keys[old]
-        if session is not None:
-            self.key_session[key] = session
-            self.session_keys.setdefault(session, set()).add(key)
-
-    def _check_session(self, session: Any) -> None:
-        """Refuse a request of a session that is not a string, or that was released."""
-        if session is None:
-            return
-        if not isinstance(session, str) or not session:
-            raise TypeError(f"session must be a non-empty string (a session id) or None, got {type(session).__name__} {session!r:.40}")
-        if session in self.released_sessions:
-            raise SessionClosedError(session, f"worker {self.address} refuses its late request")
 
     def release_session(self, session: str) -> str:
         """A client session closed: delete its keys here and drop its tasks not yet started.
@@ -571,23 +278,15 @@ class Worker(Node):
         requests of it are refused with that error. The Center sends this to
         every worker when it closes a session.
         """
-        if not isinstance(session, str) or not session:
-            raise TypeError(f"session must be a non-empty string (a session id), got {type(session).__name__} {session!r:.40}")
-        released = self.released_sessions
-        released[session] = time.time()
-        released.move_to_end(session)
-        while len(released) > RELEASED_SESSIONS_KEPT:
-            released.popitem(last=False)
-        keys = self.session_keys.pop(session, ())
+        keys = self.sessions.release(session)
         for key in keys:
-            del self.key_session[key]
             if key in self.data:
                 del self.data[key]
                 self.nbytes.pop(key, None)
-                self._dropped(key)
+                self.center_link.dropped(key)
         if keys:
             logger.info("client session %s closed: deleted its %d keys", session, len(keys))
-            self.flush_reports()
+            self.center_link.flush_reports()
         return "OK"
 
     # -------------------------------------------------------------- data ops
@@ -616,18 +315,18 @@ class Worker(Node):
         """
         if not isinstance(data, dict):
             raise TypeError(f"update_data needs a dict of key: value, got {type(data).__name__}")
-        self._check_session(session)
+        self.sessions.check(session)
         sizes = {}
         for key, value in data.items():
             if report:
-                sizes[key] = self._store(key, value, session=session)
+                sizes[key] = self.keep(key, value, session=session)
             else:
                 self.data[key] = value
                 sizes[key] = self.nbytes[key] = sizeof(value)
-                if session is not None or self.key_session:
-                    self._tag(key, session)
+                if session is not None or self.sessions.key_session:
+                    self.sessions.tag(key, session)
         if report:
-            self.flush_reports()  # tell the Center before the caller hears back
+            self.center_link.flush_reports()  # tell the Center before the caller hears back
         return (b"OK", {"nbytes": sizes})
 
     def delete_data(self, keys: Iterable, report: bool = True) -> str:
@@ -636,10 +335,10 @@ class Worker(Node):
             if key in self.data:
                 del self.data[key]
                 self.nbytes.pop(key, None)
-                if self.key_session:
-                    self._tag(key, None)
+                if self.sessions.key_session:
+                    self.sessions.tag(key, None)
                 if report:
-                    self._dropped(key)
+                    self.center_link.dropped(key)
         return "OK"
 
     def keys(self) -> list:
@@ -653,152 +352,21 @@ class Worker(Node):
             "nkeys": len(self.data),
             "nbytes": sum(self.nbytes.values()),
             "executing": self.executing,
-            "tasks_done": self.tasks_done,
+            "tasks_done": self.batches.tasks_done,
             "tasks_failed": self.tasks_failed,
-            "bytes_fetched": self.bytes_fetched,
+            "bytes_fetched": self.fetcher.bytes_fetched,
             "bytes_served": self.bytes_served,
             "ops_served": dict(self.ops_served),
-            "memory": _rss(),
+            "memory": rss(),
             "pid": os.getpid(),
-            "sessions": len(self.session_keys),
+            "sessions": len(self.sessions.session_keys),
             "restarts": self.restarts,
             "memory_limit": self.memory_limit,
             **(self.memory.metrics() if self.memory is not None else {}),
         }
 
     def get_task_log(self, since: float = 0.0) -> list:
-        return [entry for entry in self.task_log if entry[2] >= since]
-
-    # -------------------------------------------------------------- peer to peer
-
-    async def fetch_keys(self, keys: Iterable, session: str | None = None) -> str:
-        """Copy keys here from the workers that hold them (to restore replicas).
-
-        With ``session``, the copies belong to that client session; none is
-        made once it closed.
-        """
-        if session is not None and session in self.released_sessions:
-            return "OK"
-        self._check_session(session)
-        if self.retiring:  # it would leave with them: the asker hands them to another worker
-            raise WorkerRetiringError(f"worker {self.address} is retiring and takes no keys; ask another worker")
-        await self.gather_deps(list(keys), session=session)
-        return "OK"
-
-    async def _ask_center(self, op: str, args: dict) -> Any:
-        """A request to the Center that waits out a Center restart (up to ``peer_timeout``)."""
-        deadline = time.monotonic() + self.peer_timeout
-        while True:
-            try:
-                return await self.peers.get(self.center_address).request(op, args, timeout=max(2.0, self.heartbeat_interval * 4))
-            except (RPCTimeoutError, CommClosedError) as exc:
-                if time.monotonic() > deadline:
-                    raise ConnectionError(f"center {self.center_address} did not answer {op!r} for {self.peer_timeout} s") from exc
-                self.peers.remove(self.center_address)
-                await asyncio.sleep(0.2)
-
-    async def gather_deps(self, keys: Iterable, who_has: dict | None = None, session: str | None = None) -> None:
-        """Make sure every key is held here, fetching missing ones from peers.
-
-        ``who_has`` (key → worker addresses), where the caller knows, saves
-        asking the Center; the Center is asked when those holders fail.
-        Copies fetched for a client ``session``'s tasks belong to it.
-        """
-        missing = [key for key in dict.fromkeys(keys) if key not in self.data]
-        if not missing:
-            return
-        waiting = [self._fetching[key] for key in missing if key in self._fetching]
-        to_fetch = [key for key in missing if key not in self._fetching]
-        if to_fetch:
-            loop = asyncio.get_running_loop()
-            future = loop.create_future()
-            for key in to_fetch:
-                self._fetching[key] = future
-            try:
-                await self._fetch(to_fetch, who_has, session)
-                future.set_result(None)
-            except BaseException as exc:
-                future.set_exception(exc)
-                future.exception()  # mark retrieved
-                raise
-            finally:
-                for key in to_fetch:
-                    if self._fetching.get(key) is future:
-                        del self._fetching[key]
-        if waiting:
-            await asyncio.gather(*waiting)
-        still = [key for key in missing if key not in self.data]
-        if still:
-            raise MissingDataError(still, f"fetched but then deleted on worker {self.address}")
-
-    async def _fetch(self, keys: list, hints: dict | None = None, session: str | None = None) -> None:
-        who_has: dict = {}
-        if hints:
-            for key in keys:
-                holders = hints.get(key)
-                if holders:
-                    who_has[key] = holders
-        unknown = [key for key in keys if key not in who_has]
-        if unknown:
-            who_has.update(await self._ask_center("who_has", {"keys": unknown}))
-        tried: dict[Any, set] = {key: set() for key in keys}
-        remaining = list(keys)
-        for _attempt in range(3):
-            by_worker: dict[str, list] = {}
-            lost = []
-            for key in remaining:
-                holders = [w for w in who_has.get(key, ()) if w not in tried[key] and w != self.address]
-                if not holders:
-                    lost.append(key)
-                    continue
-                by_worker.setdefault(random.choice(holders), []).append(key)
-            if lost:
-                raise MissingDataError(lost, f"needed on worker {self.address}")
-            results = await asyncio.gather(*(self._fetch_from(w, ks) for w, ks in by_worker.items()), return_exceptions=True)
-            remaining = []
-            for (address, ks), result in zip(by_worker.items(), results):
-                if isinstance(result, BaseException):
-                    if isinstance(result, asyncio.CancelledError):
-                        raise result
-                    logger.info("fetching %d keys from %s failed: %s", len(ks), address, result)
-                    for key in ks:
-                        tried[key].add(address)
-                    remaining.extend(ks)
-                    continue
-                if session is not None and session in self.released_sessions:
-                    continue  # released while fetching: keep no copy (its tasks will not run)
-                fetched = 0
-                for key, value in result.items():
-                    fetched += self._store(key, value, session=session)
-                self.bytes_fetched += fetched
-                self.peer_bytes[address] = self.peer_bytes.get(address, 0) + fetched
-            if not remaining:
-                return
-            who_has = await self._ask_center("who_has", {"keys": remaining})
-        raise MissingDataError(remaining, f"every holder failed to send them to worker {self.address}")
-
-    async def _fetch_from(self, address: str, keys: list) -> dict:
-        """get_data from a peer; give up early if the Center drops that peer meanwhile."""
-        if self.security is not None and address not in self.security.server_keys and address not in self.peers.connections:
-            # The peer may have a key pair of its own: the Center knows its public key.
-            self.security.learn(await self.peers.get(self.center_address).request("workers", {}))
-        request = self.peers.get(address).request("get_data", {"keys": keys})
-        absent = 0
-        while True:
-            done, _ = await asyncio.wait({request}, timeout=max(1.0, self.heartbeat_interval * 2))
-            if done:
-                return request.result()
-            try:
-                workers = await self.peers.get(self.center_address).request("alive", {"workers": [address]}, timeout=5.0)
-            except Exception:
-                continue
-            # Absent several times in a row: a restarted Center lists workers
-            # again only as they re-register.
-            absent = absent + 1 if address not in workers else 0
-            if absent >= 3:
-                request.cancel()
-                self.peers.remove(address)
-                raise ConnectionError(f"peer {address} died while sending {len(keys)} keys")
+        return [entry for entry in self.batches.task_log if entry[2] >= since]
 
     # -------------------------------------------------------------- compute
 
@@ -821,23 +389,7 @@ class Worker(Node):
         awaited on the loop if it is a coroutine function (the rule of
         :meth:`compute_batch`).
         """
-        if not callable(function):
-            raise TypeError(f"compute needs a callable function, got {type(function).__name__}")
-        keys = list(keys)
-        if key is None:
-            key = f"{getattr(function, '__name__', 'result')}-{uuid.uuid4().hex}"
-        task = [key, function, tuple(Ref(k) for k in keys) + tuple(args), kwargs or {}, keys]
-        # Reported to the Center before the reply: a caller may ask it right away.
-        result = (await self._start_batch([task], return_value, False, None, report_now=True, session=session))[0]
-        if result[1] == "error":
-            fields = result[2]
-            error = rebuild_exception({**fields, "exception": unwrap_value(fields.get("exception"))})
-            error.zdist_traceback = fields.get("traceback")  # the node replies with the task's traceback
-            raise error
-        meta = {"key": key, "nbytes": result[2]}
-        if len(result) > 3:
-            meta["value"] = result[3]
-        return (b"OK", meta)
+        return await self.batches.compute(function, keys, key, args, kwargs, return_value, session)
 
     def compute_batch(self, tasks: list, return_values: int = 0, inline: bool = False, who_has: dict | None = None, session: str | None = None, output: bool = False) -> asyncio.Future:
         """Run many tasks ``[key, function, args, kwargs, deps]``; ``Ref(k)`` in args is ``data[k]``.
@@ -847,9 +399,11 @@ class Worker(Node):
         ``[key, 'error', {type, message, traceback, exception}]``. Missing
         inputs are fetched from peers first; a task whose inputs cannot be
         found fails with :class:`MissingDataError`. ``who_has`` tells where
-        inputs are, as in :meth:`gather_deps`. The Center hears of the new
-        keys within :data:`REPORT_DELAY`, not before the reply: a scheduler
-        that sends this knows where they are, and passes ``who_has`` on.
+        inputs are, as in :meth:`~zdist.worker_fetch.PeerFetcher.gather_deps`.
+        The Center hears of the new keys within
+        :data:`~zdist.worker_center.REPORT_DELAY`, not before the reply: a
+        scheduler that sends this knows where they are, and passes
+        ``who_has`` on.
 
         Where a task runs is one rule, decided by what the caller sent:
 
@@ -857,12 +411,12 @@ class Worker(Node):
           event loop, concurrently with the batch's other such tasks;
         * with ``inline=True``, every other function of the batch runs on the
           event loop, one after the other, in slices of at most
-          :data:`INLINE_SLICE_SECONDS` (other requests are served between
-          slices). The caller vouches that its functions are tiny: one that
-          takes long holds up every request to this worker (``get_data``,
-          heartbeats) while it runs, and one that runs or waits for an event
-          loop of its own (``asyncio.run``) fails with an error that says so
-          (it is not run again elsewhere);
+          :data:`~zdist.worker_batches.INLINE_SLICE_SECONDS` (other requests
+          are served between slices). The caller vouches that its functions
+          are tiny: one that takes long holds up every request to this worker
+          (``get_data``, heartbeats) while it runs, and one that runs or waits
+          for an event loop of its own (``asyncio.run``) fails with an error
+          that says so (it is not run again elsewhere);
         * everything else runs in the worker's thread pool, the batch split
           into one job per core.
 
@@ -886,249 +440,5 @@ class Worker(Node):
         some task printed something: ``[None, 'output', {'worker': name,
         'output': {key: [[stream, text], ...]}}]`` (see :mod:`zdist.output`).
         """
-        return self._start_batch(tasks, return_values, inline, who_has, report_now=False, session=session, output=output)
+        return self.batches.start(tasks, return_values, inline, who_has, report_now=False, session=session, output=output)
 
-    def _start_batch(self, tasks: list, return_values: int, inline: bool, who_has: dict | None, report_now: bool, session: str | None = None, output: bool = False) -> asyncio.Future:
-        """The future of a batch's replies."""
-        if not isinstance(tasks, list):
-            raise TypeError("compute_batch needs a list of [key, function, args, kwargs, deps] tasks")
-        self._check_session(session)
-        if self.retiring or (self.memory is not None and self.memory.paused):  # no new task until memory is back under the limit
-            waiting = asyncio.ensure_future(self._when_running(tasks, return_values, inline, who_has, report_now, session, output))
-            self._tasks.add(waiting)
-            waiting.add_done_callback(self._tasks.discard)
-            return waiting
-        data = self.data
-        needed = []
-        for task in tasks:
-            if not (isinstance(task, (list, tuple)) and len(task) == 5 and callable(task[1])):
-                raise TypeError(f"each task is [key, function, args, kwargs, deps] with a callable function; got {task!r:.200}")
-            for dep in task[4]:
-                if dep not in data:
-                    needed.append(dep)
-        if needed:
-            fetching = asyncio.ensure_future(self._fetch_then_run(tasks, return_values, needed, inline, who_has, report_now, session, output))
-            self._tasks.add(fetching)  # cancelled if the worker stops
-            fetching.add_done_callback(self._tasks.discard)
-            return fetching
-        return self._run_batch(tasks, return_values, {}, inline, report_now, session, output)
-
-    async def _when_running(self, tasks: list, return_values: int, inline: bool, who_has: dict | None, report_now: bool, session: str | None, output: bool = False) -> list:
-        while self.retiring or self.memory.paused:
-            if self.retiring:
-                await asyncio.Future()  # never: the worker is leaving, and stop() cancels this
-            await self.memory.wait_running()
-        return await self._start_batch(tasks, return_values, inline, who_has, report_now, session, output)
-
-    async def _fetch_then_run(self, tasks: list, return_values: int, needed: list, inline: bool, who_has: dict | None, report_now: bool, session: str | None = None, output: bool = False) -> list:
-        failed: dict[int, BaseException] = {}
-        try:
-            await self.gather_deps(needed, who_has, session)
-        except MissingDataError:
-            # Run what we can; tasks whose inputs are gone report which.
-            for index, task in enumerate(tasks):
-                absent = [dep for dep in task[4] if dep not in self.data]
-                if absent:
-                    failed[index] = MissingDataError(absent, f"needed on worker {self.address}")
-        if session is not None and session in self.released_sessions:
-            closed = SessionClosedError(session, "while the inputs of its tasks were being fetched")
-            failed = dict.fromkeys(range(len(tasks)), closed)
-        return await self._run_batch(tasks, return_values, failed, inline, report_now, session, output)
-
-    def _run_batch(self, tasks: list, return_values: int, failed: dict, inline: bool, report_now: bool, session: str | None = None, output: bool = False) -> asyncio.Future:
-        """Start the tasks not in ``failed`` where the rule of :meth:`compute_batch` says; the future of the replies."""
-        loop = asyncio.get_running_loop()
-        outputs: dict | None = None
-        if output:  # one dict for the batch: each task writes its own key (atomic), from whichever thread
-            _output.install()
-            outputs = {}
-        _output.install_warning_capture()
-        warned: dict = {}  # the same for warnings, always: they are raised again on the client
-        result = loop.create_future()
-        outcomes: list = [None] * len(tasks)
-        awaited: list = []
-        plain: list = []
-        last_function, last_is_async = None, False
-        for index, task in enumerate(tasks):
-            if index in failed:
-                continue
-            function = task[1]
-            if function is not last_function:  # a batch mostly runs one function
-                last_function, last_is_async = function, inspect.iscoroutinefunction(function)
-            (awaited if last_is_async else plain).append(index)
-        groups: list = []  # (indices, how to start them)
-        if awaited:
-            groups.append((awaited, self._await_group))
-        if plain and inline:
-            groups.append((plain, self._run_on_loop))
-        elif plain:
-            groups.extend((chunk, self._run_in_pool) for chunk in _split(plain, self.ncores))
-        left = [len(groups) or 1]  # no group (every task failed already): reply at once
-        if failed:
-            self.progress.failed([tasks[index][0] for index in failed])
-
-        def group_done(indices: list, results: list) -> None:
-            for index, outcome in zip(indices, results):
-                outcomes[index] = outcome
-            left[0] -= 1
-            if left[0] == 0 and not result.done():
-                try:
-                    result.set_result(self._batch_replies(tasks, outcomes, failed, return_values, report_now, session, outputs, warned))
-                except Exception as exc:  # noqa: BLE001 - reply with the error rather than hang
-                    result.set_exception(exc)
-
-        if not groups:
-            group_done([], [])
-        for indices, start in groups:
-            start(loop, [tasks[index] for index in indices], indices, group_done, session, outputs, warned)
-        return result
-
-    def _run_on_loop(
-        self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None,
-        outputs: dict | None = None, warned: dict | None = None, results: JobResults | None = None, token: int | None = None,
-    ) -> None:
-        """Run tasks here and now, a slice at a time; at the next turn of the loop go on with the rest."""
-        if token is None:
-            results = JobResults()
-            token = self.progress.started([task[0] for task in tasks], results)
-        before = len(results)
-        _run_tasks(tasks, self.data, time.time() + INLINE_SLICE_SECONDS, session, self.released_sessions, outputs, warned, results)
-        ran = len(results) - before
-        if ran < len(tasks):
-            loop.call_soon(self._run_on_loop, loop, tasks[ran:], indices, done, session, outputs, warned, results, token)
-        else:
-            self.progress.finished(token, results)
-            done(indices, results)
-
-    def _run_in_pool(
-        self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None, outputs: dict | None = None, warned: dict | None = None
-    ) -> None:
-        """One thread-pool job; its results come back with one ``call_soon_threadsafe``."""
-        self.executing += len(tasks)
-        results = JobResults()  # the job appends each task's outcome as it ends: TaskProgress counts them meanwhile
-        token = self.progress.started([task[0] for task in tasks], results)
-
-        def finished(result: Any, error: BaseException | None) -> None:  # in the pool's thread, or the one shutting it down
-            try:
-                loop.call_soon_threadsafe(self._job_done, result, error, indices, done, token)
-            except RuntimeError:  # the loop closed: the worker has stopped
-                pass
-
-        # Each client session's jobs queue apart and take turns (zdist.fairpool).
-        self.executor.submit(session, _run_tasks, (tasks, self.data, None, session, self.released_sessions, outputs, warned, results), finished)
-
-    def _job_done(self, result: Any, error: BaseException | None, indices: list, done: Callable, token: int | None = None) -> None:
-        self.executing -= len(indices)
-        if error is not None:  # not the function's error (that is an outcome): the pool shut down, or a BaseException
-            result = [(False, error, "", 0.0, 0.0)] * len(indices)
-        if token is not None:
-            self.progress.finished(token, result)
-        done(indices, result)
-
-    def _await_group(
-        self, loop: asyncio.AbstractEventLoop, tasks: list, indices: list, done: Callable, session: str | None, outputs: dict | None = None, warned: dict | None = None
-    ) -> None:
-        """Await coroutine functions' tasks on the loop, concurrently."""
-        self.executing += len(tasks)
-        data, released = self.data, self.released_sessions
-        gathered = asyncio.gather(*(_await_task(task, data, session, released, outputs, warned) for task in tasks))
-        token = self.progress.started([task[0] for task in tasks], awaited=True)
-
-        def finished(future: asyncio.Future) -> None:
-            self.executing -= len(tasks)
-            if future.cancelled():
-                results = [(False, ConnectionAbortedError("worker shutting down"), "", 0.0, 0.0)] * len(tasks)
-            elif future.exception() is not None:
-                results = [(False, future.exception(), "", 0.0, 0.0)] * len(tasks)
-            else:
-                results = future.result()
-            self.progress.finished(token, results)
-            done(indices, results)
-
-        gathered.add_done_callback(finished)
-        self._tasks.add(gathered)  # cancelled if the worker stops
-        gathered.add_done_callback(self._tasks.discard)
-
-    def _batch_replies(
-        self, tasks: list, outcomes: list, failed: dict, return_values: int, report_now: bool, session: str | None = None,
-        outputs: dict | None = None, warned: dict | None = None,
-    ) -> list:
-        replies = []
-        closed = session is not None and session in self.released_sessions
-        for index, task in enumerate(tasks):
-            key = task[0]
-            if index in failed:
-                replies.append([key, "error", error_fields(failed[index], "")])
-                self.tasks_failed += 1
-                continue
-            ok, value, extra, start, stop = outcomes[index]
-            self.task_log.append((key, start, stop, ok))
-            if ok and closed:  # finished after its session closed: not kept
-                ok, value, extra = False, SessionClosedError(session, "the task finished after that; its result was not kept"), ""
-            if not ok:
-                if type(value) is not SessionClosedError:
-                    logger.warning("task %r failed on %s:\n%s", key, self.address, extra)
-                replies.append([key, "error", error_fields(value, extra)])
-                self.tasks_failed += 1
-                continue
-            self.tasks_done += 1
-            self._store(key, value, extra, session)
-            entry = [key, "ok", extra]
-            if return_values and extra <= return_values:
-                if type(value) in _MSGPACK_NATIVE:
-                    entry.append(value)  # msgpack carries it as it is: no pickle either way
-                else:
-                    try:
-                        entry.append(serialize(value))
-                    except Exception:
-                        pass
-            replies.append(entry)
-        if outputs:  # only when some task printed: forwarding costs nothing otherwise
-            replies.append([None, "output", {"worker": self.name or self.address, "output": outputs}])
-        if warned:  # likewise: raised again on the client when it takes the results
-            replies.append([None, "warnings", {"worker": self.name or self.address, "warnings": warned}])
-        if report_now:
-            self.flush_reports()  # tell the Center before the caller hears back
-        return replies
-
-
-#: A worker remembers this many released client sessions, to refuse their late requests.
-RELEASED_SESSIONS_KEPT = 1000
-
-#: Heartbeats left unanswered in a row before a worker takes the Center for
-#: gone and registers again (with every key it holds).
-HEARTBEAT_MISSES = 3
-#: The longest heartbeat interval a worker accepts from a Center.
-MAX_HEARTBEAT_INTERVAL = 60.0
-
-#: How long a worker gathers key changes before telling the Center (one message).
-REPORT_DELAY = 0.005
-
-#: A batch sent with ``inline=True`` runs on the worker's event loop this
-#: long at most before the loop serves other requests; then it goes on.
-INLINE_SLICE_SECONDS = 0.005
-
-_MSGPACK_NATIVE = frozenset({int, float, str, bytes, bool, type(None)})
-
-
-def _split(tasks: list, n: int) -> list[list]:
-    """Split a batch into at most ``n`` contiguous chunks of near-equal size."""
-    if n <= 1 or len(tasks) <= 1:
-        return [tasks] if tasks else []
-    n = min(n, len(tasks))
-    size, extra = divmod(len(tasks), n)
-    chunks, start = [], 0
-    for i in range(n):
-        end = start + size + (1 if i < extra else 0)
-        chunks.append(tasks[start:end])
-        start = end
-    return chunks
-
-
-def _rss() -> int:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except Exception:
-        return 0
