@@ -10,6 +10,7 @@ True
 """
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any, Iterable
 
 from .protocol import SetMap
@@ -156,11 +157,13 @@ class KeyTable:
 
         Encode it before the table changes (a handler's reply is encoded at
         once); a one-holder entry (a string) travels as a one-member set.
+        Built by C loops (``zip``, ``map``), no Python code run a key: a
+        query of 1,000 keys among 10^6 is spent in the table's memory.
         """
         if keys is None:
             return SetMap(self.who_has)
-        get = self.who_has.get
-        return SetMap((key, get(key, ())) for key in keys)
+        keys = keys if type(keys) is list else list(keys)
+        return SetMap(zip(keys, map(self.who_has.get, keys, repeat(()))))
 
     def keys_of(self, holder: str) -> set:
         """A new set of the keys ``holder`` holds (empty for a holder not added)."""
