@@ -309,15 +309,15 @@ def test_center_keeps_one_holder_as_a_string_and_several_as_a_set():
             center.register(address=a, ncores=1)
             center.register(address=b, ncores=1)
             center.add_keys(address=a, keys={"x": 8, "y": 8})
-            assert center.who_has_table["x"] == a
+            assert center.keys.who_has["x"] == a
             center.add_keys(address=b, keys={"x": 8})
-            assert center.who_has_table["x"] == {a, b} and center.who_has(keys=["x", "y", "z"]) == {"x": {a, b}, "y": {a}, "z": set()}
+            assert center.keys.who_has["x"] == {a, b} and center.who_has(keys=["x", "y", "z"]) == {"x": {a, b}, "y": {a}, "z": set()}
             center.remove_keys(address=a, keys=["x"])
-            assert center.who_has_table["x"] == b
+            assert center.keys.who_has["x"] == b
             center.add_keys(address=a, keys=["x"])
             center.unregister(address=b)
-            assert center.who_has_table == {"x": a, "y": a} and center.has_what() == {a: {"x", "y"}}
+            assert center.keys.who_has == {"x": a, "y": a} and center.has_what() == {a: {"x", "y"}}
             center.remove_keys(address=a, keys=["x", "y", "never"])
-            assert center.who_has_table == {} and center.nbytes_table == {}
+            assert center.keys.who_has == {} and center.keys.nbytes == {}
 
     run(main())

@@ -78,8 +78,8 @@ async def until(condition, timeout: float = 20.0, message: str = ""):
 def session_free(center, workers, session) -> bool:
     """Nothing of ``session`` is left on the workers, and the Center knows it closed."""
     return (
-        session not in center.sessions
-        and session in center.closed_sessions
+        session not in center.sessions.open
+        and session in center.sessions.closed
         and all(session not in w.session_keys and session not in w.key_session.values() and session in w.released_sessions for w in workers)
     )
 
@@ -109,7 +109,7 @@ def test_open_heartbeat_close():
                 assert info["session_status"] == "open" and info["sessions"] == 1
                 assert {"address", "id", "workers", "generation", "removed", "nkeys", "heartbeat_timeout", "time"} <= set(info)
                 assert "session_status" not in await c.info()
-                await until(lambda: center.sessions[s]["last_seen"] >= first_seen)
+                await until(lambda: center.sessions.open[s]["last_seen"] >= first_seen)
 
                 # Opening again refreshes it (new timeout, same name); still one session.
                 assert await c.open_session(session=s, timeout=60) == "OK"
@@ -174,7 +174,7 @@ def test_bad_session_arguments_are_refused_and_nodes_keep_serving():
 
                 # Nothing of it left a trace, and both keep serving.
                 assert await c.ping() == "pong" and await w.ping() == "pong"
-                assert await c.sessions() == {} and not center.closed_sessions
+                assert await c.sessions() == {} and not center.sessions.closed
                 assert "127.0.0.1:1" not in await c.ncores()
                 assert "never" not in await w.keys()
                 assert worker.session_keys == {} and worker.released_sessions == {}
@@ -221,7 +221,7 @@ def test_silent_session_is_reaped_and_only_its_keys_vanish():
                 await until(lambda: center.who_has() == left, message="the Center's who_has drops exactly s's keys")
                 assert set(alice.data) == {"t-scattered", "plain"}
                 assert set(bob.data) == {"bob-plain", "t-result", "t-scattered", "plain", "plain-result"}
-                assert t in center.sessions and alice.session_keys == {t: {"t-scattered"}}
+                assert t in center.sessions.open and alice.session_keys == {t: {"t-scattered"}}
                 for worker in (alice, bob):
                     assert_tags_consistent(worker)
 
@@ -291,12 +291,12 @@ def test_replicas_of_a_session_belong_to_it():
                 await a.update_data(data={"plain": 2})
                 await c.set_replicas(keys={"s-value": 2, "plain": 2}, session=s)
                 await until(lambda: bob.key_session.get("s-value") == s and "plain" in bob.data, message="bob copies both keys")
-                assert center.replica_session == {"s-value": s, "plain": s}
+                assert center.replicas.session == {"s-value": s, "plain": s}
                 assert await c.close_session(session=s) == "OK"
                 await until(lambda: session_free(center, (alice, bob), s))
                 # Every copy of s's keys is gone, and the Center restores no replica of them.
                 await until(lambda: center.who_has() == {"plain": {alice.address}}, message="only alice's own untagged key stays")
-                assert center.replicas == {} and center.replica_session == {}
+                assert center.replicas.wanted == {} and center.replicas.session == {}
                 with pytest.raises(TypeError, match="session"):
                     await c.set_replicas(keys={"plain": 2}, session=5)
 
@@ -335,10 +335,10 @@ def test_sessions_known_only_from_workers_close_after_a_center_restart():
             s = uuid.uuid4().hex
             worker.update_data(data={"s-value": 1}, session=s)
             await until(lambda: center.who_has(["s-value"]) == {"s-value": {worker.address}})
-            assert s not in center.sessions  # never opened: a session of a Center before this one
+            assert s not in center.sessions.open  # never opened: a session of a Center before this one
             # The worker registers again (as after a restart) and names the sessions it holds keys of.
             center.unregister(address=worker.address)
-            await until(lambda: s in center.sessions and center.sessions[s]["adopted"], message="the Center adopts s")
+            await until(lambda: s in center.sessions.open and center.sessions.open[s]["adopted"], message="the Center adopts s")
             await until(lambda: session_free(center, [worker], s), message="s closes: no client heartbeats it")
             await until(lambda: center.who_has() == {}, message="its key is gone")
 
@@ -398,7 +398,7 @@ def test_killed_client_process_leaves_the_tables_empty():
                 line = await asyncio.wait_for(client.stdout.readline(), 60)
                 assert line.startswith(b"working"), line
                 session = line.split()[1].decode()
-                await until(lambda: session in center.sessions and len(center.who_has()) > 4, message="the client's keys reach the Center")
+                await until(lambda: session in center.sessions.open and len(center.who_has()) > 4, message="the client's keys reach the Center")
                 client.send_signal(signal.SIGKILL)
                 await client.wait()
             finally:

@@ -213,7 +213,7 @@ def test_keys_made_by_compute_batch_reach_the_center_soon():
             worker.delete_data(keys=[f"k{i}" for i in range(10)])
 
             async def forgotten():
-                return not any(center.who_has_table.get(f"k{i}") for i in range(10))
+                return not any(center.keys.who_has.get(f"k{i}") for i in range(10))
 
             await until(forgotten, timeout=10)
 

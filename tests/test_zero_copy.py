@@ -132,7 +132,7 @@ def test_worker_keeps_received_arrays_on_their_frames():
                 assert alice.nbytes["x"] == x.nbytes
 
                 deadline = time.monotonic() + 30
-                while not center.who_has_table.get("x"):
+                while not center.keys.who_has.get("x"):
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.01)
                 status, meta = await b.compute(function=identity, keys=["x"], key="y")
@@ -234,7 +234,7 @@ def test_no_big_pickle_or_header_during_a_round_trip(monkeypatch):
             async with rpc(alice.address, timeout=30) as a, rpc(bob.address, timeout=30) as b:
                 await a.update_data(data={"x": x})
                 deadline = time.monotonic() + 30
-                while not center.who_has_table.get("x"):
+                while not center.keys.who_has.get("x"):
                     assert time.monotonic() < deadline
                     await asyncio.sleep(0.01)
                 await b.compute(function=identity, keys=["x"], key="y")  # bob fetches x from alice

@@ -16,13 +16,15 @@ import bisect
 import logging
 import time
 import uuid
-from collections import OrderedDict, defaultdict
 from typing import Any, Iterable
 
 from .comm import normalize_address
+from .keytable import KeyTable
 from .node import Node
 from .protocol import SetMap
+from .replicas import Replicas, check_copies
 from .rpc import ConnectionPool
+from .sessiontable import SessionTable, check_session
 from .taskprogress import ClusterActivity
 
 logger = logging.getLogger(__name__)
@@ -42,12 +44,6 @@ LIVENESS_BEATS = 5
 CHANGES_KEPT = 10_000
 #: A client session silent for this long (unless it asked for another timeout) is closed.
 DEFAULT_SESSION_TIMEOUT = 10.0
-#: Closed sessions are remembered (to tell late heartbeats and re-registering
-#: workers) for this long, and at most this many of them.
-CLOSED_SESSION_MEMORY = 3600.0
-CLOSED_SESSIONS_KEPT = 10_000
-#: The longest session id accepted (clients use a uuid hex: 32 characters).
-MAX_SESSION_ID = 256
 
 
 class Center(Node):
@@ -56,6 +52,15 @@ class Center(Node):
     Workers register, report the keys they gain and drop (batched), and
     heartbeat; one that misses heartbeats for ``heartbeat_timeout`` seconds
     is removed from every table.
+
+    Data model: ``worker_info`` (address → {name, ncores, last_seen,
+    interval, pid, nkeys, nbytes, status, ...}: the registered workers);
+    ``keys``, a :class:`~zdist.keytable.KeyTable` (who holds which key, and
+    its size; a worker's ``nkeys``/``nbytes`` mirror its counts there);
+    ``sessions``, a :class:`~zdist.sessiontable.SessionTable` (client
+    sessions, open and closed lately); ``replicas``, a
+    :class:`~zdist.replicas.Replicas` (copies wanted of keys). This class
+    keeps them consistent with each other and talks to the workers.
     """
 
     def __init__(
@@ -73,21 +78,10 @@ class Center(Node):
         if not heartbeat_rate > 0:
             raise ValueError(f"heartbeat_rate must be a positive number of heartbeats a second, got {heartbeat_rate!r}")
         self.heartbeat_rate = heartbeat_rate
-        # Client sessions opened without a timeout of their own, or known only
-        # from a heartbeat or a worker (after a restart), close after this.
-        self.session_timeout = session_timeout
         # Where a web dashboard of this Center is served, if whoever started it
         # serves one (zdist.dashboard.serve_dashboard sets it); info() reports it.
         self.dashboard_url: str | None = None
-        # key → its holder's address, or a set of addresses when several hold
-        # it: most keys have one holder, and a set costs 216 bytes a key.
-        self.who_has_table: dict[Any, str | set[str]] = {}
-        self.has_what_table: dict[str, set] = {}
-        self.nbytes_table: dict[Any, int] = {}
-        # Each worker's size of each key it holds, as that worker last reported it:
-        # its "nbytes" is their sum, exact under any order of reports (the
-        # global nbytes_table keeps only the last size anyone reported).
-        self.key_bytes: dict[str, dict[Any, int]] = {}
+        self.keys = KeyTable()
         self.worker_info: dict[str, dict] = {}
         self.removed_workers: list[tuple[float, str, str]] = []  # (when, address, why)
         self.generation = 0  # bumps whenever the set of workers changes
@@ -97,13 +91,10 @@ class Center(Node):
         self.membership = MembershipLog()
         self.started = time.time()
         self.id = uuid.uuid4().hex  # tells clients that a Center restarted
-        self.replicas: dict[Any, int] = {}  # key → copies wanted (only keys asking for more than one)
-        # Client sessions: id → {timeout, last_seen, opened, name, pid, host}; and
-        # recently closed ones, id → when (oldest first), so that a late
-        # heartbeat or a worker that registers later can be told.
-        self.sessions: dict[str, dict] = {}
-        self.closed_sessions: OrderedDict[str, float] = OrderedDict()
-        self.replica_session: dict[Any, str] = {}  # replicated key → the session it belongs to
+        self.replicas = Replicas()
+        # Client sessions opened without a timeout of their own, or known only
+        # from a heartbeat or a worker (after a restart), close after session_timeout.
+        self.sessions = SessionTable(session_timeout)
         self._peers: ConnectionPool | None = None
         # Tasks per group (queued, executing, done, erred) and bytes moved between
         # workers, as their heartbeats tell: numbers only (zdist.taskprogress).
@@ -115,7 +106,7 @@ class Center(Node):
                 "heartbeat": self.heartbeat,
                 "add_keys": self.add_keys,
                 "remove_keys": self.remove_keys,
-                "who_has": self._who_has_for_peer,
+                "who_has": self.keys.holders_to_send,  # the table's entries as they are: no set made per key
                 "has_what": self.has_what,
                 "nbytes": self.nbytes,
                 "ncores": self.ncores,
@@ -123,9 +114,9 @@ class Center(Node):
                 "alive": self.alive,
                 "info": self.info,
                 "set_replicas": self.set_replicas,
-                "open_session": self.open_session,
+                "open_session": self.sessions.open_session,
                 "close_session": self.close_session,
-                "sessions": self.list_sessions,
+                "sessions": self.sessions.listing,
                 "activity": self.activity,
             }
         )
@@ -155,13 +146,10 @@ class Center(Node):
                 if info["last_seen"] < deadline and info["last_seen"] < now - beats * info["interval"]:
                     logger.warning("worker %s missed heartbeats for %.1f s; removing it", address, now - info["last_seen"])
                     self._remove_worker(address, "missed heartbeats")
-            for session, info in list(self.sessions.items()):
-                if info["last_seen"] < now - info["timeout"]:
-                    logger.warning("client session %s (%s) silent for %.1f s; closing it", session, info["name"], info["timeout"])
-                    self._close_session(session)
-            closed = self.closed_sessions
-            while closed and next(iter(closed.values())) < now - CLOSED_SESSION_MEMORY:
-                closed.popitem(last=False)
+            for session in self.sessions.silent(now):
+                info = self.sessions.open[session]
+                logger.warning("client session %s (%s) silent for %.1f s; closing it", session, info["name"], info["timeout"])
+                self._close_session(session)
 
     # -------------------------------------------------------------- membership
 
@@ -208,7 +196,7 @@ class Center(Node):
             if not isinstance(sessions, (list, tuple)):
                 raise TypeError(f"sessions must be a list of session ids, got {type(sessions).__name__}")
             for session in sessions:
-                _check_session(session)
+                check_session(session)
         if address in self.worker_info:
             self._remove_worker(address, "registered again", record=False)
         self.worker_info[address] = {
@@ -222,18 +210,14 @@ class Center(Node):
             **{k: v for k, v in extra.items() if isinstance(v, (int, float, str))},
             **({"resources": dict(resources)} if resources else {}),
         }
-        self.has_what_table[address] = set()
-        self.key_bytes[address] = {}
+        self.keys.add_holder(address)
         self.generation += 1
         self.membership.changed(address)
         if keys:
             self.add_keys(address, keys)
         for session in sessions or ():
-            if session in self.closed_sessions:
-                if self._peers is not None:
-                    self._peers.get(address).send("release_session", session=session)
-            elif session not in self.sessions:
-                self._open(session, self.session_timeout, None, None, None, adopted=True)
+            if not self.sessions.adopt(session) and self._peers is not None:  # closed meanwhile
+                self._peers.get(address).send("release_session", session=session)
         logger.info("registered worker %s (%s, %d cores)", address, self.worker_info[address]["name"], ncores)
         return "OK"
 
@@ -278,11 +262,7 @@ class Center(Node):
         return max(self.heartbeat_timeout, LIVENESS_BEATS * len(self.worker_info) / self.heartbeat_rate)
 
     def _remove_worker(self, address: str, why: str, record: bool = True) -> None:
-        keys = self.has_what_table.pop(address, set())
-        self.key_bytes.pop(address, None)
-        for key in keys:
-            if self._drop_holder(key, address):
-                self.nbytes_table.pop(key, None)
+        keys = self.keys.remove_holder(address)
         if self.worker_info.pop(address, None) is not None:
             self.membership.changed(address)
         self.activity_table.remove(address)
@@ -300,22 +280,11 @@ class Center(Node):
         belong to it too (deleted when it closes), and none is made after.
         """
         if session is not None:
-            _check_session(session)
-        for key, n in keys.items():
-            if not isinstance(n, int) or n < 1:
-                raise ValueError(f"replicas must be a positive integer, got {n!r} for {key!r}")
-        if session is not None and session in self.closed_sessions:
+            check_session(session)
+        check_copies(keys)
+        if session is not None and session in self.sessions.closed:
             return "OK"
-        for key, n in keys.items():
-            if n > 1:
-                self.replicas[key] = n
-                if session is not None:
-                    self.replica_session[key] = session
-                else:
-                    self.replica_session.pop(key, None)
-            else:
-                self.replicas.pop(key, None)
-                self.replica_session.pop(key, None)
+        self.replicas.want(keys, session)
         self._restore_replicas(list(keys))
         return "OK"
 
@@ -323,59 +292,16 @@ class Center(Node):
         """Ask workers that lack a copy to fetch one from a surviving holder (peer to peer)."""
         if self._peers is None:
             return
-        wanted: dict[tuple[str, str | None], list] = defaultdict(list)
-        load = {address: info["nbytes"] for address, info in self.worker_info.items()}
-        for key in keys:
-            n = self.replicas.get(key)
-            holders = _holders(self.who_has_table.get(key))
-            if not n or not holders:
-                continue
-            candidates = sorted((a for a, info in self.worker_info.items() if a not in holders and not info.get("retiring")), key=lambda a: load[a])  # a retiring worker would leave with it
-            for address in candidates[: max(0, n - len(holders))]:
-                wanted[address, self.replica_session.get(key)].append(key)
-                load[address] += self.nbytes_table.get(key, 0)
-        for (address, session), missing in wanted.items():
+        for (address, session), missing in self.replicas.copies_to_make(keys, self.keys, self.worker_info).items():
             logger.info("asking %s to copy %d keys to restore their replicas", address, len(missing))
             self._peers.get(address).send("fetch_keys", keys=missing, **({"session": session} if session is not None else {}))
 
     # -------------------------------------------------------------- client sessions
 
-    def open_session(self, session: str, timeout: float | None = None, name: str | None = None, pid: int | None = None, host: str | None = None) -> str:
-        """A client opens its session: ``session`` is an id it chose (a uuid hex).
-
-        The session stays open while the client calls this again or
-        ``info(session=...)`` at least every ``timeout`` seconds (None: the
-        Center's ``session_timeout``, 10 s unless configured); it closes
-        when the client calls :meth:`close_session` or falls silent. Closing
-        drops the session's queued tasks and deletes its values on every
-        worker. Opening an open session again refreshes it (and its timeout,
-        name, pid and host). Answers ``'OK'``, or ``'closed'`` when this id
-        was closed recently: a closed session stays closed (its values are
-        gone); open a new one with a fresh id.
-        """
-        _check_session(session)
-        if timeout is None:
-            timeout = self.session_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
-            raise ValueError(f"session timeout must be a positive number of seconds, got {timeout!r}")
-        for field, value, kind in (("name", name, str), ("pid", pid, int), ("host", host, str)):
-            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-                raise TypeError(f"session {field} must be a {kind.__name__} or None, got {type(value).__name__}")
-        if session in self.closed_sessions:
-            return "closed"
-        self._open(session, float(timeout), name, pid, host)
-        return "OK"
-
-    def _open(self, session: str, timeout: float, name: str | None, pid: int | None, host: str | None, adopted: bool = False) -> None:
-        now = time.time()
-        info = self.sessions.get(session)
-        if info is None:
-            info = self.sessions[session] = {"opened": now, "name": name, "pid": pid, "host": host, "adopted": adopted}
-            logger.info("client session %s opened (%s, pid %s on %s, timeout %.1f s)", session, name, pid, host, timeout)
-        elif not adopted:
-            info.update(name=name if name is not None else info["name"], pid=pid if pid is not None else info["pid"], host=host if host is not None else info["host"], adopted=False)
-        info["timeout"] = timeout
-        info["last_seen"] = now
+    @property
+    def session_timeout(self) -> float:
+        """Seconds of silence after which a session without a timeout of its own closes."""
+        return self.sessions.timeout
 
     def close_session(self, session: str) -> str:
         """Close a client session now: workers drop its queued tasks and delete its values.
@@ -383,106 +309,37 @@ class Center(Node):
         Closing a session this Center does not know (it restarted since)
         still tells the workers; closing one twice is harmless.
         """
-        _check_session(session)
+        check_session(session)
         self._close_session(session)
         return "OK"
 
     def _close_session(self, session: str) -> None:
-        info = self.sessions.pop(session, None)
+        self.sessions.close(session)
         self.activity_table.remove_session(session)
-        if info is not None:
-            logger.info("client session %s (%s) closed", session, info["name"])
-        closed = self.closed_sessions
-        closed[session] = time.time()
-        closed.move_to_end(session)
-        while len(closed) > CLOSED_SESSIONS_KEPT:
-            closed.popitem(last=False)
-        if self.replica_session:  # its keys need no more copies
-            for key in [key for key, owner in self.replica_session.items() if owner == session]:
-                del self.replica_session[key]
-                self.replicas.pop(key, None)
+        self.replicas.forget_session(session)  # its keys need no more copies
         if self._peers is not None:
             for address in self.worker_info:
                 self._peers.get(address).send("release_session", session=session)
-
-    def _session_heartbeat(self, session: str) -> str:
-        """``info(session=...)``: ``'open'`` (refreshed, or reopened if unknown) or ``'closed'``."""
-        _check_session(session)
-        if session in self.closed_sessions:
-            return "closed"
-        info = self.sessions.get(session)
-        if info is None:  # e.g. this Center restarted since the client opened it
-            self._open(session, self.session_timeout, None, None, None)
-        else:
-            info["last_seen"] = time.time()
-        return "open"
-
-    def list_sessions(self) -> dict:
-        """The open client sessions: id → {name, pid, host, timeout, opened, last_seen, adopted}."""
-        return {session: dict(info) for session, info in self.sessions.items()}
 
     # -------------------------------------------------------------- keys
 
     def add_keys(self, address: str, keys: dict | list) -> str:
         """``keys`` maps each key to its size in bytes (or is a plain list of keys)."""
-        holdings = self.has_what_table.get(address)
-        if holdings is None:
+        if address not in self.keys:
             raise KeyError(f"worker {address} is not registered; register before reporting keys")
         info = self.worker_info[address]
         info["last_seen"] = time.time()
-        held = self.key_bytes[address]
-        sizes = keys if isinstance(keys, dict) else dict.fromkeys(keys, 0)
-        table = self.who_has_table
-        for key, nbytes in sizes.items():
-            nbytes = nbytes if isinstance(nbytes, int) and nbytes > 0 else 0
-            if key not in holdings:
-                holdings.add(key)
-                info["nkeys"] += 1
-            # A key reported again (stored anew, another size) replaces its old size.
-            info["nbytes"] += nbytes - held.get(key, 0)
-            held[key] = nbytes
-            holders = table.get(key)
-            if holders is None:
-                table[key] = address
-            elif type(holders) is str:
-                if holders != address:
-                    table[key] = {holders, address}
-            else:
-                holders.add(address)
-            if nbytes:
-                self.nbytes_table[key] = nbytes
+        self.keys.add(address, keys)
+        info["nkeys"], info["nbytes"] = self.keys.held(address)
         return "OK"
 
-    def _drop_holder(self, key: Any, address: str) -> bool:
-        """``address`` no longer holds ``key``; True if nobody does any more (the key is gone)."""
-        table = self.who_has_table
-        holders = table.get(key)
-        if holders is None:
-            return False
-        if type(holders) is str:
-            if holders != address:
-                return False
-            del table[key]
-            return True
-        holders.discard(address)
-        if len(holders) == 1:
-            table[key] = next(iter(holders))
-        return False
-
     def remove_keys(self, address: str, keys: Iterable) -> str:
-        holdings = self.has_what_table.get(address)
-        if holdings is None:
+        if address not in self.keys:
             return "OK"  # already gone with its worker
         info = self.worker_info[address]
-        for key in keys:
-            if key in holdings:
-                holdings.discard(key)
-                info["nkeys"] -= 1
-                info["nbytes"] -= self.key_bytes[address].pop(key, 0)
-            if self._drop_holder(key, address):
-                self.nbytes_table.pop(key, None)
-                self.replicas.pop(key, None)
-                self.replica_session.pop(key, None)
+        for key in self.keys.remove(address, keys):  # nobody holds these any more
+            self.replicas.forget(key)
+        info["nkeys"], info["nbytes"] = self.keys.held(address)
         return "OK"
 
     # -------------------------------------------------------------- queries
@@ -493,32 +350,15 @@ class Center(Node):
         One request for any number of keys (ask for all you need at once): the
         answer travels as one :class:`~zdist.protocol.SetMap`, not a set per key.
         """
-        if keys is None:
-            return SetMap((key, _holders(holders)) for key, holders in self.who_has_table.items())
-        get = self.who_has_table.get
-        return SetMap((key, _holders(get(key))) for key in keys)
-
-    def _who_has_for_peer(self, keys: Iterable | None = None) -> SetMap:
-        """:meth:`who_has` over the wire: the table's entries as they are, no set made per key.
-
-        The reply is encoded before anything can change them (the handler
-        answers at once), and a one-holder entry (a string) travels as a
-        one-member set.
-        """
-        if keys is None:
-            return SetMap(self.who_has_table)
-        get = self.who_has_table.get
-        return SetMap((key, get(key, ())) for key in keys)
+        return self.keys.holders_of(keys)
 
     def has_what(self, workers: Iterable[str] | None = None) -> dict:
         if workers is None:
-            return SetMap((address, set(keys)) for address, keys in self.has_what_table.items())
-        return SetMap((w, set(self.has_what_table.get(normalize_address(w), ()))) for w in workers)
+            return self.keys.has_what_sets()
+        return SetMap((w, self.keys.keys_of(normalize_address(w))) for w in workers)
 
     def nbytes(self, keys: Iterable | None = None) -> dict:
-        if keys is None:
-            return dict(self.nbytes_table)
-        return {key: self.nbytes_table.get(key, 0) for key in keys}
+        return self.keys.sizes(keys)
 
     def ncores(self) -> dict:
         return {address: info["ncores"] for address, info in self.worker_info.items()}
@@ -559,7 +399,7 @@ class Center(Node):
         >>> asyncio.run(demo())
         (['127.0.0.1:9000'], ['127.0.0.1:9001'], False)
         """
-        status = self._session_heartbeat(session) if session is not None else None
+        status = self.sessions.heartbeat(session) if session is not None else None
         if submitted is not None and session is not None:  # the session's tasks per group so far: numbers only
             self.activity_table.note_submitted(session, submitted)
         summary = {
@@ -568,7 +408,7 @@ class Center(Node):
             "version": self.membership.version,
             "generation": self.generation,
             "removed": [list(entry) for entry in self.removed_workers[-20:]],
-            "nkeys": len(self.who_has_table),
+            "nkeys": len(self.keys),
             "heartbeat_timeout": self.liveness_timeout(),
             "time": time.time(),
             "dashboard": self.dashboard_url,
@@ -624,16 +464,3 @@ class MembershipLog:
 
 # What a worker's heartbeat may not overwrite: the Center counts these from key reports.
 _COUNTED_HERE = frozenset({"nkeys", "nbytes", "name", "ncores", "last_seen", "pid"})
-
-
-def _holders(entry: str | set | None) -> set:
-    """A ``who_has_table`` entry as a new set of addresses."""
-    if entry is None:
-        return set()
-    return {entry} if type(entry) is str else set(entry)
-
-
-def _check_session(session: Any) -> None:
-    if not isinstance(session, str) or not session or len(session) > MAX_SESSION_ID:
-        shown = f"{type(session).__name__} {session!r:.40}" if not isinstance(session, str) else f"a string of {len(session)} characters"
-        raise TypeError(f"a session id is a non-empty string of at most {MAX_SESSION_ID} characters (a uuid hex), got {shown}")
