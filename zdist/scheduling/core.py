@@ -299,7 +299,7 @@ class Scheduler:
         entry = worker.batches.pop(event.batch_id, None) if worker is not None else None
         if entry is None:  # its worker was declared dead, and its tasks sent elsewhere
             if worker is not None:  # ... yet it lives on: what it made for us is nobody's unless we hold it there
-                self._delete_strays(worker.address, event.replies)
+                recovery.delete_strays(self, worker.address, event.replies)
             return
         tasks, sent = entry
         worker.answered(tasks)
@@ -332,16 +332,6 @@ class Scheduler:
                 else:
                     self._fail(ts, noted(reply[2], ts.key, worker.address))
         worker.measured(len(tasks), sent, self.now, largest)
-
-    def _delete_strays(self, worker: str, replies: list) -> None:
-        """Values a worker made for a batch this client gave up on (the worker was dropped, then came back)."""
-        for reply in replies:
-            if reply[1] != "ok":
-                continue
-            ts = self.by_key.get(reply[0])
-            if ts is not None and (worker in ts.holders or ts.worker == worker and ts.state == PROCESSING):
-                continue  # the copy we know of there, or a run of it there now
-            self._delete(worker, reply[0], reply[2])
 
     def _task_done(self, ts: TaskState, worker: str, nbytes: int, value: Any) -> None:
         ts.holders.add(worker)

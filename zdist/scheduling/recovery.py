@@ -263,3 +263,17 @@ def holders_found(s: "Scheduler", event: HoldersFound) -> None:
                 s._now_in_memory(ts)
         elif ts.state == LOST:
             unrecoverable(s, ts)
+
+
+def delete_strays(s: "Scheduler", worker: str, replies: list) -> None:
+    """Values a worker made for a batch this client gave up on (the worker was dropped, then came back).
+
+    Deleted unless that is the copy the core knows of there, or the task runs there again now.
+    """
+    for reply in replies:
+        if reply[1] != "ok":
+            continue
+        ts = s.by_key.get(reply[0])
+        if ts is not None and (worker in ts.holders or ts.worker == worker and ts.state == PROCESSING):
+            continue
+        s._delete(worker, reply[0], reply[2])
