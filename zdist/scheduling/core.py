@@ -58,7 +58,7 @@ class Scheduler:
     def __init__(
         self,
         *,
-        name: str = "the cluster",
+        name: str = "the Center",
         max_worker_deaths: int = 3,
         result_limit: int = 0,
         deliver_limit: int = 2**20,

@@ -69,7 +69,7 @@ def workers_seen(s: "Scheduler", event: WorkersSeen) -> None:
     infos = event.workers
     if event.center_id != s.center_id:
         if s.center_id is not None:
-            logger.warning("the Center of %s restarted; waiting for workers to register again", s.name)
+            logger.warning("%s restarted; waiting for workers to register again", s.name)
             s.grace_until = s.now + event.heartbeat_timeout + 2.0
         s.center_id = event.center_id
     if infos:
@@ -77,7 +77,7 @@ def workers_seen(s: "Scheduler", event: WorkersSeen) -> None:
     elif s.workers and s.ntorun and not s.in_grace and not s.stall_grace_used:
         # Every worker gone at once is more often a stall (a slow import
         # missed heartbeats) than a massacre: give them time to come back.
-        logger.warning("the Center of %s lists no workers; waiting for them to register again", s.name)
+        logger.warning("%s lists no workers; waiting for them to register again", s.name)
         s.grace_until = s.now + event.heartbeat_timeout + 2.0
         s.stall_grace_used = True
     if s.in_grace:
