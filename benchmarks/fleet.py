@@ -6,7 +6,8 @@ The workers are real :class:`zdist.Worker` nodes (each its own ROUTER
 socket, its own DEALER to the Center, its own heartbeat loop and batched key
 reports), packed many to a process on one asyncio loop, so that a 2-core
 machine can put 1,000 of them on a Center that runs as its own process
-(``python -m zdist.run center``, default settings). The fleet:
+(``python -m zdist.run center``, default settings, in the environment
+zdist's launchers give a node: ``zdist.deploy.local.node_environment``). The fleet:
 
 1. registers (``--workers`` in ``--processes`` host processes, plus one
    host of a single worker that is killed at the end);
@@ -24,7 +25,7 @@ machine can put 1,000 of them on a Center that runs as its own process
 
 Every phase is bounded in time; every process started is stopped by pid at
 the end, even on failure. Prints one table; asserts nothing about time.
-``run_fleet`` is what ``tests/test_fleet.py`` calls, reduced.
+``run_fleet`` is what ``tests/test_scale.py`` calls, reduced.
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ import time
 from typing import Any
 
 import psutil
+
+from zdist.deploy.local import node_environment
 
 HERE = os.path.abspath(__file__)
 
@@ -95,7 +98,8 @@ class _Processes:
         self.procs: list[subprocess.Popen] = []
 
     def start(self, argv: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True)
+        # The environment zdist's own launchers give a node (huge pages for malloc: see node_environment).
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True, env=node_environment())
         self.procs.append(proc)
         return proc
 
