@@ -106,3 +106,39 @@ def test_dashboard_link_of_a_local_cluster():
     with LocalCluster(n_workers=1, dashboard=True, heartbeat_timeout=HEARTBEAT_TIMEOUT, heartbeat_interval=HEARTBEAT_INTERVAL) as cluster:
         assert cluster.dashboard_link is not None and cluster.dashboard_link == cluster.dashboard_url
         assert cluster.dashboard_link.startswith("http://127.0.0.1:")
+
+
+_KILLED_SCRIPT = """
+import sys
+from zdist import LocalCluster
+cluster = LocalCluster(n_workers=2, nanny=sys.argv[1] == 'nanny')
+cluster.start()
+import psutil
+print(' '.join(str(p.pid) for p in psutil.Process().children(recursive=True)), flush=True)
+import time
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("nanny", ["nanny", "plain"])
+def test_nodes_of_a_local_cluster_stop_when_the_script_that_started_them_is_killed(nanny):
+    """A script killed before it could stop its LocalCluster (SIGKILL: no atexit) leaves no node running."""
+    import signal
+    import subprocess
+    import sys
+
+    script = subprocess.Popen([sys.executable, "-c", _KILLED_SCRIPT, nanny], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(pid) for pid in script.stdout.readline().split()]
+        assert len(pids) >= 3, pids  # a Center and two workers (and their nannies)
+    finally:
+        script.send_signal(signal.SIGKILL)
+        script.wait(30)
+    try:
+        wait_for(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids), timeout=30)
+    finally:
+        for pid in pids:  # never leave one behind, even when the test fails
+            try:
+                psutil.Process(pid).kill()
+            except psutil.Error:
+                pass

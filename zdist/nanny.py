@@ -292,6 +292,9 @@ def supervise(nannies: Sequence[Nanny], install_signals: bool = True) -> int:
                     registered[nanny] = pipe
             for key, _ in selector.select(POLL_INTERVAL):
                 key.data.on_output()
+            if not received and parent_gone() and not any(nanny.stopping_since is not None for nanny in nannies):
+                logger.warning("the process that started this nanny died; stopping its workers")
+                received.append(signal.SIGTERM)
             while received:
                 sig = received.pop(0)
                 already = any(nanny.stopping_since is not None for nanny in nannies)
@@ -315,6 +318,20 @@ def supervise(nannies: Sequence[Nanny], install_signals: bool = True) -> int:
     return next((code for code in codes if code), 0)
 
 
+#: Set by whoever spawns a node that must not outlive it (LocalCluster): that process's pid.
+PARENT_ENV = "ZDIST_EXIT_WITH_PARENT"
+
+
+def parent_gone() -> bool:
+    """Was this process started to exit with its parent (:data:`PARENT_ENV`), and has that parent died?
+
+    A parent killed without cleaning up (SIGKILL, SIGTERM with no handler)
+    leaves its children to init; ``os.getppid()`` then names another process.
+    """
+    pid = os.environ.get(PARENT_ENV)
+    return bool(pid) and os.getppid() != int(pid)
+
+
 def _say(line: str) -> None:
     print(line, flush=True)
 
@@ -331,6 +348,7 @@ def _worker_env(env: dict | None) -> dict:
     """
     env = dict(os.environ if env is None else env)
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
+    env.pop(PARENT_ENV, None)  # the worker's parent is this nanny, which it dies with (PR_SET_PDEATHSIG)
     return env
 
 

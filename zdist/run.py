@@ -39,7 +39,7 @@ from .centerfile import read_center_file, remove_center_file, write_center_file
 from .comm import normalize_address
 from .errors import EXIT_NO_CENTER
 from .memory import MemoryThresholds, parse_fraction, parse_memory_limit, parse_ncores
-from .nanny import MAX_RESTARTS, RESTART_WINDOW
+from .nanny import MAX_RESTARTS, PARENT_ENV, RESTART_WINDOW, parent_gone
 from .retirement import parse_duration
 from .scheduling.controls import parse_resources
 from .worker import Worker
@@ -277,6 +277,7 @@ async def _serve_center(center: Center, dashboard_port: int | None, center_file:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, lambda: asyncio.ensure_future(center.stop()))
+        _stop_when_orphaned(center.stop)
         if center_file is not None:  # before the line: whoever waits for it finds the file too
             write_center_file(
                 center_file, _reachable(center.address), center.security.public_key_text if center.security else None, dashboard.url if dashboard else None
@@ -291,6 +292,25 @@ async def _serve_center(center: Center, dashboard_port: int | None, center_file:
         if dashboard is not None:
             await dashboard.stop()
         await center.stop()
+
+
+def _stop_when_orphaned(stop: Callable[[], Any], interval: float = 1.0) -> None:
+    """Stop this node if the process that started it to exit with it (see :func:`~zdist.nanny.parent_gone`) dies.
+
+    LocalCluster's nodes would otherwise run on for good after a script that
+    started them is killed before it could stop them.
+    """
+    loop = asyncio.get_running_loop()
+
+    def look() -> None:
+        if parent_gone():
+            logging.getLogger("zdist.run").warning("the process that started this node died; stopping")
+            asyncio.ensure_future(stop())
+        else:
+            loop.call_later(interval, look)
+
+    if os.environ.get(PARENT_ENV):
+        loop.call_later(interval, look)
 
 
 def _reachable(address: str) -> str:
@@ -331,6 +351,7 @@ def run_worker(center: str, host: str = "127.0.0.1", port: int = 0, **options: A
         asyncio.get_running_loop().add_signal_handler(
             signal.SIGTERM, lambda: asyncio.ensure_future(node.stop() if node.retiring else node.close_gracefully())
         )
+        _stop_when_orphaned(node.stop)
 
         async def announce() -> None:
             waited = False

@@ -33,6 +33,7 @@ from ..center import Center
 from ..comm import private_directory, split_address
 from ..loop import LoopThread
 from ..memory import MemoryThresholds, parse_memory_limit
+from ..nanny import PARENT_ENV
 from ..rpc import rpc
 from ..worker import Worker
 from .base import Cluster, run_sync
@@ -403,7 +404,7 @@ class LocalCluster(Cluster):
                 stdout=subprocess.PIPE,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
-                env=node_environment(),
+                env={**node_environment(), PARENT_ENV: str(os.getpid())},  # nodes stop if this process dies unclean
                 start_new_session=True,  # a Ctrl-C in the terminal reaches the client, which stops the nodes
             )
         return label, process, log_path
