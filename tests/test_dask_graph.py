@@ -12,6 +12,7 @@ from dask._task_spec import Alias, DataNode, Task, TaskRef
 from zdist.dask.graph import (
     convert_recording_literals,
     cull,
+    depth_first,
     dependencies_of,
     dependents_of,
     external_keys,
@@ -89,6 +90,20 @@ def test_cull_keeps_only_what_outputs_need():
 def test_priorities_are_dask_order():
     graph = to_task_graph({"a": 1, "b": 2, "c": (inc, "a"), "d": (add, "b", "c")})
     assert priorities(graph) == dask.order.order(graph)
+
+
+def test_graphs_over_the_limit_are_ordered_depth_first_inputs_first(monkeypatch):
+    import zdist.dask.graph as graph_module
+
+    x = da.ones((40, 40), chunks=(5, 5))
+    graph = to_task_graph(dict((x + x.T).sum().__dask_graph__()))
+    (root,) = flatten_keys([(x + x.T).sum().__dask_keys__()])
+    numbers = depth_first(graph, [root])
+    assert sorted(numbers.values()) == list(range(len(graph)))  # every task, once
+    assert all(numbers[dep] < numbers[key] for key, node in graph.items() for dep in node.dependencies)
+    monkeypatch.setattr(graph_module, "DASK_ORDER_LIMIT", 10)
+    assert priorities(graph, [root]) == numbers
+    assert priorities(graph) == dask.order.order(graph)  # without outputs: dask.order, whatever the size
 
 
 # ---------------------------------------------------------------- readiness, placement, release

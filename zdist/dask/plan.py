@@ -42,7 +42,7 @@ class Plan:
 
 
 def make_plan(graph: dict, outputs: Iterable[Hashable]) -> Plan:
-    """Cull ``graph`` to what ``outputs`` need and number its tasks in ``dask.order`` priority.
+    """Cull ``graph`` to what ``outputs`` need and number its tasks in priority order (:func:`~zdist.dask.graph.priorities`).
 
     >>> from operator import add
     >>> from zdist.dask.graph import to_task_graph
@@ -52,7 +52,7 @@ def make_plan(graph: dict, outputs: Iterable[Hashable]) -> Plan:
     """
     outputs = list(dict.fromkeys(outputs))
     graph = cull(graph, outputs)
-    order = priorities(graph)
+    order = priorities(graph, outputs)
     keys = sorted(graph, key=order.__getitem__)
     index = {key: i for i, key in enumerate(keys)}
     nodes = [graph[key] for key in keys]
