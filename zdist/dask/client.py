@@ -22,8 +22,8 @@ from ..output import reemit_warnings
 from ..scheduling.controls import CONTROL_NAMES, controls_from
 from ..scheduling.gcpause import gc_paused
 from .graph import annotations_of, controls_by_key, convert_recording_literals, flatten_keys, nest_results, to_task_graph
-from .plan import Plan, make_plan
-from .scheduler import Computation
+from .plan import make_plan
+from .scheduler import Computation, LoadedCore
 
 __all__ = ["get", "close"]
 
@@ -63,10 +63,9 @@ async def _ask_center(address: str, op: str, keys: Iterable, security: Any) -> d
         session.release()
 
 
-async def _compute(address: str, plan: Plan, external: dict, security: Any, options: dict, seen: list | None = None) -> dict:
+async def _compute(address: str, loaded: LoadedCore, security: Any, forward_output: bool, seen: list | None = None) -> dict:
     session = await open_session(address, security, 10.0)
-    with gc_paused():  # a TaskState per task, no garbage
-        computation = Computation(plan, session, external=external, **options)
+    computation = Computation(loaded, session, forward_output=forward_output)
     if seen is not None:
         seen.append(computation)  # lets the caller's thread read its progress
     return await computation.run()
@@ -181,9 +180,10 @@ def get(
             raise MissingDataError(missing, "the graph needs them, but neither makes them nor finds them on the cluster")
         nbytes = thread.run(_ask_center(address, "nbytes", plan.external, security))
         external = {key: (set(who_has[key]), nbytes.get(key, 0)) for key in plan.external}
-    options = {"max_worker_deaths": max_worker_deaths, "return_values": return_values, "validate": validate, "forward_output": forward_output}
+    with gc_paused():  # a TaskState per task, no garbage; here, not on the loop, which keeps the session alive meanwhile
+        loaded = LoadedCore(plan, external=external, max_worker_deaths=max_worker_deaths, return_values=return_values, validate=validate, now=time.monotonic())
     seen: list = []
-    future = thread.submit(_compute(address, plan, external, security, options, seen))
+    future = thread.submit(_compute(address, loaded, security, forward_output, seen))
     try:
         values = _wait_with_progress(future, seen, len(plan), timeout) if progress else future.result(timeout)
     except concurrent.futures.TimeoutError:

@@ -28,7 +28,7 @@ from ..shell import Shell
 from .plan import Plan
 from .tasks import TaskBatch, run_task_spec
 
-__all__ = ["Computation", "TaskKilledWorkersError"]
+__all__ = ["Computation", "LoadedCore", "TaskKilledWorkersError"]
 
 #: How long cleanup waits for batches still running before leaving their
 #: results to be deleted as they come back.
@@ -37,31 +37,22 @@ CLEANUP_WAIT = 5.0
 CENTER_TIMEOUT = 30.0
 
 
-class Computation(Shell):
-    """One ``get``: its tasks in the core, and the values requested so far.
+class LoadedCore:
+    """A :class:`~zdist.scheduling.Scheduler` given every task of a :class:`~zdist.dask.plan.Plan`, before any worker is known.
 
-    Create and :meth:`run` it on the client loop (:func:`zdist.session.client_loop`).
+    Made in the calling thread, then handed to the client loop, which
+    :class:`Computation` runs on: a graph of millions of tasks takes tens of
+    seconds to load, and the loop meanwhile goes on keeping the client's
+    session alive (it is dropped after 10 s of silence). The core is no
+    other thread's until it is handed over.
     """
 
     def __init__(
-        self,
-        plan: Plan,
-        session: Session,
-        *,
-        external: dict | None = None,
-        max_worker_deaths: int = 3,
-        return_values: int = 2**20,
-        validate: bool = False,
-        forward_output: bool = False,
+        self, plan: Plan, *, external: dict | None = None, max_worker_deaths: int = 3, return_values: int = 2**20, validate: bool = False, now: float = 0.0,
     ):
-        core = Scheduler(name=f"the Center at {session.address}", max_worker_deaths=max_worker_deaths, deliver_limit=return_values, validate=validate)
-        super().__init__(core, session)
-        self.forward_output = forward_output
         self.plan = plan
         self.prefix = f"zd-{uuid.uuid4().hex[:12]}-"
-        self.values: dict = {}
-        self.warnings: list = []  # (dask key, worker, what the task warned)
-        self.finished: asyncio.Future = self.loop.create_future()
+        self.core = Scheduler(max_worker_deaths=max_worker_deaths, deliver_limit=return_values, validate=validate)
         # Inputs from outside the graph: key -> (addresses holding it, bytes); not ours to delete.
         self.external: dict[Any, TaskState] = {}
         for key, (holders, nbytes) in (external or {}).items():
@@ -80,8 +71,33 @@ class Computation(Shell):
             append(TaskState(prefix + str(i), i, inputs, wanted=int(output), deliver=output))
         self.tasks = tasks
         for key, controls in plan.controls.items():
-            self.tasks[index_of[key]].controls = controls
+            tasks[index_of[key]].controls = controls
         self.pending_outputs = len(outputs)
+        # With no worker known yet, this only numbers and queues the tasks; the
+        # commands (if any) are carried out on the loop.
+        self.commands = self.core.handle(events.DataPlaced(list(self.external.values())), events.Submit(tasks), now=now)
+
+
+class Computation(Shell):
+    """One ``get``: its tasks in the core, and the values requested so far.
+
+    Create and :meth:`run` it on the client loop (:func:`zdist.session.client_loop`),
+    from a :class:`LoadedCore`.
+    """
+
+    def __init__(self, loaded: LoadedCore, session: Session, *, forward_output: bool = False):
+        loaded.core.name = f"the Center at {session.address}"
+        super().__init__(loaded.core, session)
+        self.forward_output = forward_output
+        self.plan = loaded.plan
+        self.prefix = loaded.prefix
+        self.external = loaded.external
+        self.tasks = loaded.tasks
+        self.pending_outputs = loaded.pending_outputs
+        self._loaded_commands = loaded.commands
+        self.values: dict = {}
+        self.warnings: list = []  # (dask key, worker, what the task warned)
+        self.finished: asyncio.Future = self.loop.create_future()
 
     @property
     def ntasks_done(self) -> int:
@@ -97,7 +113,9 @@ class Computation(Shell):
                     f"no workers are registered with the Center at {self.session.address}; start some with `zdist-worker {self.session.address}`"
                 )
             await self._fetch_external_outputs()
-            self.feed(events.DataPlaced(list(self.external.values())), events.Submit(self.tasks))
+            commands, self._loaded_commands = self._loaded_commands, []
+            for command in commands:  # the look above fed the core the workers: it has dispatched already
+                self._commands[type(command)](command)
             self._check_finished()
             return await self.finished
         finally:
