@@ -48,7 +48,7 @@ from .handles import (  # noqa: F401 - RemoteData and ChunkedResults are also th
 from .scheduling.policy import spread
 from .scheduling.state import ERRED, NEW, PROCESSING
 from .session import client_loop, open_session
-from .shell import Shell
+from .shell import MAIL_TASKS_PER_TURN, Shell
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,9 @@ class Pool(WorkerOps):
         self, function: Callable, arg_tuples: Iterable[tuple], kwargs: dict | None = None, controls: Controls | None = None, handle_type: type = RemoteData
     ) -> list[RemoteData]:
         handles = self._make_tasks(function, arg_tuples, kwargs, controls, handle_type)
-        self._shell.post(events.Submit([h._task for h in handles]), urgent=True)
+        step = MAIL_TASKS_PER_TURN  # the loop feeds one part a turn (see Shell._read_mail)
+        for start in range(0, len(handles), step):
+            self._shell.post(events.Submit([h._task for h in handles[start : start + step]]), urgent=True)
         return handles
 
     def apply_async(

@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 #: News from other threads (handles dropped, tasks they sent) reaches the core within this.
 MAIL_DELAY = 0.02
+#: Tasks the loop takes from the mail in one turn: a map of a million items is
+#: fed in parts, so that the session's heartbeat (the same loop) goes on meanwhile.
+MAIL_TASKS_PER_TURN = 50_000
 
 
 class Shell:
@@ -46,6 +49,7 @@ class Shell:
         self._mail: list = []
         self._mail_scheduled = False
         self._urgent = False
+        self._held: list = []  # mail taken but not fed yet (over MAIL_TASKS_PER_TURN): the loop's alone
         self._workers_fed = float("-inf")  # when the core last saw the Center's table
         self._who_has_wanted: list = []  # keys to ask the Center about, in one request
         self._background: set = set()
@@ -99,8 +103,20 @@ class Shell:
     def _read_mail(self) -> None:
         self._mail_scheduled = self._urgent = False
         mail, self._mail = self._mail, []
-        if mail and not self.closed:
-            self.feed(*mail)
+        if self._held:
+            mail, self._held = self._held + mail, []
+        if not mail or self.closed:
+            return
+        taken, size = 0, 0
+        for event in mail:  # in order; at least one event a turn, however big
+            size += len(getattr(event, "tasks", ())) or 1
+            taken += 1
+            if size >= MAIL_TASKS_PER_TURN:
+                break
+        if taken < len(mail):
+            self._held = mail[taken:]
+            self.loop.call_soon(self._read_mail)
+        self.feed(*mail[:taken])
 
     def on_workers(self, info: dict) -> bool:
         """The Center's news: hand the table to the core if it changed or the core waits for a look; True if handed."""
