@@ -4,8 +4,11 @@ from __future__ import annotations
 import asyncio
 import os
 import selectors
+import shutil
 import subprocess
+import tempfile
 import time
+import warnings
 from typing import Any, Callable
 
 import psutil
@@ -105,6 +108,32 @@ def inproc_cluster():
     """A Center and two workers running in this process, on a background loop."""
     with make_cluster(2, processes=False) as c:
         yield c
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_temp_directory():
+    """Every file the suite's nodes write to the temp directory lands in one directory, removed at the end.
+
+    Workers that a test kills with SIGKILL cannot remove their
+    ``zdist-worker-PID-*`` directories; this keeps them out of the machine's
+    /tmp. Directories left by workers that stopped cleanly are reported.
+    """
+    directory = tempfile.mkdtemp(prefix="zdist-tests-")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = directory
+    tempfile.tempdir = directory
+    try:
+        yield directory
+    finally:
+        left = [name for name in os.listdir(directory) if name.startswith("zdist-worker-")]
+        if left:
+            warnings.warn(f"{len(left)} worker directories were left in the temp directory (workers killed by tests leave theirs)", stacklevel=1)
+        if saved[0] is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved[0]
+        tempfile.tempdir = saved[1]
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

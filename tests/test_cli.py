@@ -13,6 +13,7 @@ import tempfile
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from zdist import ProtocolError, rpc
@@ -190,10 +191,16 @@ def test_worker_runs_as_started_without_re_executing_itself(programs, monkeypatc
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.delenv("ZDIST_NO_HUGE_PAGES", raising=False)
     _, center_address = start_center(programs)
-    worker, _ = start_worker(programs, center_address, "--ncores", "1")
-    with open(f"/proc/{worker.pid}/environ", "rb") as f:
-        environ = f.read().split(b"\0")  # what the process was (last) executed with
-    assert not any(entry.startswith(b"GLIBC_TUNABLES=") for entry in environ)
+    nanny, _ = start_worker(programs, center_address, "--ncores", "1")
+
+    def environ(pid: int) -> list[bytes]:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read().split(b"\0")  # what the process was (last) executed with
+
+    assert not any(entry.startswith(b"GLIBC_TUNABLES=") for entry in environ(nanny.pid))
+    # The nanny spawns the worker, so it sets the worker's tuning.
+    (worker,) = psutil.Process(nanny.pid).children()
+    assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ(worker.pid)
 
 
 def test_worker_port_and_defaults(programs):

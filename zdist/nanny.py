@@ -52,6 +52,7 @@ from collections.abc import Callable, Sequence
 import psutil
 
 from .errors import EXIT_NO_CENTER
+from .spawn import PARENT_ENV, death_signal_setter, node_environment, parent_gone
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +129,8 @@ class Nanny:
         args = self.command(self.restarts, self.address, self.first_address)
         self.address = None
         self._buffer = b""
-        if sys.platform.startswith("linux"):
-            import ctypes  # imported here, not between fork and exec
-
-            _PRCTL[:] = [ctypes.CDLL(None, use_errno=True).prctl]
         # preexec_fn is safe here: the nanny runs no threads.
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_worker_env(self.env), preexec_fn=_die_with_parent)  # noqa: PLW1509
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=_worker_env(self.env), preexec_fn=death_signal_setter())  # noqa: PLW1509
 
     def on_output(self) -> None:
         """Forward what the worker printed; learn its address from its first line."""
@@ -318,26 +315,12 @@ def supervise(nannies: Sequence[Nanny], install_signals: bool = True) -> int:
     return next((code for code in codes if code), 0)
 
 
-#: Set by whoever spawns a node that must not outlive it (LocalCluster): that process's pid.
-PARENT_ENV = "ZDIST_EXIT_WITH_PARENT"
-
-
-def parent_gone() -> bool:
-    """Was this process started to exit with its parent (:data:`PARENT_ENV`), and has that parent died?
-
-    A parent killed without cleaning up (SIGKILL, SIGTERM with no handler)
-    leaves its children to init; ``os.getppid()`` then names another process.
-    """
-    pid = os.environ.get(PARENT_ENV)
-    return bool(pid) and os.getppid() != int(pid)
-
-
 def _say(line: str) -> None:
     print(line, flush=True)
 
 
 def _worker_env(env: dict | None) -> dict:
-    """The worker's environment: glibc gives freed memory back to the kernel promptly.
+    """The worker's environment: a node's (huge pages: see ``zdist.spawn.node_environment``), and glibc gives freed memory back to the kernel promptly.
 
     Without MALLOC_TRIM_THRESHOLD_, glibc raises its mmap threshold after the
     first large free, so later chunks (values read back from disk, spilled)
@@ -346,7 +329,7 @@ def _worker_env(env: dict | None) -> dict:
     benchmarks/bench_memory.py --four-x: 4 restarts in one run without it).
     dask.distributed's nanny sets the same value. One set by the user stays.
     """
-    env = dict(os.environ if env is None else env)
+    env = node_environment() if env is None else dict(env)
     env.setdefault("MALLOC_TRIM_THRESHOLD_", "65536")
     env.pop(PARENT_ENV, None)  # the worker's parent is this nanny, which it dies with (PR_SET_PDEATHSIG)
     return env
@@ -357,12 +340,3 @@ def _kill(process: subprocess.Popen) -> None:
         process.kill()
     except ProcessLookupError:
         pass
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child, between fork and exec
-    """In the worker process: be sent SIGTERM if the nanny dies (Linux), so no worker outlives it."""
-    if _PRCTL:
-        _PRCTL[0](1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-_PRCTL: list = []

@@ -39,7 +39,8 @@ from .centerfile import read_center_file, remove_center_file, write_center_file
 from .comm import normalize_address
 from .errors import EXIT_NO_CENTER
 from .memory import MemoryThresholds, parse_fraction, parse_memory_limit, parse_ncores
-from .nanny import MAX_RESTARTS, PARENT_ENV, RESTART_WINDOW, parent_gone
+from .nanny import MAX_RESTARTS, RESTART_WINDOW
+from .spawn import PARENT_ENV, parent_gone
 from .retirement import parse_duration
 from .scheduling.controls import parse_resources
 from .worker import Worker
@@ -295,7 +296,7 @@ async def _serve_center(center: Center, dashboard_port: int | None, center_file:
 
 
 def _stop_when_orphaned(stop: Callable[[], Any], interval: float = 1.0) -> None:
-    """Stop this node if the process that started it to exit with it (see :func:`~zdist.nanny.parent_gone`) dies.
+    """Stop this node if the process that started it to exit with it (see :func:`~zdist.spawn.parent_gone`) dies.
 
     LocalCluster's nodes would otherwise run on for good after a script that
     started them is killed before it could stop them.

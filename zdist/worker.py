@@ -163,14 +163,16 @@ class Worker(Node):
     async def on_stop(self) -> None:
         for task in self._background:
             task.cancel()
-        if self._preloaded:
-            await worker_setup.teardown(self, self._preloaded)
-        await self.center_link.unregister()
-        self.batches.close()
-        if self.peers is not None:
-            self.peers.close()
-        if self.memory is not None:
-            self.memory.close()
+        try:
+            if self._preloaded:
+                await worker_setup.teardown(self, self._preloaded)
+            await self.center_link.unregister()
+        finally:  # the threads, sockets and files go even when a teardown or the goodbye fails
+            self.batches.close()
+            if self.peers is not None:
+                self.peers.close()
+            if self.memory is not None:
+                self.memory.close()
 
     async def retire(self, stop: bool = True, leaving: list | None = None) -> dict:
         """Hand every key no other worker holds to other workers, then stop (see :mod:`zdist.retirement`).

@@ -18,12 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import selectors
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from typing import Any
 
@@ -33,19 +30,17 @@ from ..center import Center
 from ..comm import private_directory, split_address
 from ..loop import LoopThread
 from ..memory import MemoryThresholds, parse_memory_limit
-from ..nanny import PARENT_ENV
 from ..rpc import rpc
+from ..spawn import ClusterStartError, NodeLauncher, children, node_environment, terminate, wait_or_kill
 from ..worker import Worker
 from .base import Cluster, run_sync
+
+__all__ = ["ClusterStartError", "LocalCluster", "node_environment"]
 
 #: The programs LocalCluster starts: the library's own (zdist/run.py), which
 #: zdist-center and zdist-worker also are, under their own names.
 CENTER_PROGRAM = ["-m", "zdist.run", "center"]
 WORKER_PROGRAM = ["-m", "zdist.run", "worker"]
-
-
-class ClusterStartError(RuntimeError):
-    """A node of a LocalCluster did not come up."""
 
 
 class LocalCluster(Cluster):
@@ -141,7 +136,7 @@ class LocalCluster(Cluster):
         self._dashboard_server: Any = None  # the in-process Center's zdist.dashboard.Dashboard
         self.worker_nodes: list[Worker] = []
         self._loop_thread: LoopThread | None = None
-        self._log_dir = tempfile.mkdtemp(prefix="zdist-cluster-")
+        self._launcher = NodeLauncher(start_timeout)
         self.status = "created"
 
     # -------------------------------------------------------------- sync API
@@ -181,15 +176,15 @@ class LocalCluster(Cluster):
         # Workers first, so that they can unregister from a Center still there.
         # SIGINT: stop now (SIGTERM would hand their data to each other first).
         for process in self.worker_processes.values():
-            _terminate(process, signal.SIGINT)
+            terminate(process, signal.SIGINT)
         for process in self.worker_processes.values():
-            _wait_or_kill(process)
+            wait_or_kill(process)
         if self.center_process is not None:
-            _terminate(self.center_process)
-            _wait_or_kill(self.center_process)
+            terminate(self.center_process)
+            wait_or_kill(self.center_process)
         if self._owns_security:
             self.security.cleanup()
-        shutil.rmtree(self._log_dir, ignore_errors=True)
+        self._launcher.close()
         if self._ipc_dir is not None:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
@@ -273,12 +268,12 @@ class LocalCluster(Cluster):
             args += ["--key", self.security.key_file, "--authorized-keys", self.security.authorized_keys]
         return args
 
+    def _center_args(self, host: str, port: str) -> list[str]:
+        dashboard = ["--dashboard-port", "0"] if self.dashboard else ["--no-dashboard"]
+        return [*CENTER_PROGRAM, "--host", host, "--port", port, "--heartbeat-timeout", str(self.heartbeat_timeout), *self._common_args(), *dashboard]
+
     def _start_processes(self) -> None:
-        process, line = self._spawn(
-            "center",
-            [*CENTER_PROGRAM, "--host", self.host, "--port", "0", "--heartbeat-timeout", str(self.heartbeat_timeout), *self._common_args(), *self._dashboard_args()],
-            "Start center at",
-        )
+        process, line = self._launcher.spawn("center", self._center_args(self.host, "0"), "Start center at")
         self.center_process = process
         self.center_address = line.split("Start center at", 1)[1].strip()
         self._learn_dashboard_url()
@@ -304,12 +299,12 @@ class LocalCluster(Cluster):
             args += [f"--memory-{field}", "off" if value is None else str(value)]
         return args + (["--name", name] if name else [])
 
-    def start_workers(self, n: int) -> list[str]:
+    def start_workers(self, n: int, args: list[str] | None = None) -> list[str]:
         """Start ``n`` more worker subprocesses at once; wait until they registered."""
-        started = [self._popen(f"worker-{len(self.worker_processes) + i}", self._worker_args(None)) for i in range(n)]
+        started = [self._launcher.popen(f"worker-{len(self.worker_processes) + i}", args or self._worker_args(None)) for i in range(n)]
         addresses = []
         for label, process, log_path in started:
-            line = self._await_line(label, process, log_path, "Start worker at:")
+            line = self._launcher.await_line(label, process, log_path, "Start worker at:")
             address = line.split("Start worker at:", 1)[1].strip()
             self.worker_processes[address] = process
             self._addresses.append(address)
@@ -325,13 +320,7 @@ class LocalCluster(Cluster):
         args = self._worker_args(name)
         if resources:
             args += ["--resources", ",".join(f"{k}={v!r}" for k, v in resources.items())]
-        label, process, log_path = self._popen(f"worker-{len(self.worker_processes)}", args)
-        line = self._await_line(label, process, log_path, "Start worker at:")
-        address = line.split("Start worker at:", 1)[1].strip()
-        self.worker_processes[address] = process
-        self._addresses.append(address)
-        self.wait_for_workers(len(self.live_worker_addresses()))
-        return address
+        return self.start_workers(1, args)[0]
 
     def kill_center(self, sig: int = signal.SIGKILL) -> None:
         """Kill the Center subprocess, as a crash would."""
@@ -349,11 +338,7 @@ class LocalCluster(Cluster):
         deadline = time.monotonic() + self.start_timeout
         while True:  # the old socket may linger in the kernel for a moment
             try:
-                process, _ = self._spawn(
-                    "center",
-                    [*CENTER_PROGRAM, "--host", host, "--port", port, "--heartbeat-timeout", str(self.heartbeat_timeout), *self._common_args(), *self._dashboard_args()],
-                    "Start center at",
-                )
+                process, _ = self._launcher.spawn("center", self._center_args(host, port), "Start center at")
                 break
             except ClusterStartError:
                 if time.monotonic() > deadline:
@@ -361,9 +346,6 @@ class LocalCluster(Cluster):
                 time.sleep(0.2)
         self.center_process = process
         self._learn_dashboard_url()
-
-    def _dashboard_args(self) -> list[str]:
-        return ["--dashboard-port", "0"] if self.dashboard else ["--no-dashboard"]
 
     def _learn_dashboard_url(self) -> None:
         """Ask the Center subprocess where its dashboard listens (``info()['dashboard']``)."""
@@ -387,7 +369,7 @@ class LocalCluster(Cluster):
         """
         process = self.worker_processes[address]
         if self.nanny:
-            for child in _children(process):
+            for child in children(process):
                 with contextlib.suppress(psutil.Error):
                     child.send_signal(sig)
         else:
@@ -395,33 +377,6 @@ class LocalCluster(Cluster):
             process.wait(10)
         if address in self._addresses:
             self._addresses.remove(address)
-
-    def _popen(self, label: str, args: list[str]) -> tuple[str, subprocess.Popen, str]:
-        log_path = os.path.join(self._log_dir, f"{label}-{time.monotonic_ns()}.log")
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, *args],
-                stdout=subprocess.PIPE,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                env={**node_environment(), PARENT_ENV: str(os.getpid())},  # nodes stop if this process dies unclean
-                start_new_session=True,  # a Ctrl-C in the terminal reaches the client, which stops the nodes
-            )
-        return label, process, log_path
-
-    def _await_line(self, label: str, process: subprocess.Popen, log_path: str, marker: str) -> str:
-        try:
-            return _read_line_with(process, marker, self.start_timeout)
-        except ClusterStartError as exc:
-            _terminate(process)
-            _wait_or_kill(process)
-            with open(log_path, "rb") as f:
-                tail = f.read()[-3000:].decode(errors="replace")
-            raise ClusterStartError(f"{label}: {exc}\n--- its log ---\n{tail}") from None
-
-    def _spawn(self, label: str, args: list[str], marker: str) -> tuple[subprocess.Popen, str]:
-        label, process, log_path = self._popen(label, args)
-        return process, self._await_line(label, process, log_path, marker)
 
     def wait_for_workers(self, n: int, timeout: float | None = None) -> None:
         """Block until the Center lists at least ``n`` workers."""
@@ -468,84 +423,11 @@ class LocalCluster(Cluster):
                 try:
                     unit.wait(10)
                 except subprocess.TimeoutExpired:
-                    _terminate(unit, signal.SIGINT)
-                _wait_or_kill(unit)
+                    terminate(unit, signal.SIGINT)
+                wait_or_kill(unit)
 
     def _unit_alive(self, name: str) -> bool:
         unit = self.units.get(name)
         if isinstance(unit, Worker):
             return unit.status == "running"
         return unit is not None and unit.poll() is None
-
-
-def node_environment() -> dict:
-    """The environment a node process runs with: set where the process is spawned.
-
-    glibc's ``hugetlb`` tunable makes malloc ask for transparent huge pages,
-    so the buffers libzmq allocates for a received 100 MB array fault in
-    512x fewer pages: measured here, worker-to-worker bandwidth rose about
-    1.7x. (Ignored by a glibc older than 2.35.) glibc reads it only when a
-    process starts, so it goes into the environment of the process spawned,
-    never into a running one; a worker started by hand gets it from whoever
-    starts it (see "A cluster by hand" in the README). ``ZDIST_NO_HUGE_PAGES``
-    in the environment leaves it out.
-    """
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if "ZDIST_NO_HUGE_PAGES" not in env and "glibc.malloc.hugetlb" not in env.get("GLIBC_TUNABLES", ""):
-        tunables = env.get("GLIBC_TUNABLES")
-        env["GLIBC_TUNABLES"] = f"{tunables}:glibc.malloc.hugetlb=1" if tunables else "glibc.malloc.hugetlb=1"
-    return env
-
-
-def _read_line_with(process: subprocess.Popen, marker: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    selector = selectors.DefaultSelector()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    buffer = b""
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ClusterStartError(f"did not print {marker!r} within {timeout} s")
-            if selector.select(min(remaining, 0.1)):
-                chunk = os.read(process.stdout.fileno(), 4096)
-                if not chunk:
-                    raise ClusterStartError(f"exited with code {process.wait()} before printing {marker!r}")
-                buffer += chunk
-                for line in buffer.decode(errors="replace").splitlines():
-                    if marker in line:
-                        return line
-            elif process.poll() is not None:
-                raise ClusterStartError(f"exited with code {process.returncode} before printing {marker!r}")
-    finally:
-        selector.close()
-
-
-def _terminate(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if process.poll() is None:
-        try:
-            process.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-
-def _children(process: subprocess.Popen) -> list:
-    """The processes a node process started (a nanny's workers)."""
-    try:
-        return psutil.Process(process.pid).children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def _wait_or_kill(process: subprocess.Popen, timeout: float = 5.0) -> None:
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        children = _children(process)  # a nanny's worker would outlive it
-        process.kill()
-        process.wait()
-        for child in children:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-    if process.stdout is not None:
-        process.stdout.close()

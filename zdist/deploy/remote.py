@@ -25,6 +25,9 @@ import signal
 import subprocess
 import sys
 
+# This module imports nothing of zdist's: SSHCluster may send its source to a
+# host as ``python -c`` (see ``zdist.deploy.ssh.remote_command``).
+
 #: Seconds the child may take to stop once the connection is gone, before SIGKILL.
 STOP_TIMEOUT = 20.0
 
