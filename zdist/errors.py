@@ -123,6 +123,8 @@ def noted(error: BaseException, key: Any, worker: str | None = None) -> BaseExce
     if hasattr(error, "add_note"):
         where = f" on worker {worker}" if worker else ""
         note = f"(while computing key {key!r}{where} on the zdist cluster)"
-        if note not in getattr(error, "__notes__", ()):  # the same error can pass through twice (shell and core)
+        # One such note: the same error object can pass through twice (shell and
+        # core), or fail every task of a batch (a lost session: 10^4 notes).
+        if not any(str(n).startswith("(while computing key ") for n in getattr(error, "__notes__", ())):
             error.add_note(note)
     return error

@@ -10,6 +10,7 @@ the same Center.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import time
 from typing import Any, Iterable
 
@@ -20,7 +21,7 @@ from ..errors import MissingDataError
 from ..session import client_loop, close_all_sessions, open_session
 from ..output import reemit_warnings
 from ..scheduling.controls import CONTROL_NAMES, controls_from
-from ..scheduling.gcpause import gc_paused
+from ..scheduling.gcpause import gc_frozen, gc_paused
 from .graph import annotations_of, controls_by_key, convert_recording_literals, flatten_keys, nest_results, to_task_graph
 from .plan import make_plan
 from .scheduler import Computation, LoadedCore
@@ -180,20 +181,24 @@ def get(
             raise MissingDataError(missing, "the graph needs them, but neither makes them nor finds them on the cluster")
         nbytes = thread.run(_ask_center(address, "nbytes", plan.external, security))
         external = {key: (set(who_has[key]), nbytes.get(key, 0)) for key in plan.external}
-    with gc_paused():  # a TaskState per task, no garbage; here, not on the loop, which keeps the session alive meanwhile
-        loaded = LoadedCore(plan, external=external, max_worker_deaths=max_worker_deaths, return_values=return_values, validate=validate, now=time.monotonic())
-    seen: list = []
-    future = thread.submit(_compute(address, loaded, security, forward_output, seen))
-    try:
-        values = _wait_with_progress(future, seen, len(plan), timeout) if progress else future.result(timeout)
-    except concurrent.futures.TimeoutError:
-        future.cancel()  # the computation cleans the cluster up as it stops
-        raise TimeoutError(f"zdist.dask.get did not finish within {timeout} s") from None
-    except BaseException:
-        future.cancel()  # KeyboardInterrupt: stop the computation too
-        raise
-    finally:
-        _reemit(seen)
+    with contextlib.ExitStack() as stack:
+        with gc_paused():  # a TaskState per task, no garbage; here, not on the loop, which keeps the session alive meanwhile
+            loaded = LoadedCore(plan, external=external, max_worker_deaths=max_worker_deaths, return_values=return_values, validate=validate, now=time.monotonic())
+            stack.enter_context(gc_frozen())  # the graph and the core: out of the collector's runs until the end
+        seen: list = []
+        future = thread.submit(_compute(address, loaded, security, forward_output, seen))
+        try:
+            values = _wait_with_progress(future, seen, len(plan), timeout) if progress else future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()  # the computation cleans the cluster up as it stops
+            raise TimeoutError(f"zdist.dask.get did not finish within {timeout} s") from None
+        except BaseException:
+            future.cancel()  # KeyboardInterrupt: stop the computation too
+            raise
+        finally:
+            _reemit(seen)
+            if future.done() and not future.cancelled():  # the loop is done with the core (a cancelled one may still be cleaning up)
+                loaded.dismantle()
     return nest_results(keys, values)
 
 

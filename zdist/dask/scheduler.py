@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import NoWorkersError, TaskKilledWorkersError
 from ..protocol import ProtocolError, Ref
 from ..scheduling import Scheduler, TaskState, events
+from ..scheduling.state import unlink
 from ..session import Session
 from ..shell import Shell
 from .plan import Plan
@@ -76,6 +77,19 @@ class LoadedCore:
         # With no worker known yet, this only numbers and queues the tasks; the
         # commands (if any) are carried out on the loop.
         self.commands = self.core.handle(events.DataPlaced(list(self.external.values())), events.Submit(tasks), now=now)
+
+    def dismantle(self) -> None:
+        """Once the computation is over: free its per-task objects by reference counting, now.
+
+        The shell and the core hold each other in cycles (bound methods,
+        futures), and everything they reach would otherwise wait for a run of
+        the cyclic collector: at 3.4 million tasks, 12 s holding the GIL.
+        """
+        unlink(self.tasks)
+        unlink(self.external.values())
+        plan = self.plan
+        for table in (self.tasks, self.core.tasks, self.core.by_key, plan.keys, plan.nodes, plan.deps, plan.ext_deps, plan.dependents):
+            table.clear()
 
 
 class Computation(Shell):

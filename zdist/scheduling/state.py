@@ -11,7 +11,7 @@ done) but never write it.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from .policy import in_flight_limit, task_seconds_estimate
 
@@ -85,6 +85,23 @@ class TaskState:
 
     def __repr__(self) -> str:
         return f"<TaskState {self.key!r} {self.state_name}>"
+
+
+def unlink(tasks: Iterable[TaskState]) -> None:
+    """Break the links between the task states of a computation that is over (inputs and dependents).
+
+    A task and its inputs point at each other, a cycle that only the cyclic
+    collector frees: at 3.4 million tasks, a 13-second run of it. Unlinked,
+    they go by reference counting as soon as the computation is dropped.
+    Only for tasks no scheduler will see again.
+
+    >>> a = TaskState('a'); b = TaskState('b', deps=(a,)); a.dependents.add(b)
+    >>> unlink([a, b]); b.deps, a.dependents
+    ((), set())
+    """
+    for ts in tasks:
+        ts.deps = ()
+        ts.dependents.clear()
 
 
 class WorkerState:
