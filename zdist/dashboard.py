@@ -133,6 +133,94 @@ async def serve_dashboard(center: Any, port: int = 0, host: str | None = None) -
     return dashboard
 
 
+class TaskRates:
+    """Task rates from the workers' heartbeats: no I/O, fed what the Center's ``info()`` says.
+
+    Each worker's ``tasks_done`` grows between heartbeats; :meth:`observe`
+    spreads each increase evenly over the seconds since the last one (into
+    one-second bins) and keeps a per-worker rate over :data:`RATE_WINDOW`.
+
+    >>> rates = TaskRates(started=100.0)
+    >>> rates.observe('w', {'tasks_done': 0, 'last_seen': 100.0})
+    >>> rates.observe('w', {'tasks_done': 20, 'last_seen': 102.0})
+    >>> rates.tasks_done_total, rates.done_bins, rates.worker_rate
+    (20, {100: 10.0, 101: 10.0}, {'w': 10.0})
+    """
+
+    def __init__(self, started: float):
+        self.started = started
+        self.done_bins: dict[int, float] = {}  # second -> tasks done in it
+        self.running: dict[int, int] = {}  # second -> tasks running when sampled
+        self.heartbeats: dict[str, deque] = {}  # address -> (last_seen, tasks_done) of its recent heartbeats
+        self.worker_rate: dict[str, float] = {}  # address -> tasks/s over its last RATE_WINDOW seconds
+        self.tasks_done_total = 0  # every increase seen since the start
+
+    def observe(self, address: str, worker: dict) -> None:
+        """A worker's ``tasks_done`` as of its last heartbeat: turn its delta into rates. O(1)."""
+        done = worker.get("tasks_done")
+        now = worker.get("last_seen")
+        if not isinstance(done, int) or not isinstance(now, (int, float)):
+            return
+        recent = self.heartbeats.get(address)
+        if recent is None:
+            self.heartbeats[address] = deque([(now, done)])
+            return  # the first reading only sets the baseline
+        then, done_then = recent[-1]
+        if now <= then:
+            return  # no heartbeat since the last reading
+        if done < done_then:  # a smaller count: the worker restarted
+            recent.clear()
+            recent.append((then, 0))
+            done_then = 0
+        delta = done - done_then
+        elapsed = max(now - then, 1e-6)
+        recent.append((now, done))
+        while len(recent) > 2 and recent[1][0] <= now - RATE_WINDOW:
+            recent.popleft()
+        first_time, first_done = recent[0]
+        self.worker_rate[address] = (done - first_done) / max(now - first_time, 1e-6)
+        if delta <= 0:
+            return
+        self.tasks_done_total += delta
+        # Spread the delta evenly over [then, now] into one-second bins.
+        per_second = delta / elapsed
+        second = int(then)
+        while second < now:
+            overlap = min(now, second + 1) - max(then, second)
+            if overlap > 0:
+                self.done_bins[second] = self.done_bins.get(second, 0.0) + per_second * overlap
+            second += 1
+
+    def sample(self, workers: dict) -> None:
+        """Once a second: the tasks running now (from the Center's ``info()['workers']``); forget old seconds and gone workers."""
+        now = time.time()
+        self.running[int(now)] = int(sum(_number(info.get("executing")) for info in workers.values()))
+        oldest = int(now) - HISTORY_SECONDS - 5
+        for table in (self.done_bins, self.running):
+            if table and min(table) < oldest:
+                for second in [s for s in table if s < oldest]:
+                    del table[second]
+        for table in (self.heartbeats, self.worker_rate):
+            for address in [a for a in table if a not in workers]:
+                del table[address]
+
+    def tasks_data(self, window: int = 300) -> dict:
+        """``/api/tasks``: tasks done per second and tasks running, over the last ``window`` seconds."""
+        now = time.time()
+        window = max(10, min(int(window), HISTORY_SECONDS))
+        # The newest second still gets counts from heartbeats on their way; stop a second short.
+        end = int(now - 1.0)
+        seconds = list(range(max(end - window + 1, int(self.started)), end + 1))
+        return {
+            "time": now,
+            "interval": INTERVAL,
+            "times": seconds,
+            "done_per_s": [round(self.done_bins.get(s, 0.0), 3) for s in seconds],
+            "running": [self.running.get(s) for s in seconds],
+            "tasks_done_total": self.tasks_done_total,
+        }
+
+
 class Dashboard:
     """Serves a dashboard of the Center whose ``info()`` is ``info``, on ``host:port``.
 
@@ -171,12 +259,7 @@ class Dashboard:
         self.security = security
         self.runner: Any = None
         self.started = time.time()
-        # Task rates: done counts spread into one-second bins; running sampled each second.
-        self._done_bins: dict[int, float] = {}
-        self._running: dict[int, int] = {}
-        self._heartbeats: dict[str, deque] = {}  # address -> (last_seen, tasks_done) of its recent heartbeats
-        self.worker_rate: dict[str, float] = {}  # address -> tasks/s over its last RATE_WINDOW seconds
-        self.tasks_done_total = 0  # every delta seen since the dashboard started
+        self.rates = TaskRates(self.started)
         # Task stream.
         self.stream: deque = deque(maxlen=STREAM_LENGTH)  # dicts with a growing "seq"
         self._seq = 0
@@ -253,62 +336,16 @@ class Dashboard:
         if inspect.isawaitable(info):
             info = await info
         for address, worker in info.get("workers", {}).items():
-            self._observe(address, worker)
+            self.rates.observe(address, worker)
         return info
-
-    def _observe(self, address: str, worker: dict) -> None:
-        """A worker's ``tasks_done`` as of its last heartbeat: turn its delta into rates. O(1)."""
-        done = worker.get("tasks_done")
-        now = worker.get("last_seen")
-        if not isinstance(done, int) or not isinstance(now, (int, float)):
-            return
-        recent = self._heartbeats.get(address)
-        if recent is None:
-            self._heartbeats[address] = deque([(now, done)])
-            return  # the first reading only sets the baseline
-        then, done_then = recent[-1]
-        if now <= then:
-            return  # no heartbeat since the last reading
-        if done < done_then:  # a smaller count: the worker restarted
-            recent.clear()
-            recent.append((then, 0))
-            done_then = 0
-        delta = done - done_then
-        elapsed = max(now - then, 1e-6)
-        recent.append((now, done))
-        while len(recent) > 2 and recent[1][0] <= now - RATE_WINDOW:
-            recent.popleft()
-        first_time, first_done = recent[0]
-        self.worker_rate[address] = (done - first_done) / max(now - first_time, 1e-6)
-        if delta <= 0:
-            return
-        self.tasks_done_total += delta
-        # Spread the delta evenly over [then, now] into one-second bins.
-        per_second = delta / elapsed
-        second = int(then)
-        while second < now:
-            overlap = min(now, second + 1) - max(then, second)
-            if overlap > 0:
-                self._done_bins[second] = self._done_bins.get(second, 0.0) + per_second * overlap
-            second += 1
-
-    def _sample(self, info: dict) -> None:
-        now = time.time()
-        workers = info.get("workers", {})
-        self._running[int(now)] = int(sum(_number(info.get("executing")) for info in workers.values()))
-        oldest = int(now) - HISTORY_SECONDS - 5
-        for table in (self._done_bins, self._running):
-            if table and min(table) < oldest:
-                for second in [s for s in table if s < oldest]:
-                    del table[second]
-        for table in (self._heartbeats, self.worker_rate, self._log_since):
-            for address in [a for a in table if a not in workers]:
-                del table[address]
 
     async def _sample_forever(self) -> None:
         while True:
             try:
-                self._sample(await self.read_info())
+                workers = (await self.read_info()).get("workers", {})
+                self.rates.sample(workers)
+                for address in [a for a in self._log_since if a not in workers]:
+                    del self._log_since[address]
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - never let the dashboard take the Center down
@@ -406,7 +443,7 @@ class Dashboard:
                     "nbytes": worker.get("nbytes", 0),
                     "memory": worker.get("memory"),
                     **worker_activity(worker),
-                    "task_rate": round(self.worker_rate.get(address, 0.0), 3),
+                    "task_rate": round(self.rates.worker_rate.get(address, 0.0), 3),
                     "pid": worker.get("pid"),
                     "last_seen": last_seen,
                     "last_seen_age": round(max(0.0, now - last_seen), 3),
@@ -454,21 +491,6 @@ class Dashboard:
             },
         }
 
-    def tasks_data(self, window: int = 300) -> dict:
-        now = time.time()
-        window = max(10, min(int(window), HISTORY_SECONDS))
-        # The newest second still gets counts from heartbeats on their way; stop a second short.
-        end = int(now - 1.0)
-        seconds = list(range(max(end - window + 1, int(self.started)), end + 1))
-        return {
-            "time": now,
-            "interval": INTERVAL,
-            "times": seconds,
-            "done_per_s": [round(self._done_bins.get(s, 0.0), 3) for s in seconds],
-            "running": [self._running.get(s) for s in seconds],
-            "tasks_done_total": self.tasks_done_total,
-        }
-
     def task_stream_data(self, after: int | None = None, limit: int = 1000) -> dict:
         limit = max(1, min(int(limit), STREAM_LENGTH))
         if after is None:
@@ -514,7 +536,7 @@ class Dashboard:
             window = int(request.query.get("window", 300))
         except ValueError:
             raise web.HTTPBadRequest(text="window must be an integer number of seconds") from None
-        return self._json(self.tasks_data(window))
+        return self._json(self.rates.tasks_data(window))
 
     async def handle_activity(self, request: Any) -> Any:
         answer: dict = {"groups": {}, "touched": {}, "transfers": []}
