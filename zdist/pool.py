@@ -33,28 +33,25 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .cluster_ops import WorkerOps
 from .comm import normalize_address
-from .errors import LostDataError, NoWorkersError, noted
-from .protocol import OK
-from .rpc import ThreadSockets, rebuild_exception
+from .errors import LostDataError, NoWorkersError
+from .rpc import ThreadSockets
 from .scheduling import NO_VALUE, Scheduler, TaskState, events
 from .scheduling.controls import CONTROL_NAMES, Controls, controls_from
 from .scheduling.gcpause import gc_paused
+from .pool_direct import SMALL_RESULT, apply_here
 from .pool_results import Results
 from .pool_tasks import TaskMaker, checked_chunksize, run_chunk, run_star_chunk
 from .pool_tasks import chunks as make_chunks
 from .handles import (  # noqa: F401 - RemoteData and ChunkedResults are also this module's
     CANCELLABLE, ChunkedResults, RemoteData, _ChunkData, _ItemData, _PoolTask, _call_each, _fresh, _local_value, _to_refs, _watched,
 )
+from .scheduling.dispatch import waiting_for_workers
 from .scheduling.policy import spread
-from .scheduling.state import ERRED, NEW, PROCESSING
+from .scheduling.state import ERRED
 from .session import client_loop, open_session
 from .shell import MAIL_TASKS_PER_TURN, Shell
 
 logger = logging.getLogger(__name__)
-
-#: Results up to this size come back with the acknowledgement (and also stay
-#: on the worker), so ``apply(...).get()`` costs one round trip.
-SMALL_RESULT = 4096
 
 #: ``imap`` keeps at least this many tasks in flight (more on many cores).
 STREAM_WINDOW = 256
@@ -248,62 +245,8 @@ class Pool(WorkerOps):
 
     def apply(self, func: Callable, args: tuple = (), kwds: dict | None = None, **controls: Any) -> RemoteData:
         """Run ``func(*args, **kwds)``; return its :class:`RemoteData` once it is done (raise if it failed)."""
-        handle = self._apply_here(func, tuple(args), kwds, self._task_controls(controls))
+        handle = apply_here(self, func, tuple(args), kwds, self._task_controls(controls))
         self._results.wait([handle], None, raise_errors=True)
-        return handle
-
-    def _apply_here(self, func: Callable, args: tuple, kwds: dict | None, controls: Controls | None) -> RemoteData:
-        """Submit one task; when it has no RemoteData inputs, send it from this thread and wait here.
-
-        ``apply`` blocks anyway, so it takes the round trip on a socket of
-        this thread's own (:class:`~zdist.rpc.ThreadSockets`) instead of
-        handing the task to the client loop and the reply back: two thread
-        wake-ups fewer, a third of a tiny task's round trip on a VM. The
-        core still learns of the task (to rerun it should the worker die)
-        and of its answer, by post; this thread writes only the handle it
-        has not returned yet.
-        """
-        if threading.current_thread() is self._loop.thread:
-            return self._submit(func, [args], kwds, controls)[0]
-        shell = self._shell
-        (handle,) = self._make_tasks(func, [args], kwds, controls)
-        ts = handle._task
-        worker = None if ts.deps or controls is not None else shell.core.pick_worker()
-        if worker is None:
-            shell.post(events.Submit([ts]), urgent=True)
-            return handle
-        batch_id = next(shell.core.batch_ids)
-        shell.post(events.Submit([ts], sent_to=worker, batch_id=batch_id))
-
-        def taken_over() -> bool:  # the core sent it elsewhere (its worker died), or the pool closed
-            return self._state != "running" or (ts.state != NEW and (ts.state != PROCESSING or ts.batch != batch_id))
-
-        function, wire_args, wire_kwargs, _ = ts.payload
-        request = {"tasks": [[ts.key, function, wire_args, wire_kwargs, []]], "return_values": SMALL_RESULT, "inline": shell.inline, "session": shell.session.id}
-        if shell.forward_output:
-            request["output"] = True
-        try:
-            reply = self._direct.request(worker, "compute_batch", request, taken_over)
-        except Exception as exc:  # noqa: BLE001 - e.g. a function that cannot be pickled: the task fails with it
-            shell.post(events.BatchFailed(worker, batch_id, exc), urgent=True)
-            return handle
-        if reply is None:
-            return handle
-        if reply.status != OK:
-            shell.post(events.BatchFailed(worker, batch_id, rebuild_exception(reply.error, worker)), urgent=True)
-            return handle
-        warned = shell.take_notes(reply.result)
-        if warned is not None and ts.key in warned["warnings"]:
-            handle._warnings = (warned["worker"], warned["warnings"][ts.key])
-            self._results.warned = True
-        entry = reply.result[0]
-        if entry[1] == "ok":
-            handle._early = (True, entry[3] if len(entry) > 3 else NO_VALUE)
-        else:
-            entry[2] = rebuild_exception(entry[2], worker)
-            handle._early = (False, noted(entry[2], ts.key, worker))
-        handle._mark_done(handle._error())
-        shell.post(events.BatchDone(worker, batch_id, [entry]))
         return handle
 
     def map_async(
@@ -482,7 +425,7 @@ class Pool(WorkerOps):
 
     def __repr__(self) -> str:
         shell = getattr(self, "_shell", None)
-        waiting = shell.core.waiting_for_workers() if shell is not None and shell.core.restricted else {}
+        waiting = waiting_for_workers(shell.core) if shell is not None and shell.core.restricted else {}
         stuck = "".join(f" waiting: {n} task(s) for {what} (no such worker)" for what, n in waiting.items())
         return f"<Pool center={self.center_address} workers={len(self.available_cores)} cores={sum(self.available_cores.values())}{stuck}>"
 

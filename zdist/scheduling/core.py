@@ -445,19 +445,6 @@ class Scheduler:
                 self._deletes[worker] = [list(dict.fromkeys([*keys_, *keys])), nbytes]
         self.ready, self.suspects, self.restricted = [], [], []
 
-    def waiting_for_workers(self) -> dict[str, int]:
-        """Tasks that no live worker can run (resources nobody has, workers that are not there): ``{what they need: count}``.
-
-        Safe to call from another thread (a repr): it only reads.
-        """
-        waiting: dict[str, int] = {}
-        for task_id in list(self.restricted):
-            ts = self.tasks.get(task_id)
-            if ts is not None and ts.state == READY and not dispatch.could_run_somewhere(self, ts):
-                what = ts.controls.describe()
-                waiting[what] = waiting.get(what, 0) + 1
-        return waiting
-
     def problems(self) -> list[str]:
         """What is inconsistent in the state; empty when all is well (see :mod:`zdist.scheduling.checks`)."""
         return checks.problems(self)

@@ -251,3 +251,17 @@ def _send(s: "Scheduler", worker: WorkerState, batch: list) -> None:
                             dep.copies = dep.copies | {address}
             worker.batches[batch_id] = (chunk, s.now)
             s._out.append(SendBatch(address, batch_id, chunk, who_has, limit))
+
+
+def waiting_for_workers(s: "Scheduler") -> dict[str, int]:
+    """Tasks that no live worker can run (resources nobody has, workers that are not there): ``{what they need: count}``.
+
+    Safe to call from another thread (a repr): it only reads.
+    """
+    waiting: dict[str, int] = {}
+    for task_id in list(s.restricted):
+        ts = s.tasks.get(task_id)
+        if ts is not None and ts.state == READY and not could_run_somewhere(s, ts):
+            what = ts.controls.describe()
+            waiting[what] = waiting.get(what, 0) + 1
+    return waiting
