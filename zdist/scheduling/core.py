@@ -78,6 +78,7 @@ class Scheduler:
         self.restricted: list[int] = []  # heap of ready tasks whose controls limit where they run
         self.deferred: list[TaskState] = []  # waiting for the next look at the Center
         self.lost_deadlines: dict[int, float] = {}  # lost values we cannot make -> until when they are looked for
+        self.left_behind: dict[str, list] = {}  # a worker dropped alive, maybe -> the keys it held then
         self.heartbeat_timeout = 5.0  # the Center's, from its last list of workers
         self.center_id: str | None = None
         self.grace_until = float("-inf")

@@ -93,6 +93,8 @@ def workers_seen(s: "Scheduler", event: WorkersSeen) -> None:
     for address, info in infos.items():
         if address not in s.workers:
             s.workers[address] = WorkerState(address, info.get("ncores", 1), info.get("pid"), info.get("resources"))
+            if address in s.left_behind:
+                came_back(s, address, s.left_behind.pop(address))
     s.worker_list = tuple(s.workers.values())
     if not s.workers and s.ntorun and not s.in_grace:
         error = NoWorkersError(f"every worker of {s.name} died or left; start workers and submit the work again")
@@ -123,6 +125,10 @@ def _look_for_lost(s: "Scheduler") -> None:
         s._out.append(AskWhoHas(ask))
 
 
+#: Dropped workers whose keys are remembered, should they come back (the most recent ones).
+LEFT_BEHIND_WORKERS = 64
+
+
 def worker_lost(s: "Scheduler", worker: WorkerState, why: str) -> None:
     """A worker died: retry what ran there, recompute what it held that is still needed."""
     logger.warning("worker %s is gone (%s); recovering its work", worker.address, why)
@@ -142,22 +148,45 @@ def worker_lost(s: "Scheduler", worker: WorkerState, why: str) -> None:
         ts = s.tasks.get(task_id)
         if ts is not None and ts.state == READY:
             dispatch.push_ready(s, ts)
-    gone, refetch = [], []
+    gone, refetch, held = [], [], []
     for ts in s.tasks.values():
         if address in ts.copies:  # also one it was to fetch for a task
             ts.copies = ts.copies - {address}
+            held.append(ts.key)
         if address in ts.holders:
             ts.holders.discard(address)
+            if ts.owned:
+                held.append(ts.key)
             if not ts.holders and ts.state == MEMORY:
                 gone.append(ts)
         if ts.fetching == address:  # its reply will never come: ask another holder
             ts.fetching = None
             refetch.append(ts)
+    if held:  # should it come back (it stalled), they are deleted there: see came_back
+        s.left_behind[address] = held
+        while len(s.left_behind) > LEFT_BEHIND_WORKERS:
+            del s.left_behind[next(iter(s.left_behind))]
     if gone:
         lost(s, gone, address)
     for ts in refetch:
         if ts.state == MEMORY and ts.holders:
             s._fetch(ts)
+
+
+def came_back(s: "Scheduler", address: str, keys: list) -> None:
+    """A worker dropped as dead is listed again (it had stalled): delete what it held then.
+
+    The core recomputed or forgot those values meanwhile; the worker's old
+    copies are strays. Kept: the copy the core knows of there now, a value
+    still lost (the Center is being asked for it: this copy is the answer),
+    and a task to run again (it may be sent there in this very step, and
+    the delete, which goes after, would remove its new value).
+    """
+    for key in keys:
+        ts = s.by_key.get(key)
+        if ts is not None and (address in ts.holders or ts.state == LOST or ts.state in TO_RUN):
+            continue
+        s._delete(address, key)
 
 
 def inputs_kept(s: Scheduler, ts: TaskState, worker: str) -> None:
@@ -218,6 +247,8 @@ def recompute(s: "Scheduler", lost: list[TaskState]) -> None:
         if ts.state in TO_RUN:
             continue
         if not ts.recomputable:
+            if ts.state != LOST:  # released once no longer needed (someone else's value): needed again now
+                s._set_state(ts, LOST)
             unrecoverable(s, ts)
             continue
         if s.validate or len(redo) < 50:
