@@ -47,7 +47,7 @@ from .handles import (  # noqa: F401 - RemoteData and ChunkedResults are also th
 )
 from .scheduling.dispatch import waiting_for_workers
 from .scheduling.policy import spread
-from .scheduling.state import ERRED
+from .scheduling.state import ERRED, hold
 from .session import client_loop, open_session
 from .shell import MAIL_TASKS_PER_TURN, Shell
 
@@ -512,7 +512,7 @@ class _PoolShell(Shell):
         tasks = {key: _PoolTask(key) for key in values}
         for (worker, data), (_, meta) in zip(by_worker.items(), replies):
             for key in data:
-                tasks[key].holders.add(worker)
+                hold(tasks[key], worker)
                 tasks[key].nbytes = meta["nbytes"][key]
         for ts in tasks.values():
             ts.replicas = replicas

@@ -38,6 +38,10 @@ CLEANUP_WAIT = 5.0
 CENTER_TIMEOUT = 30.0
 
 
+#: Objects freed at a time when a computation is taken apart (see LoadedCore.dismantle).
+FREE_SLICE = 50_000
+
+
 class LoadedCore:
     """A :class:`~zdist.scheduling.Scheduler` given every task of a :class:`~zdist.dask.plan.Plan`, before any worker is known.
 
@@ -88,8 +92,13 @@ class LoadedCore:
         unlink(self.tasks)
         unlink(self.external.values())
         plan = self.plan
-        for table in (self.tasks, self.core.tasks, self.core.by_key, plan.keys, plan.nodes, plan.deps, plan.ext_deps, plan.dependents):
-            table.clear()
+        self.core.tasks.clear()  # frees no task state: self.tasks holds them all
+        self.core.by_key.clear()
+        for sequence in (self.tasks, plan.deps, plan.dependents, plan.keys, plan.nodes, plan.ext_deps):
+            # In slices: one clear() of 10^7 objects holds the GIL for seconds,
+            # and the client loop must keep the session's heartbeat going.
+            while sequence:
+                del sequence[-FREE_SLICE:]
 
 
 class Computation(Shell):

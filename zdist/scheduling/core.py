@@ -38,7 +38,7 @@ from .controls import PRIORITY_SHIFT
 from .policy import least_loaded
 from .state import (
     EMPTY, ERRED, FORGOTTEN, LOST, MEMORY, NEW, NO_VALUE, PROCESSING, READY, RELEASED, TO_RUN, WAITING,
-    TaskState, WorkerState,
+    TaskState, WorkerState, hold,
 )
 
 logger = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class Scheduler:
                 self._delete(worker, ts.key, ts.nbytes)
         if ts.replicas > 1 and ts.owned:
             self._out.append(DeleteEverywhere([ts.key]))
-        ts.holders = set() if ts.owned else ts.holders - ts.copies
+        ts.holders = EMPTY if ts.owned else ts.holders - ts.copies
         ts.copies = EMPTY
 
     def _delete(self, worker: str, key: Any, nbytes: int = 0) -> None:
@@ -335,7 +335,7 @@ class Scheduler:
         worker.measured(len(tasks), sent, self.now, largest)
 
     def _task_done(self, ts: TaskState, worker: str, nbytes: int, value: Any) -> None:
-        ts.holders.add(worker)
+        hold(ts, worker)
         recovery.inputs_kept(self, ts, worker)
         ts.nbytes = nbytes
         ts.worker = ts.batch = None
@@ -422,7 +422,8 @@ class Scheduler:
                 continue
             ts.fetching = None
             if isinstance(event.error, (ConnectionError, TimeoutError, MissingDataError)):
-                ts.holders.discard(event.worker)
+                if event.worker in ts.holders:
+                    ts.holders.discard(event.worker)
                 if ts.state == MEMORY:
                     self._fetch(ts)
             else:

@@ -24,7 +24,7 @@ from . import dispatch
 from .events import AskWhoHas, HoldersFound, PollCenter, WorkersSeen
 from .checks import views
 from .policy import to_recompute
-from .state import LOST, MEMORY, NO_VALUE, PROCESSING, READY, TO_RUN, WAITING, TaskState, WorkerState
+from .state import EMPTY, LOST, MEMORY, NO_VALUE, PROCESSING, READY, TO_RUN, WAITING, TaskState, WorkerState, hold
 
 if TYPE_CHECKING:
     from .core import Scheduler
@@ -59,7 +59,7 @@ def inputs_missing(s: "Scheduler", ts: TaskState, error: MissingDataError) -> No
         for worker in dep.holders:
             if worker in s.workers:
                 s._delete(worker, dep.key)
-        dep.holders = set()
+        dep.holders = EMPTY
         lost(s, [dep], None)
     if ts.state == PROCESSING:
         s._enqueue(ts)
@@ -197,7 +197,7 @@ def inputs_kept(s: Scheduler, ts: TaskState, worker: str) -> None:
         if dep.state != MEMORY:
             copy_fetched(s, dep, worker)
             continue
-        dep.holders.add(worker)
+        hold(dep, worker)
         if not dep.owned:
             dep.copies = dep.copies | {worker}
 
@@ -214,7 +214,7 @@ def copy_fetched(s: Scheduler, ts: TaskState, worker: str) -> None:
     it is left alone (a delete could cross the new value on its way there).
     """
     if ts.state == LOST:
-        ts.holders.add(worker)
+        hold(ts, worker)
         if not ts.owned:
             ts.copies = ts.copies | {worker}
         s._now_in_memory(ts)
@@ -288,7 +288,7 @@ def holders_found(s: "Scheduler", event: HoldersFound) -> None:
             continue
         live = {a for a in addresses if a in s.workers}
         if live:
-            ts.holders |= live
+            ts.holders = {*ts.holders, *live}
             s.lost_deadlines.pop(ts.id, None)
             if ts.state == LOST:
                 s._now_in_memory(ts)

@@ -54,7 +54,7 @@ class TaskState:
         self.npending = 0  # dependents still to run (waiting, ready or processing)
         self.wanted = wanted
         self.deliver = deliver
-        self.holders: set[str] = set()
+        self.holders: set[str] | frozenset[str] = EMPTY  # a set of its own once it has one (see hold): 216 bytes a task saved
         self.copies: frozenset[str] = EMPTY  # for owned=False: holders this client caused (replaced, never changed)
         self.nbytes = 0
         self.worker: str | None = None
@@ -85,6 +85,18 @@ class TaskState:
 
     def __repr__(self) -> str:
         return f"<TaskState {self.key!r} {self.state_name}>"
+
+
+def hold(ts: TaskState, worker: str) -> None:
+    """``worker`` holds ``ts``'s value: add it to ``ts.holders`` (a set of its own from the first holder on).
+
+    >>> ts = TaskState('x'); hold(ts, 'A'); hold(ts, 'B'); sorted(ts.holders)
+    ['A', 'B']
+    """
+    if ts.holders:
+        ts.holders.add(worker)
+    else:
+        ts.holders = {worker}
 
 
 def unlink(tasks: Iterable[TaskState]) -> None:
