@@ -817,13 +817,13 @@ def run(count: int, seconds: float, seed: int, rss_bound_mb: float = 200.0, deco
                 result = pool.gather(pool.map(operator.neg, range(50)), timeout=60)
                 if result != [-i for i in range(50)]:
                     summary["problems"].append(f"Pool.map after fuzzing gave {result!r:.200}")
-        summary["problems"] += [f"swallowed error in a node log: {p}" for p in _node_log_problems(cluster._log_dir)]
+        summary["problems"] += [f"swallowed error in a node log: {p}" for p in _node_log_problems(cluster.log_directory)]
         dead = alive()
         if dead:
             codes = {"center": cluster.center_process.poll(), "worker": cluster.worker_processes[fuzzed].poll()}
             summary["problems"].append(f"died: {dead}, exit codes {codes}")
         if summary["problems"]:
-            summary["logs"] = _log_tails(cluster._log_dir)
+            summary["logs"] = _log_tails(cluster.log_directory)
             say(summary["logs"])
     say(f"fuzz: {summary.get('decoder_messages', 0)} decoder + {summary['live_messages']} live messages, "
         f"{len(summary['problems'])} problems")

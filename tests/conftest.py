@@ -52,15 +52,16 @@ def read_lines_until(process: subprocess.Popen, marker: str, timeout: float = 30
     raise AssertionError(f"no {marker!r} within {timeout} s (exit {process.poll()}); got {lines!r}\n{describe()}")
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, message: str = "") -> Any:
-    """Poll ``condition`` until it returns something true; fail after ``timeout`` s."""
+def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, message: str | Callable[[], str] = "") -> Any:
+    """Poll ``condition`` until it returns something true; fail after ``timeout`` s (``message`` may be a function, asked then)."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {message or condition}")
+            said = message() if callable(message) else message
+            raise AssertionError(f"condition not met within {timeout} s: {said or condition}")
         time.sleep(interval)
 
 

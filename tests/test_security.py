@@ -41,7 +41,7 @@ def test_security_errors_say_what_to_do(tmp_path):
 
 
 def _node_logs(cluster) -> str:
-    return "".join(open(path, errors="replace").read() for path in glob.glob(os.path.join(cluster._log_dir, "*.log")))
+    return "".join(open(path, errors="replace").read() for path in glob.glob(os.path.join(cluster.log_directory, "*.log")))
 
 
 def test_secure_cluster_works_and_refuses_strangers(tmp_path):

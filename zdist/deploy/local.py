@@ -165,6 +165,11 @@ class LocalCluster(Cluster):
         """The workers this cluster started (in the order they started), less those killed or retired."""
         return self._addresses
 
+    @property
+    def log_directory(self) -> str:
+        """Where the nodes' stderr logs are (one ``LABEL-N.log`` per node started); removed on close."""
+        return self._launcher.log_dir
+
     def _close(self) -> None:
         """Stop every node this cluster started, and wait for them."""
         if self._loop_thread is not None:
