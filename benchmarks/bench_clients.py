@@ -22,7 +22,6 @@ so a task's length does not depend on how it shares a core). Best of
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys

@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
 
 import psutil
 
