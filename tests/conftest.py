@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import warnings
 from typing import Any, Callable
 
 import psutil
@@ -117,18 +116,17 @@ def own_temp_directory():
 
     Workers that a test kills with SIGKILL cannot remove their
     ``zdist-worker-PID-*`` directories; this keeps them out of the machine's
-    /tmp. Directories left by workers that stopped cleanly are reported.
+    /tmp. The directory is searchable by all (0711, not listable): munged
+    refuses a socket under a directory other users cannot traverse.
     """
     directory = tempfile.mkdtemp(prefix="zdist-tests-")
+    os.chmod(directory, 0o711)
     saved = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"] = directory
     tempfile.tempdir = directory
     try:
         yield directory
     finally:
-        left = [name for name in os.listdir(directory) if name.startswith("zdist-worker-")]
-        if left:
-            warnings.warn(f"{len(left)} worker directories were left in the temp directory (workers killed by tests leave theirs)", stacklevel=1)
         if saved[0] is None:
             os.environ.pop("TMPDIR", None)
         else:
