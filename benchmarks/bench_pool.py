@@ -7,7 +7,8 @@ Prints tasks/s for ``pool.map(inc, range(N))`` + ``gather`` against
 ``multiprocessing.Pool(2).map`` (chunksize=1 and default) and dask.distributed's
 ``client.map`` + ``client.gather`` on a 2-worker LocalCluster, and the
 single-task round trip ``pool.apply(inc, (1,)).get()`` against
-``apply_async(...).get()`` and ``client.submit(inc, 1).result()``. All on
+``apply_async(...).get()`` and ``client.submit(inc, 1).result()``, and a raw
+pyzmq DEALER-ROUTER echo between two processes (the floor). All on
 127.0.0.1, each measured in this one run.
 
 The zdist Pool (a Center and two worker processes) and the multiprocessing
@@ -56,11 +57,56 @@ def round_trips(n: int, function) -> list[float]:
     return samples
 
 
+def _echo(address: str) -> None:
+    """A raw pyzmq ROUTER that sends every message back, until it receives b'stop': the wire's floor."""
+    import zmq
+
+    sock = zmq.Context().socket(zmq.ROUTER)
+    sock.bind(address)
+    while True:
+        frames = sock.recv_multipart()
+        if frames[-1] == b"stop":
+            return
+        sock.send_multipart(frames)
+
+
+class RawEcho:
+    """A DEALER in this process and :func:`_echo` in another, on an ipc socket: one raw pyzmq round trip per call."""
+
+    def __init__(self):
+        import tempfile
+
+        import zmq
+
+        self.directory = tempfile.mkdtemp(prefix="bench-echo-")
+        address = f"ipc://{self.directory}/echo"
+        self.process = multiprocessing.Process(target=_echo, args=(address,), daemon=True)
+        self.process.start()
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+
+    def __call__(self) -> None:
+        self.sock.send(b"x")
+        self.sock.recv()
+
+    def close(self) -> None:
+        import shutil
+
+        self.sock.send(b"stop")
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+        self.sock.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int, compare_forwarding: bool = False, protocol: str = "ipc") -> dict:
     from zdist import Pool
 
     times: dict[str, list[float]] = {"zdist": [], "mp1": [], "mpdefault": [], "quiet": []}
-    rtts: dict[str, list[float]] = {"zdist": [], "mp": [], "quiet": []}
+    rtts: dict[str, list[float]] = {"zdist": [], "mp": [], "quiet": [], "pyzmq": []}
+    echo = RawEcho()
     first = "ipc" if protocol == "both" else protocol
     with Pool(processes=2, cluster_kwargs={"protocol": first}) as pool, multiprocessing.Pool(2) as mp_pool:
         # The interleaved second Pool: forwarding off on the same cluster, or the same on its own TCP cluster.
@@ -85,6 +131,7 @@ def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int, compare
         mp_pool.map(inc, range(100))
         round_trips(50, zdist_rtt)
         round_trips(50, mp_rtt)
+        round_trips(50, echo)
         if quiet is not None:
             quiet.gather(quiet.map(inc, range(100)))
             round_trips(50, lambda: zdist_rtt(quiet))
@@ -100,10 +147,12 @@ def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int, compare
         for _ in range(max(1, n_latency // chunk)):
             rtts["zdist"] += round_trips(chunk, zdist_rtt)
             rtts["mp"] += round_trips(chunk, mp_rtt)
+            rtts["pyzmq"] += round_trips(chunk, echo)
             if quiet is not None:
                 rtts["quiet"] += round_trips(chunk, lambda: zdist_rtt(quiet))
         if quiet is not None:
             quiet.close()
+    echo.close()
     return {
         "quiet_tp": n / min(times["quiet"]) if times["quiet"] else None,
         "quiet_rtt": statistics.median(rtts["quiet"]) if rtts["quiet"] else None,
@@ -112,6 +161,7 @@ def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int, compare
         "mpdefault_tp": n / min(times["mpdefault"]),
         "zdist_rtt": statistics.median(rtts["zdist"]),
         "mp_rtt": statistics.median(rtts["mp"]),
+        "pyzmq_rtt": statistics.median(rtts["pyzmq"]),
     }
 
 
@@ -168,11 +218,14 @@ def main() -> None:
     print(f"{'multiprocessing apply_async(...).get()':44}{r['mp_rtt'] * 1e3:12.3f}")
     if not args.no_dask:
         print(f"{'dask.distributed submit(...).result()':44}{d_rtt * 1e3:12.3f}")
+    print(f"{'raw pyzmq DEALER-ROUTER echo (ipc)':44}{r['pyzmq_rtt'] * 1e3:12.3f}")
     print()
     print(f"throughput: zdist / multiprocessing(chunksize=1) = {r['zdist_tp'] / r['mp1_tp']:.2f}x   (target >= 1)")
     if not args.no_dask:
         print(f"throughput: zdist / dask.distributed          = {r['zdist_tp'] / d_tp:.0f}x")
-    print(f"round trip: zdist / multiprocessing            = {r['zdist_rtt'] / r['mp_rtt']:.2f}x   (target <= 2)")
+    print(f"round trip: zdist / multiprocessing            = {r['zdist_rtt'] / r['mp_rtt']:.2f}x   (target <= 2; issue 17: <= 0.5)")
+    print(f"round trip: raw pyzmq / multiprocessing        = {r['pyzmq_rtt'] / r['mp_rtt']:.2f}x   (the wire's floor)")
+    print(f"round trip: zdist / raw pyzmq                  = {r['zdist_rtt'] / r['pyzmq_rtt']:.2f}x")
     if not args.no_dask:
         print(f"round trip: dask.distributed / zdist           = {d_rtt / r['zdist_rtt']:.0f}x")
     if args.protocol == "both":

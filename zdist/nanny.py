@@ -52,12 +52,10 @@ from collections.abc import Callable, Sequence
 import psutil
 
 from .errors import EXIT_NO_CENTER
-from .spawn import PARENT_ENV, death_signal_setter, node_environment, parent_gone
+from .spawn import PARENT_ENV, WORKER_PROGRAM, death_signal_setter, node_environment, parent_gone
 
 logger = logging.getLogger(__name__)
 
-#: The program a nanny runs (the library's own, as LocalCluster's).
-WORKER_PROGRAM = ["-m", "zdist.run", "worker"]
 #: A worker that dies this many times within ``RESTART_WINDOW`` seconds is not started again.
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0

@@ -28,6 +28,12 @@ from collections.abc import Callable
 
 import psutil
 
+#: The programs that start nodes (zdist/run.py, which zdist-center and
+#: zdist-worker also are, under their own names): LocalCluster runs both, a
+#: nanny the worker's.
+CENTER_PROGRAM = ["-m", "zdist.run", "center"]
+WORKER_PROGRAM = ["-m", "zdist.run", "worker"]
+
 #: Set in the environment of a node a cluster spawns: its spawner's PID.
 #: A node whose parent is no longer that process exits (see :func:`parent_gone`).
 PARENT_ENV = "ZDIST_EXIT_WITH_PARENT"

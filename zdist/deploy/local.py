@@ -31,16 +31,12 @@ from ..comm import private_directory, split_address
 from ..loop import LoopThread
 from ..memory import MemoryThresholds, parse_memory_limit
 from ..rpc import rpc
-from ..spawn import ClusterStartError, NodeLauncher, children, node_environment, terminate, wait_or_kill
+from ..spawn import CENTER_PROGRAM, WORKER_PROGRAM, ClusterStartError, NodeLauncher, children, node_environment, terminate, wait_or_kill
 from ..worker import Worker
 from .base import Cluster, run_sync
 
 __all__ = ["ClusterStartError", "LocalCluster", "node_environment"]
 
-#: The programs LocalCluster starts: the library's own (zdist/run.py), which
-#: zdist-center and zdist-worker also are, under their own names.
-CENTER_PROGRAM = ["-m", "zdist.run", "center"]
-WORKER_PROGRAM = ["-m", "zdist.run", "worker"]
 
 
 class LocalCluster(Cluster):
