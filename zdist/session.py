@@ -48,8 +48,12 @@ logger = logging.getLogger(__name__)
 
 #: How often the Center is asked which workers live (and the session kept alive).
 WATCH_INTERVAL = 0.25
-#: The Center closes a session silent for this long.
-SESSION_TIMEOUT = 10.0
+#: The Center closes a session silent for this long. Generous, because a
+#: client's heartbeat needs the GIL: a process that holds it for seconds
+#: (freeing a graph of 10^7 tasks, a collector's full run over it, a long C
+#: call) is busy, not gone, and must not lose its values. A process that
+#: died has its values deleted this long after.
+SESSION_TIMEOUT = 30.0
 #: A session no client uses any more is closed after this long (a next client reuses it).
 LINGER = 5.0
 #: Deletions wait at most this long, this many keys, or this many bytes before they go out.
