@@ -73,8 +73,10 @@ import asyncio
 import gc
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 
@@ -146,14 +148,18 @@ def stop_process(process):
 # ---------------------------------------------------------------- raw pyzmq
 
 
-def _raw_server(conn, nbytes):
-    """ROUTER: echoes b'ping'; answers [b'send', frame_size] with the buffer, zero-copy."""
+def _raw_server(conn, nbytes, ipc_directory=None):
+    """ROUTER (on 127.0.0.1, or a Unix socket in ``ipc_directory``): echoes b'ping'; answers [b'send', frame_size] with the buffer, zero-copy."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    if ipc_directory is None:
+        endpoint = f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
+    else:
+        endpoint = f"ipc://{ipc_directory}/raw"
+        sock.bind(endpoint)
     view = memoryview(make_array(nbytes, seed=1)).cast("B")
-    conn.send(port)
+    conn.send(endpoint)
     conn.close()
     deadline = time.monotonic() + 30 * 60
     try:
@@ -178,13 +184,14 @@ def _raw_server(conn, nbytes):
 
 
 class Raw:
-    """A raw pyzmq server subprocess and a blocking DEALER talking to it."""
+    """A raw pyzmq server subprocess and a blocking DEALER talking to it, over tcp (127.0.0.1) or ipc."""
 
-    def __init__(self, nbytes):
+    def __init__(self, nbytes, protocol="tcp"):
         self.nbytes = nbytes
+        self.ipc_directory = tempfile.mkdtemp(prefix="bench-raw-") if protocol == "ipc" else None
         spawn = multiprocessing.get_context("spawn")
         parent, child = spawn.Pipe()
-        self.server = spawn.Process(target=_raw_server, args=(child, nbytes), daemon=True)
+        self.server = spawn.Process(target=_raw_server, args=(child, nbytes, self.ipc_directory), daemon=True)
         self.server.start()
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -193,7 +200,7 @@ class Raw:
         try:
             if not parent.poll(60):
                 raise RuntimeError("the raw pyzmq server did not start")
-            self.sock.connect(f"tcp://127.0.0.1:{parent.recv()}")
+            self.sock.connect(parent.recv())
         except BaseException:
             self.close()
             raise
@@ -236,6 +243,8 @@ class Raw:
         self.sock.close(0)
         self.ctx.term()
         stop_process(self.server)
+        if self.ipc_directory is not None:
+            shutil.rmtree(self.ipc_directory, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- zdist

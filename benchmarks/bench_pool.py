@@ -37,6 +37,8 @@ import multiprocessing
 import statistics
 import time
 
+from bench_foundation import Raw  # this folder's scripts import each other (run as python benchmarks/...)
+
 
 def inc(x):
     return x + 1
@@ -57,56 +59,12 @@ def round_trips(n: int, function) -> list[float]:
     return samples
 
 
-def _echo(address: str) -> None:
-    """A raw pyzmq ROUTER that sends every message back, until it receives b'stop': the wire's floor."""
-    import zmq
-
-    sock = zmq.Context().socket(zmq.ROUTER)
-    sock.bind(address)
-    while True:
-        frames = sock.recv_multipart()
-        if frames[-1] == b"stop":
-            return
-        sock.send_multipart(frames)
-
-
-class RawEcho:
-    """A DEALER in this process and :func:`_echo` in another, on an ipc socket: one raw pyzmq round trip per call."""
-
-    def __init__(self):
-        import tempfile
-
-        import zmq
-
-        self.directory = tempfile.mkdtemp(prefix="bench-echo-")
-        address = f"ipc://{self.directory}/echo"
-        self.process = multiprocessing.Process(target=_echo, args=(address,), daemon=True)
-        self.process.start()
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
-
-    def __call__(self) -> None:
-        self.sock.send(b"x")
-        self.sock.recv()
-
-    def close(self) -> None:
-        import shutil
-
-        self.sock.send(b"stop")
-        self.process.join(10)
-        if self.process.is_alive():
-            self.process.kill()
-        self.sock.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
 def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int, compare_forwarding: bool = False, protocol: str = "ipc") -> dict:
     from zdist import Pool
 
     times: dict[str, list[float]] = {"zdist": [], "mp1": [], "mpdefault": [], "quiet": []}
     rtts: dict[str, list[float]] = {"zdist": [], "mp": [], "quiet": [], "pyzmq": []}
-    echo = RawEcho()
+    echo = Raw(8, protocol="ipc")  # the wire's floor: a raw pyzmq echo between two processes
     first = "ipc" if protocol == "both" else protocol
     with Pool(processes=2, cluster_kwargs={"protocol": first}) as pool, multiprocessing.Pool(2) as mp_pool:
         # The interleaved second Pool: forwarding off on the same cluster, or the same on its own TCP cluster.
@@ -131,7 +89,7 @@ def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int, compare
         mp_pool.map(inc, range(100))
         round_trips(50, zdist_rtt)
         round_trips(50, mp_rtt)
-        round_trips(50, echo)
+        echo.ping_samples(50)
         if quiet is not None:
             quiet.gather(quiet.map(inc, range(100)))
             round_trips(50, lambda: zdist_rtt(quiet))
@@ -147,7 +105,7 @@ def bench_zdist_and_multiprocessing(n: int, repeat: int, n_latency: int, compare
         for _ in range(max(1, n_latency // chunk)):
             rtts["zdist"] += round_trips(chunk, zdist_rtt)
             rtts["mp"] += round_trips(chunk, mp_rtt)
-            rtts["pyzmq"] += round_trips(chunk, echo)
+            rtts["pyzmq"] += echo.ping_samples(chunk)
             if quiet is not None:
                 rtts["quiet"] += round_trips(chunk, lambda: zdist_rtt(quiet))
         if quiet is not None:

@@ -38,7 +38,6 @@ from .base import Cluster, run_sync
 __all__ = ["ClusterStartError", "LocalCluster", "node_environment"]
 
 
-
 class LocalCluster(Cluster):
     """A Center and ``n_workers`` workers on this machine.
 
