@@ -1,6 +1,6 @@
 """zdist.dask.get against dask.distributed and dask's threaded scheduler, in one run.
 
-    python benchmarks/bench_dask.py [--repeat 3] [--only a|b] [--profile]
+    python benchmarks/bench_dask.py [--repeat 3] [--only a|b] [--profile] [--no-distributed]
 
 (a) ``(x + x.T).sum()`` for a 4000x4000 random array in 500x500 chunks, in
     seconds;
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", choices=["a", "b"], default=None)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--no-distributed", action="store_true", help="skip dask.distributed (minutes on (b)): a quick zdist-against-threaded check")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -124,14 +125,19 @@ def main() -> None:
     from distributed import Client
     from distributed import LocalCluster as DaskCluster
 
-    with DaskCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as dcluster, Client(dcluster) as dclient:
-        figures["dask.distributed"] = bench("dask.distributed", dclient.get, labels, args.repeat)
+    if not args.no_distributed:
+        with DaskCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as dcluster, Client(dcluster) as dclient:
+            figures["dask.distributed"] = bench("dask.distributed", dclient.get, labels, args.repeat)
 
     figures["threaded"] = bench("dask threaded", dask.threaded.get, labels, args.repeat)
 
     print()
     for label in labels:
-        (z, n), (d, _), (t, _) = figures["zdist"][label], figures["dask.distributed"][label], figures["threaded"][label]
+        (z, n), (t, _) = figures["zdist"][label], figures["threaded"][label]
+        if args.no_distributed:
+            print(f"({label}) zdist {z:.3f} s, {n / z:,.0f} tasks/s; threaded {t:.3f} s, {n / t:,.0f} tasks/s (zdist {t / z:.2f}x)")
+            continue
+        d = figures["dask.distributed"][label][0]
         if label == "a":
             print(f"(a) zdist {z:.3f} s; dask.distributed {d:.3f} s ({d / z:.2f}x zdist's time); threaded {t:.3f} s ({t / z:.2f}x)")
         else:

@@ -216,6 +216,19 @@ def test_payload_that_fails_to_unpickle(peer):
     assert_error(reply, id=request_id, type_name="ProtocolError", contains=["deserialize"])
 
 
+def test_task_payload_that_fails_to_unpickle(worker_peer):
+    """A worker loads a task's payloads off its event loop (Node.deferred_ops): a bad one still gets a ProtocolError."""
+    request_id = worker_peer.new_id()
+    tasks = [["never-made", garbage_pickle(), [], {}, []]]
+    reply = worker_peer.ask_raw([header({"op": "compute_batch", "id": request_id, "args": {"tasks": tasks}, "frames": 0})])
+    assert_error(reply, id=request_id, type_name="ProtocolError", contains=["deserialize"])
+    blob = pickle.dumps(object()).replace(b"builtins", b"nowhere_")
+    ext = msgpack.ExtType(EXT_PICKLED, msgpack.packb(["p", blob, []], use_bin_type=True))
+    request_id = worker_peer.new_id()
+    reply = worker_peer.ask_raw([header({"op": "compute", "id": request_id, "args": {"function": ext}, "frames": 0})])
+    assert_error(reply, id=request_id, type_name="ProtocolError", contains=["nowhere_"])
+
+
 def test_payload_of_a_class_the_node_does_not_have(peer):
     request_id = peer.new_id()
     blob = pickle.dumps(object()).replace(b"builtins", b"nowhere_")

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import msgpack
@@ -36,6 +37,13 @@ class Node:
     :meth:`on_start` and :meth:`on_stop`.
     """
 
+    #: Ops whose pickled payloads (a task's function and arguments) may take
+    #: long to load, for example when unpickling imports a large package: a
+    #: request of these ops that carries such a payload is decoded in a
+    #: thread of its own and handled once loaded, so that the event loop (and
+    #: with it every heartbeat and ``get_data``) never waits for an import.
+    deferred_ops: frozenset[str] = frozenset()
+
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -53,6 +61,7 @@ class Node:
         self._tasks: set[asyncio.Task] = set()
         self.status = "created"
         self.ops_served: dict[str, int] = {}
+        self._loader: ThreadPoolExecutor | None = None  # decodes requests of deferred_ops, started when first needed
 
     # -------------------------------------------------------------- lifecycle
 
@@ -114,6 +123,8 @@ class Node:
                 task.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._loader is not None:  # a request still loading is dropped, like one still running
+                self._loader.shutdown(wait=False, cancel_futures=True)
             if getattr(self, "_monitor", None) is not None:
                 self._monitor.close()
             if self.stream is not None:
@@ -194,11 +205,39 @@ class Node:
         # A DEALER peer's message on our ROUTER: [identity, header, *buffers].
         identity = frames[:1]
         try:
-            request = parse_request(frames[1:])
+            request = parse_request(frames[1:], self.deferred_ops)
         except ProtocolError as exc:
             logger.info("bad message from a peer: %s", exc)
             self._send(identity, encode_error(exc.request_id, exc, tb=""))
             return
+        if not request.complete:
+            self._load_then_dispatch(identity, frames[1:])
+            return
+        self._dispatch(identity, request)
+
+    def _load_then_dispatch(self, identity: list, frames: list) -> None:
+        """Decode a request of :attr:`deferred_ops` whole in the loader thread, then handle it here, on the loop."""
+        if self._loader is None:
+            self._loader = ThreadPoolExecutor(1, thread_name_prefix="zdist-load")
+        loading = asyncio.get_running_loop().run_in_executor(self._loader, parse_request, frames)
+        self._tasks.add(loading)
+
+        def loaded(future: asyncio.Future) -> None:
+            self._tasks.discard(future)
+            if future.cancelled() or self.status != "running":
+                return
+            error = future.exception()
+            if error is None:
+                self._dispatch(identity, future.result())
+            elif isinstance(error, ProtocolError):
+                logger.info("bad message from a peer: %s", error)
+                self._send(identity, encode_error(error.request_id, error, tb=""))
+            else:  # not the payload's fault (those are ProtocolErrors): say so rather than leave the caller waiting
+                self._send(identity, encode_error(_peek_request_id(frames[:1]), error))
+
+        loading.add_done_callback(loaded)
+
+    def _dispatch(self, identity: list, request: Any) -> None:
         op = request.op
         handler = self.handlers.get(op)
         if handler is None:

@@ -61,6 +61,11 @@ class TaskBatch:
 
     __slots__ = ("blob", "buffers", "_tasks", "_lock")
 
+    #: Unpickling a batch only wraps its bytes (the nodes are unpickled in the
+    #: thread that runs them): a worker may do it on its event loop
+    #: (:func:`zdist.protocol.serialize.is_quick_to_load`).
+    zdist_quick_to_load = True
+
     def __init__(self, blob: bytes, buffers: Sequence[Any] = ()):
         self.blob = blob
         self.buffers = list(buffers)

@@ -23,12 +23,12 @@ is one-way: the node answers only if it fails.
 from __future__ import annotations
 
 import traceback as traceback_module
-from typing import Any, Sequence
+from typing import Any, Container, Sequence
 
 import msgpack
 import numpy as np
 
-from .serialize import OUT_OF_BAND_THRESHOLD, Serialized, deserialize, serialize
+from .serialize import OUT_OF_BAND_THRESHOLD, Serialized, deserialize, is_quick_to_load, serialize
 
 #: Buffers larger than this are split into frames of this size (and joined
 #: into one array on receipt). Splitting at 4 MiB looked faster in a raw
@@ -111,12 +111,15 @@ class SetMap(dict):
 
 
 class Request:
-    __slots__ = ("op", "id", "args")
+    """A decoded request; ``complete`` is False when payloads were left to load (:func:`parse_request`)."""
 
-    def __init__(self, op: str, id: int | None, args: dict):
+    __slots__ = ("op", "id", "args", "complete")
+
+    def __init__(self, op: str, id: int | None, args: dict, complete: bool = True):
         self.op = op
         self.id = id
         self.args = args
+        self.complete = complete
 
     def __repr__(self) -> str:
         return f"Request(op={self.op!r}, id={self.id!r}, args={sorted(self.args)!r})"
@@ -332,12 +335,21 @@ def _frame_buffer(frame: Any) -> Any:
 
 
 class _Decoder:
-    __slots__ = ("frames", "pickled", "errors")
+    """Decodes one message's header; with ``careful``, loads only payloads that are quick to load.
 
-    def __init__(self, frames: Sequence[Any]):
+    A careful decoder leaves ``None`` in place of any other pickled payload
+    and sets ``deferred``: the caller decodes the message again, off its
+    event loop, to have them (:func:`parse_request`).
+    """
+
+    __slots__ = ("frames", "pickled", "errors", "careful", "deferred")
+
+    def __init__(self, frames: Sequence[Any], careful: bool = False):
         self.frames = frames
         self.pickled: list = []
         self.errors: list[str] = []
+        self.careful = careful
+        self.deferred = False
 
     def unpack(self, data: Any) -> Any:
         return msgpack.unpackb(data, ext_hook=self.ext_hook, raw=False, strict_map_key=False, use_list=True)
@@ -368,7 +380,11 @@ class _Decoder:
             if code == EXT_PICKLED:
                 kind, blob, layout = msgpack.unpackb(data, raw=False, use_list=True)
                 buffers = [self.buffer(*entry) for entry in layout]
-                value = deserialize(kind, blob, buffers)
+                if self.careful and not is_quick_to_load(kind, blob):
+                    self.deferred = True
+                    value = None
+                else:
+                    value = deserialize(kind, blob, buffers)
                 self.pickled.append(value)
                 return value
             if code == EXT_MEMO:
@@ -393,10 +409,10 @@ class _Decoder:
             return None
 
 
-def _decode_header(frames: Sequence[Any]) -> tuple[dict, _Decoder]:
+def _decode_header(frames: Sequence[Any], careful: bool = False) -> tuple[dict, _Decoder]:
     if len(frames) == 0:
         raise ProtocolError("empty message: expected a msgpack header frame")
-    decoder = _Decoder(frames[1:])
+    decoder = _Decoder(frames[1:], careful)
     try:
         header = decoder.unpack(_frame_buffer(frames[0]))
     except Exception as exc:
@@ -416,13 +432,21 @@ def _decode_header(frames: Sequence[Any]) -> tuple[dict, _Decoder]:
     return header, decoder
 
 
-def parse_request(frames: Sequence[Any]) -> Request:
+def parse_request(frames: Sequence[Any], defer: Container[str] = ()) -> Request:
     """Validate and decode a request; raise :class:`ProtocolError` saying what is wrong.
 
     ``frames`` are bytes, memoryviews or ``zmq.Frame`` objects (routing
     identities already removed).
+
+    For an op in ``defer``, a pickled payload that may be slow to load (see
+    :func:`~zdist.protocol.serialize.is_quick_to_load`) is not loaded: the
+    request comes back with ``complete`` False and ``None`` in its place,
+    and the caller parses ``frames`` again where a wait does no harm (a
+    worker: off its event loop). Other ops are always decoded whole.
     """
-    header, _ = _decode_header(frames)
+    header, decoder = _decode_header(frames, careful=bool(defer))
+    if decoder.deferred and not (type(header.get("op")) is str and header["op"] in defer):
+        header, _ = _decode_header(frames)  # an op answered on the loop anyway: decode it whole, as always
     request_id = header.get("id")
     op = header.get("op")
     if not isinstance(op, str):
@@ -430,7 +454,7 @@ def parse_request(frames: Sequence[Any]) -> Request:
     args = header.get("args", {})
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
         raise ProtocolError("header field 'args' must be a map from argument names to values", request_id)
-    return Request(op, request_id, args)
+    return Request(op, request_id, args, complete=not decoder.deferred or op not in defer)
 
 
 def parse_reply(frames: Sequence[Any]) -> Reply:

@@ -36,6 +36,7 @@ OUT_OF_BAND_THRESHOLD = 2**14
 PICKLE = "p"  # standard pickle, protocol 5
 CLOUDPICKLE = "c"  # cloudpickle (__main__ objects, lambdas inside containers)
 FUNCTION = "f"  # cloudpickle of a function, cached on both sides
+QUICK_PICKLE = "q"  # standard pickle of a type that vouches it unpickles quickly (see is_quick_to_load)
 RAW = "b"  # a bytes-like value sent as its buffer: bytes
 RAW_BYTEARRAY = "a"
 RAW_MEMORYVIEW = "m"
@@ -162,6 +163,33 @@ def loads_function(blob: bytes) -> Any:
     return func
 
 
+def is_quick_to_load(kind: str, blob: Any) -> bool:
+    """Whether :func:`deserialize` of this payload can neither import a module nor run a reduce function.
+
+    Such a payload is safe to load on an event loop: raw bytes, a function
+    this process has loaded before, a pickle of plain data (protocol 5 names
+    every global it needs with ``STACK_GLOBAL``; a pickle without one calls
+    nothing), or a value whose type says so with a true
+    ``zdist_quick_to_load`` class attribute (a container that unpickles its
+    contents later, in the thread that uses them, as
+    :class:`zdist.dask.tasks.TaskBatch` does; its ``__reduce__`` must name
+    only globals that a worker can import, never ``__main__``). Anything
+    else may take seconds (the first unpickling of a class whose module
+    imports a large package): a worker loads it off its event loop, so that
+    its heartbeats go on meanwhile.
+
+    >>> is_quick_to_load(PICKLE, pickle.dumps({"a": [1, 2.5]}, protocol=5))
+    True
+    >>> is_quick_to_load(PICKLE, pickle.dumps(OrderedDict(), protocol=5))
+    False
+    """
+    if kind == PICKLE:
+        return _STACK_GLOBAL not in blob
+    if kind == FUNCTION:
+        return bytes(blob) in _LOADED_FUNCTIONS
+    return kind in (QUICK_PICKLE, RAW, RAW_BYTEARRAY, RAW_MEMORYVIEW)
+
+
 def serialize(obj: Any) -> Serialized:
     """Serialize one value into a blob and out-of-band buffers.
 
@@ -176,6 +204,9 @@ def serialize(obj: Any) -> Serialized:
     if isinstance(obj, (types.FunctionType, types.MethodType, types.LambdaType)):
         return Serialized(FUNCTION, dumps_function(obj), ())
     buffers: list = []
+    if getattr(type(obj), "zdist_quick_to_load", False) is True:
+        blob = pickle.dumps(obj, protocol=5, buffer_callback=_buffer_callback(buffers))
+        return Serialized(QUICK_PICKLE, blob, buffers)
     try:
         blob = pickle.dumps(obj, protocol=5, buffer_callback=_buffer_callback(buffers))
     except Exception:
@@ -191,7 +222,7 @@ def serialize(obj: Any) -> Serialized:
 
 def deserialize(kind: str, blob: bytes, buffers: Sequence[Any] = ()) -> Any:
     """Inverse of :func:`serialize`; arrays are built on ``buffers`` without a copy."""
-    if kind == PICKLE:
+    if kind == PICKLE or kind == QUICK_PICKLE:
         return loads(blob, buffers)
     if kind == FUNCTION:
         return loads_function(blob)
