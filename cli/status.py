@@ -15,8 +15,9 @@ import argparse
 import asyncio
 import json
 import sys
-import time
 from typing import Any
+
+from zdist.summary import summarize
 
 from .common import add_version, program
 
@@ -45,65 +46,11 @@ def human_age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h ago"
 
 
-def _num(value: Any) -> float:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
-
-
 async def fetch_info(address: str, timeout: float, security: Any = None) -> dict:
     from zdist.rpc import rpc
 
     async with rpc(address, timeout=timeout, security=security) as center:
         return await center.info()
-
-
-def summarize(info: dict) -> dict:
-    """The Center's ``info()`` reply as the JSON ``zdist status --json`` prints."""
-    now = info.get("time") or time.time()  # the Center's clock, so ages are right across machines
-    workers = []
-    for address, w in sorted(info.get("workers", {}).items()):
-        last_seen = _num(w.get("last_seen")) or now
-        workers.append(
-            {
-                "address": address,
-                "name": str(w.get("name", address)),
-                "ncores": w.get("ncores"),
-                "nkeys": w.get("nkeys", 0),
-                "nbytes": w.get("nbytes", 0),
-                "memory": w.get("memory"),
-                "executing": w.get("executing", 0),
-                "tasks_done": w.get("tasks_done", 0),
-                "pid": w.get("pid"),
-                "restarts": w.get("restarts", 0),
-                "status": "retiring" if w.get("retiring") else w.get("status", "running"),
-                "memory_limit": w.get("memory_limit"),
-                "bytes_in_memory": w.get("bytes_in_memory", w.get("nbytes", 0)),
-                "bytes_on_disk": w.get("bytes_on_disk", 0),
-                "spill_error": w.get("spill_error") or "",
-                "last_seen": last_seen,
-                "last_seen_age": round(max(0.0, now - last_seen), 3),
-            }
-        )
-    totals = {
-        "workers": len(workers),
-        "ncores": sum(_num(w["ncores"]) for w in workers),
-        "nkeys": info.get("nkeys", sum(_num(w["nkeys"]) for w in workers)),  # distinct keys
-        "nkeys_held": sum(_num(w["nkeys"]) for w in workers),  # a key held twice counts twice
-        "nbytes": sum(_num(w["nbytes"]) for w in workers),
-        "memory": sum(_num(w["memory"]) for w in workers),
-        "executing": sum(_num(w["executing"]) for w in workers),
-        "tasks_done": sum(_num(w["tasks_done"]) for w in workers),
-        "restarts": sum(_num(w["restarts"]) for w in workers),
-        "bytes_in_memory": sum(_num(w["bytes_in_memory"]) for w in workers),
-        "bytes_on_disk": sum(_num(w["bytes_on_disk"]) for w in workers),
-    }
-    return {
-        "center": info.get("address"),
-        "dashboard": info.get("dashboard"),
-        "time": now,
-        "heartbeat_timeout": info.get("heartbeat_timeout"),
-        "workers": workers,
-        "totals": totals,
-    }
 
 
 def format_table(summary: dict) -> str:

@@ -58,6 +58,8 @@ except ImportError:  # pragma: no cover - exercised by hiding aiohttp in a test
 
 from dask.utils import key_split
 
+from .summary import number, summarize
+
 logger = logging.getLogger(__name__)
 
 #: Where the page, its script and the vendored chart library live.
@@ -113,10 +115,6 @@ def key_text(key: Any) -> str:
     if isinstance(key, bytes):
         return key.decode(errors="replace")
     return repr(key)
-
-
-def _number(value: Any, default: float = 0) -> float:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else default
 
 
 async def serve_dashboard(center: Any, port: int = 0, host: str | None = None) -> "Dashboard":
@@ -194,7 +192,7 @@ class TaskRates:
     def sample(self, workers: dict) -> None:
         """Once a second: the tasks running now (from the Center's ``info()['workers']``); forget old seconds and gone workers."""
         now = time.time()
-        self.running[int(now)] = int(sum(_number(info.get("executing")) for info in workers.values()))
+        self.running[int(now)] = int(sum(number(info.get("executing")) for info in workers.values()))
         oldest = int(now) - HISTORY_SECONDS - 5
         for table in (self.done_bins, self.running):
             if table and min(table) < oldest:
@@ -403,9 +401,9 @@ class Dashboard:
                 continue
             name = workers[address].get("name", address)
             newest = self._log_since.get(address, 0.0)
-            entries.sort(key=lambda e: _number(e[2]))
+            entries.sort(key=lambda e: number(e[2]))
             for key, start, stop, ok, *_ in entries:
-                start, stop = _number(start), _number(stop)
+                start, stop = number(start), number(stop)
                 self._seq += 1
                 self.stream.append(
                     {
@@ -429,51 +427,8 @@ class Dashboard:
     # -------------------------------------------------------------- data for the API
 
     def workers_data(self, info: dict) -> dict:
-        """``/api/workers`` from the Center's ``info()``."""
-        now = time.time()
-        workers = []
-        for address, worker in sorted(info.get("workers", {}).items()):
-            last_seen = _number(worker.get("last_seen"), now)
-            workers.append(
-                {
-                    "address": address,
-                    "name": str(worker.get("name", address)),
-                    "ncores": worker.get("ncores"),
-                    "nkeys": worker.get("nkeys", 0),
-                    "nbytes": worker.get("nbytes", 0),
-                    "memory": worker.get("memory"),
-                    **worker_activity(worker),
-                    "task_rate": round(self.rates.worker_rate.get(address, 0.0), 3),
-                    "pid": worker.get("pid"),
-                    "last_seen": last_seen,
-                    "last_seen_age": round(max(0.0, now - last_seen), 3),
-                }
-            )
-        return {
-            "center": info.get("address"),
-            "time": now,
-            "heartbeat_timeout": info.get("heartbeat_timeout"),
-            "workers": workers,
-            "totals": self._totals(workers, info.get("nkeys", 0)),
-        }
-
-    def _totals(self, workers: list[dict], nkeys: int) -> dict:
-        return {
-            "workers": len(workers),
-            "ncores": sum(_number(w["ncores"]) for w in workers),
-            "nkeys": nkeys,  # distinct keys
-            "nkeys_held": sum(_number(w["nkeys"]) for w in workers),  # replicas counted once per holder
-            "nbytes": sum(_number(w["nbytes"]) for w in workers),  # bytes held, replicas included
-            "memory": sum(_number(w["memory"]) for w in workers),
-            "executing": sum(_number(w["executing"]) for w in workers),
-            "queued": sum(_number(w["queued"]) for w in workers),
-            "tasks_done": sum(_number(w["tasks_done"]) for w in workers),
-            "tasks_failed": sum(_number(w["tasks_failed"]) for w in workers),
-            "bytes_on_disk": sum(_number(w["bytes_on_disk"]) for w in workers),
-            "bytes_fetched": sum(_number(w["bytes_fetched"]) for w in workers),
-            "restarts": sum(_number(w["restarts"]) for w in workers),
-            "task_rate": round(sum(_number(w["task_rate"]) for w in workers), 3),
-        }
+        """``/api/workers`` from the Center's ``info()``: :func:`zdist.summary.summarize`, with the task rates measured here."""
+        return summarize(info, self.rates.worker_rate)
 
     def keys_data(self, info: dict) -> dict:
         """``/api/keys`` from the Center's ``info()``."""
@@ -486,8 +441,8 @@ class Dashboard:
             "workers": workers,
             "total": {
                 "nkeys": info.get("nkeys", 0),
-                "nkeys_held": sum(_number(w["nkeys"]) for w in workers.values()),
-                "nbytes": sum(_number(w["nbytes"]) for w in workers.values()),
+                "nkeys_held": sum(number(w["nkeys"]) for w in workers.values()),
+                "nbytes": sum(number(w["nbytes"]) for w in workers.values()),
             },
         }
 
@@ -567,23 +522,6 @@ class Dashboard:
         return web.Response(body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
 
-def worker_activity(worker: dict) -> dict:
-    """A worker's task counts, memory against its limit, disk, restarts and bytes moved, from its heartbeats."""
-    return {
-        "executing": worker.get("executing", 0),  # running in its threads now
-        "queued": worker.get("queued", 0),  # handed to it, waiting
-        "tasks_done": worker.get("tasks_done", 0),
-        "tasks_failed": worker.get("tasks_failed", 0),
-        "memory_limit": worker.get("memory_limit"),
-        "bytes_in_memory": worker.get("bytes_in_memory"),
-        "bytes_on_disk": worker.get("bytes_on_disk", 0),
-        "status": worker.get("status", "running"),
-        "restarts": worker.get("restarts", 0),  # how often its nanny started it again
-        "bytes_fetched": worker.get("bytes_fetched", 0),  # from other workers
-        "bytes_served": worker.get("bytes_served", 0),  # to other workers and clients
-    }
-
-
 def activity_data(activity: dict, info: dict) -> dict:
     """``/api/activity``: task groups with a label and their counts; transfers between workers by name."""
     names = {address: str(worker.get("name", address)) for address, worker in info.get("workers", {}).items()}
@@ -594,9 +532,9 @@ def activity_data(activity: dict, info: dict) -> dict:
     return {
         "time": time.time(),
         "groups": groups,
-        "waiting": sum(_number(g.get("waiting")) for g in groups),  # submitted, still in the clients
+        "waiting": sum(number(g.get("waiting")) for g in groups),  # submitted, still in the clients
         "transfers": transfers,
-        "bytes_moved": sum(_number(t.get("bytes")) for t in transfers),
+        "bytes_moved": sum(number(t.get("bytes")) for t in transfers),
     }
 
 
