@@ -335,6 +335,36 @@ def test_worker_serves_while_a_task_payload_unpickles():
     assert answered < _UNPICKLED[0], (answered, _UNPICKLED)
 
 
+def test_worker_serves_while_a_fetched_value_unpickles():
+    """The same for a value fetched from a peer (a reply, decoded by the fetching worker):
+    it is loaded in the worker's loader thread, and the worker answers meanwhile."""
+    from zdist import Center, Worker
+    from zdist.protocol import Ref
+
+    from .conftest import run
+
+    async def main():
+        async with Center() as center:
+            async with Worker(center.address, ncores=1) as holder, Worker(center.address, ncores=1) as fetcher:
+                holder.update_data(data={"x": _StallsWhenUnpickled(2.0)})  # in this process: nothing unpickled yet
+                async with rpc(fetcher.address, timeout=30) as w:
+                    await w.compute_batch(tasks=[["warm", inc, (0,), {}, []]])  # inc loaded: quick to load from now on
+                    fetched = asyncio.ensure_future(
+                        w.compute_batch(tasks=[["y", inc, (Ref("x"),), {}, ["x"]]], who_has={"x": [holder.address]}, return_values=64)
+                    )
+                    await asyncio.sleep(0.2)  # the fetcher is loading x
+                    assert await w.ping() == "pong"
+                    quick = await w.compute_batch(tasks=[["quick", inc, (1,), {}, []]])
+                    answered = time.monotonic()
+                    return quick, await fetched, answered
+
+    _UNPICKLED.clear()
+    quick, fetched, answered = run(main(), timeout=30)
+    assert quick[0][:2] == ["quick", "ok"]
+    assert fetched[0][:2] == ["y", "ok"] and fetched[0][3] == 3.0, fetched
+    assert answered < _UNPICKLED[0], (answered, _UNPICKLED)  # causal, not timed (see above)
+
+
 def test_pool_still_gives_up_when_every_worker_is_really_dead():
     """The wait above is bounded: with every worker killed, NoWorkersError still comes (no hang)."""
     from zdist import NoWorkersError

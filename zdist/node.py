@@ -61,7 +61,9 @@ class Node:
         self._tasks: set[asyncio.Task] = set()
         self.status = "created"
         self.ops_served: dict[str, int] = {}
-        self._loader: ThreadPoolExecutor | None = None  # decodes requests of deferred_ops, started when first needed
+        # Decodes messages whose payloads may be slow to load (deferred_ops; a worker's
+        # replies from peers): one thread, started when first needed.
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="zdist-load")
 
     # -------------------------------------------------------------- lifecycle
 
@@ -123,8 +125,7 @@ class Node:
                 task.cancel()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
-            if self._loader is not None:  # a request still loading is dropped, like one still running
-                self._loader.shutdown(wait=False, cancel_futures=True)
+            self.loader.shutdown(wait=False, cancel_futures=True)  # a request still loading is dropped, like one still running
             if getattr(self, "_monitor", None) is not None:
                 self._monitor.close()
             if self.stream is not None:
@@ -217,9 +218,7 @@ class Node:
 
     def _load_then_dispatch(self, identity: list, frames: list) -> None:
         """Decode a request of :attr:`deferred_ops` whole in the loader thread, then handle it here, on the loop."""
-        if self._loader is None:
-            self._loader = ThreadPoolExecutor(1, thread_name_prefix="zdist-load")
-        loading = asyncio.get_running_loop().run_in_executor(self._loader, parse_request, frames)
+        loading = asyncio.get_running_loop().run_in_executor(self.loader, parse_request, frames)
         self._tasks.add(loading)
 
         def loaded(future: asyncio.Future) -> None:

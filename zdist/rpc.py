@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import logging
 import threading
+from concurrent.futures import Executor
 from typing import Any, Callable
 
 import zmq
@@ -89,9 +90,14 @@ class Connection:
 
     _ids = itertools.count(1)
 
-    def __init__(self, address: str, *, timeout: float | None = DEFAULT_TIMEOUT, security: Any = None, max_message_size: int | None = None):
+    def __init__(
+        self, address: str, *, timeout: float | None = DEFAULT_TIMEOUT, security: Any = None, max_message_size: int | None = None, loader: Executor | None = None,
+    ):
         self.address = normalize_address(address)
         self.timeout = timeout
+        # Given a loader (a node's), a reply whose payloads may be slow to load
+        # is decoded there, not on the loop (see Node.deferred_ops).
+        self.loader = loader
         curve = (lambda s: security.client_socket_setup(s, self.address)) if security else None
         sock = make_socket(zmq.DEALER, curve=curve, max_message_size=max_message_size)
         sock.connect(endpoint(self.address))
@@ -102,14 +108,34 @@ class Connection:
 
     def _on_message(self, frames: list) -> None:
         try:
-            reply = parse_reply(frames)
+            reply = parse_reply(frames, careful=self.loader is not None)
         except ProtocolError as exc:
-            future = self.pending.pop(exc.request_id, None) if exc.request_id is not None else None
-            if future is not None and not future.done():
-                future.set_exception(exc)
-            else:
-                logger.warning("unreadable reply from %s: %s", self.address, exc)
+            self._unreadable(exc)
             return
+        if not reply.complete:
+            self.loop.run_in_executor(self.loader, parse_reply, frames).add_done_callback(self._loaded)
+            return
+        self._settle(reply)
+
+    def _loaded(self, loading: asyncio.Future) -> None:
+        if loading.cancelled():  # the node stopped: its connections are closing too
+            return
+        error = loading.exception()
+        if isinstance(error, ProtocolError):
+            self._unreadable(error)
+        elif error is not None:
+            logger.error("decoding a reply from %s failed: %r", self.address, error)
+        else:
+            self._settle(loading.result())
+
+    def _unreadable(self, exc: ProtocolError) -> None:
+        future = self.pending.pop(exc.request_id, None) if exc.request_id is not None else None
+        if future is not None and not future.done():
+            future.set_exception(exc)
+        else:
+            logger.warning("unreadable reply from %s: %s", self.address, exc)
+
+    def _settle(self, reply: Reply) -> None:
         if reply.id is None:
             if reply.status != OK:
                 logger.warning("%s reported an error: %s: %s", self.address, reply.error.get("type"), reply.error.get("message"))
@@ -172,16 +198,17 @@ class Connection:
 class ConnectionPool:
     """One shared :class:`Connection` per address, created on first use."""
 
-    def __init__(self, *, timeout: float | None = DEFAULT_TIMEOUT, security: Any = None):
+    def __init__(self, *, timeout: float | None = DEFAULT_TIMEOUT, security: Any = None, loader: Executor | None = None):
         self.timeout = timeout
         self.security = security
+        self.loader = loader
         self.connections: dict[str, Connection] = {}
 
     def get(self, address: str) -> Connection:
         address = normalize_address(address)
         connection = self.connections.get(address)
         if connection is None or connection.closed:
-            connection = self.connections[address] = Connection(address, timeout=self.timeout, security=self.security)
+            connection = self.connections[address] = Connection(address, timeout=self.timeout, security=self.security, loader=self.loader)
         return connection
 
     def rpc(self, address: str) -> "rpc":

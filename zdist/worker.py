@@ -159,7 +159,8 @@ class Worker(Node):
         if self.name is None:
             self.name = self.address
         self.batches.start_pool(f"zdist-worker-{self.port}")
-        self.peers = ConnectionPool(timeout=self.peer_timeout, security=self.security)
+        # A value fetched from a peer can import a package as it unpickles: not on the loop.
+        self.peers = ConnectionPool(timeout=self.peer_timeout, security=self.security, loader=self.loader)
         if self.preload:  # before registering: no task arrives before the set-up is done
             self._preloaded = await worker_setup.preload(self, self.preload)
         self._background.append(asyncio.ensure_future(self.center_link.stay_registered()))

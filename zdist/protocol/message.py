@@ -128,13 +128,14 @@ class Request:
 class Reply:
     """A decoded reply: ``status`` is ``'ok'`` (see ``result``) or ``'error'``."""
 
-    __slots__ = ("id", "status", "result", "error")
+    __slots__ = ("id", "status", "result", "error", "complete")
 
-    def __init__(self, id: int | None, status: str, result: Any = None, error: dict | None = None):
+    def __init__(self, id: int | None, status: str, result: Any = None, error: dict | None = None, complete: bool = True):
         self.id = id
         self.status = status
         self.result = result
         self.error = error
+        self.complete = complete  # False: payloads were left to load (parse_reply with careful=True)
 
     def __repr__(self) -> str:
         return f"Reply(id={self.id!r}, status={self.status!r})"
@@ -457,13 +458,19 @@ def parse_request(frames: Sequence[Any], defer: Container[str] = ()) -> Request:
     return Request(op, request_id, args, complete=not decoder.deferred or op not in defer)
 
 
-def parse_reply(frames: Sequence[Any]) -> Reply:
-    """Decode a reply (ok or error); raise :class:`ProtocolError` if malformed."""
-    header, _ = _decode_header(frames)
+def parse_reply(frames: Sequence[Any], careful: bool = False) -> Reply:
+    """Decode a reply (ok or error); raise :class:`ProtocolError` if malformed.
+
+    With ``careful``, a pickled payload that may be slow to load is not
+    loaded (as :func:`parse_request` does for its ``defer`` ops): the reply
+    comes back with ``complete`` False, and the caller parses ``frames``
+    again off its event loop.
+    """
+    header, decoder = _decode_header(frames, careful)
     status = header.get("status")
     if type(status) is str and status == OK:  # a pickled NumPy array's ``==`` is no bool
-        return Reply(header.get("id"), OK, result=header.get("result"))
+        return Reply(header.get("id"), OK, result=header.get("result"), complete=not decoder.deferred)
     if type(status) is str and status == ERROR:
-        return Reply(header.get("id"), ERROR, error=header)
+        return Reply(header.get("id"), ERROR, error=header, complete=not decoder.deferred)
     shown = status if type(status) in (str, bytes, int, float, type(None)) else type(status).__name__
     raise ProtocolError(f"reply status must be 'ok' or 'error', got {shown!r}", header.get("id"))
