@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 # Imported now: the module of the same name, once imported by anyone, would
 # otherwise take this name's place as an attribute of the package.
-from .rpc import rpc  # noqa: E402
+from .rpc import rpc  # noqa: E402, F401
 
 #: Each public name and the module (of this package) that defines it.
 _WHERE = {
@@ -62,16 +62,15 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_WHERE})
 
 
-if TYPE_CHECKING:  # for type checkers and editors, which do not run __getattr__
-    from .center import Center
-    from .cluster import LocalCluster
-    from .errors import (
-        CenterUnreachableError, LostDataError, MissingDataError, NoWorkersError, SessionClosedError, TaskKilledWorkersError, WorkerDiedError,
-    )
-    from .executor import Executor, as_completed, wait
-    from .pool import Pool, RemoteData
-    from .protocol import ProtocolError
-    from .report import performance_report
-    from .rpc import RemoteError, RPCTimeoutError
-    from .security import Security
-    from .worker import Worker
+if TYPE_CHECKING:  # for type checkers and editors, which do not run __getattr__ (re-exports: hence the noqa)
+    from .center import Center  # noqa: F401
+    from .cluster import LocalCluster  # noqa: F401
+    from .errors import CenterUnreachableError, LostDataError, MissingDataError, NoWorkersError  # noqa: F401
+    from .errors import SessionClosedError, TaskKilledWorkersError, WorkerDiedError  # noqa: F401
+    from .executor import Executor, as_completed, wait  # noqa: F401
+    from .pool import Pool, RemoteData  # noqa: F401
+    from .protocol import ProtocolError  # noqa: F401
+    from .report import performance_report  # noqa: F401
+    from .rpc import RemoteError, RPCTimeoutError  # noqa: F401
+    from .security import Security  # noqa: F401
+    from .worker import Worker  # noqa: F401
