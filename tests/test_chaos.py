@@ -305,9 +305,9 @@ def test_pool_rides_out_workers_stalled_past_the_heartbeat_timeout():
 
 def test_worker_serves_while_a_task_payload_unpickles():
     """What the test above rode out is gone at the root: a batch whose payload takes 2 s to
-    unpickle is loaded in the worker's loader thread; pings, data requests and a batch of
-    quick payloads (a function loaded before, plain data) are answered meanwhile, and the
-    slow batch still runs to its result."""
+    unpickle is loaded in the worker's loader thread; another client's pings, data requests
+    and batches of quick payloads (a function loaded before, plain data) are answered
+    meanwhile, and the slow batch still runs to its result."""
     from zdist import Center, Worker
 
     from .conftest import run
@@ -316,13 +316,13 @@ def test_worker_serves_while_a_task_payload_unpickles():
         async with Center() as center:
             async with Worker(center.address, ncores=2) as worker:
                 worker.update_data(data={"x": 1})
-                async with rpc(worker.address, timeout=30) as w:
+                async with rpc(worker.address, timeout=30) as w, rpc(worker.address, timeout=30) as other:
                     await w.compute_batch(tasks=[["warm", inc, (0,), {}, []]])  # inc loaded: quick to load from now on
                     slow = asyncio.ensure_future(w.compute_batch(tasks=[["slow", _stall, (_StallsWhenUnpickled(2.0),), {}, []]]))
                     await asyncio.sleep(0.2)  # the slow batch is loading
-                    assert await w.ping() == "pong"
-                    assert await w.get_data(keys=["x"]) == {"x": 1}
-                    quick = await w.compute_batch(tasks=[["quick", inc, (1,), {}, []]])
+                    assert await other.ping() == "pong"
+                    assert await other.get_data(keys=["x"]) == {"x": 1}
+                    quick = await other.compute_batch(tasks=[["quick", inc, (1,), {}, []]])
                     answered = time.monotonic()
                     return quick, await slow, answered
 
@@ -332,6 +332,35 @@ def test_worker_serves_while_a_task_payload_unpickles():
     assert slow[0][:2] == ["slow", "ok"]
     # Causal, not timed: the quick requests were answered before the slow payload had loaded
     # (worker and client share this process's loop: a load on the loop would hold up both).
+    assert answered < _UNPICKLED[0], (answered, _UNPICKLED)
+
+
+def test_a_peers_requests_keep_their_order_while_one_loads():
+    """A client scatters a value that is slow to unpickle (update_data, loaded off the loop),
+    then at once sends a quick batch that needs it: the batch waits for the value, in the
+    order the client sent them, instead of overtaking it and finding nothing. Meanwhile
+    another client is served."""
+    from zdist import Center, Worker
+    from zdist.protocol import Ref
+
+    from .conftest import run
+
+    async def main():
+        async with Center() as center:
+            async with Worker(center.address, ncores=1) as worker:
+                async with rpc(worker.address, timeout=30) as w, rpc(worker.address, timeout=30) as other:
+                    await w.compute_batch(tasks=[["warm", inc, (0,), {}, []]])
+                    stored = asyncio.ensure_future(w.update_data(data={"x": _StallsWhenUnpickled(1.0)}))
+                    await asyncio.sleep(0)  # sent: the batch below follows it on the same connection
+                    batch = asyncio.ensure_future(w.compute_batch(tasks=[["y", inc, (Ref("x"),), {}, ["x"]]], return_values=64))
+                    await asyncio.sleep(0.2)
+                    assert await other.ping() == "pong"
+                    answered = time.monotonic()
+                    return await stored, await batch, answered
+
+    _UNPICKLED.clear()
+    stored, batch, answered = run(main(), timeout=30)
+    assert batch[0][:2] == ["y", "ok"] and batch[0][3] == 2.0, batch
     assert answered < _UNPICKLED[0], (answered, _UNPICKLED)
 
 

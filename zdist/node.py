@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -64,6 +65,7 @@ class Node:
         # Decodes messages whose payloads may be slow to load (deferred_ops; a worker's
         # replies from peers): one thread, started when first needed.
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="zdist-load")
+        self._held: dict[bytes, deque] = {}  # per peer being loaded for: its messages since, in arrival order
 
     # -------------------------------------------------------------- lifecycle
 
@@ -204,6 +206,14 @@ class Node:
 
     def _on_message(self, frames: list) -> None:
         # A DEALER peer's message on our ROUTER: [identity, header, *buffers].
+        if self._held:
+            waiting = self._held.get(_frame_bytes(frames[0]))
+            if waiting is not None:  # this peer's earlier request is loading: keep the peer's order
+                waiting.append(frames)
+                return
+        self._handle(frames)
+
+    def _handle(self, frames: list) -> None:
         identity = frames[:1]
         try:
             request = parse_request(frames[1:], self.deferred_ops)
@@ -217,7 +227,13 @@ class Node:
         self._dispatch(identity, request)
 
     def _load_then_dispatch(self, identity: list, frames: list) -> None:
-        """Decode a request of :attr:`deferred_ops` whole in the loader thread, then handle it here, on the loop."""
+        """Decode a request of :attr:`deferred_ops` whole in the loader thread, then handle it here, on the loop.
+
+        The peer's later messages wait for it (:attr:`_held`): a peer's
+        requests are handled in the order it sent them, as on the loop.
+        """
+        peer = _frame_bytes(identity[0])
+        self._held[peer] = deque()
         loading = asyncio.get_running_loop().run_in_executor(self.loader, parse_request, frames)
         self._tasks.add(loading)
 
@@ -233,8 +249,18 @@ class Node:
                 self._send(identity, encode_error(error.request_id, error, tb=""))
             else:  # not the payload's fault (those are ProtocolErrors): say so rather than leave the caller waiting
                 self._send(identity, encode_error(_peek_request_id(frames[:1]), error))
+            self._release(peer)
 
         loading.add_done_callback(loaded)
+
+    def _release(self, peer: bytes) -> None:
+        """Handle what ``peer`` sent while its request loaded, in order, until one of them loads in turn."""
+        waiting = self._held.pop(peer)
+        while waiting:
+            self._handle(waiting.popleft())
+            if peer in self._held:  # that one is loading now: the rest wait behind it
+                self._held[peer].extend(waiting)
+                return
 
     def _dispatch(self, identity: list, request: Any) -> None:
         op = request.op
@@ -345,6 +371,11 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
     except (OSError, ValueError):
         return False
+
+
+def _frame_bytes(frame: Any) -> bytes:
+    """A frame's bytes (a ``zmq.Frame`` received without copying, or bytes already)."""
+    return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
 
 
 def _peek_request_id(header_frames: list) -> int | None:

@@ -61,9 +61,10 @@ class Worker(Node):
     (b'OK', 'z', 3)
     """
 
-    # A task's function or arguments may import a package as they unpickle (seconds):
-    # done on the loop, that would stall heartbeats and the Center would drop a busy worker.
-    deferred_ops = frozenset({"compute", "compute_batch"})
+    # A task's function or arguments, or a value sent to be kept, may import a package as they
+    # unpickle (seconds): done on the loop, that would stall heartbeats and the Center would
+    # drop a busy worker.
+    deferred_ops = frozenset({"compute", "compute_batch", "update_data"})
 
     def __init__(
         self,
