@@ -63,7 +63,7 @@ class Node:
         self.status = "created"
         self.ops_served: dict[str, int] = {}
         # Decodes messages whose payloads may be slow to load (deferred_ops; a worker's
-        # replies from peers): one thread, started when first needed.
+        # replies from peers): one thread, which the executor starts only when first used.
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="zdist-load")
         self._held: dict[bytes, deque] = {}  # per peer being loaded for: its messages since, in arrival order
 
@@ -218,8 +218,7 @@ class Node:
         try:
             request = parse_request(frames[1:], self.deferred_ops)
         except ProtocolError as exc:
-            logger.info("bad message from a peer: %s", exc)
-            self._send(identity, encode_error(exc.request_id, exc, tb=""))
+            self._refuse(identity, exc)
             return
         if not request.complete:
             self._load_then_dispatch(identity, frames[1:])
@@ -245,13 +244,16 @@ class Node:
             if error is None:
                 self._dispatch(identity, future.result())
             elif isinstance(error, ProtocolError):
-                logger.info("bad message from a peer: %s", error)
-                self._send(identity, encode_error(error.request_id, error, tb=""))
+                self._refuse(identity, error)
             else:  # not the payload's fault (those are ProtocolErrors): say so rather than leave the caller waiting
                 self._send(identity, encode_error(_peek_request_id(frames[:1]), error))
             self._release(peer)
 
         loading.add_done_callback(loaded)
+
+    def _refuse(self, identity: list, error: ProtocolError) -> None:
+        logger.info("bad message from a peer: %s", error)
+        self._send(identity, encode_error(error.request_id, error, tb=""))
 
     def _release(self, peer: bytes) -> None:
         """Handle what ``peer`` sent while its request loaded, in order, until one of them loads in turn."""

@@ -455,7 +455,7 @@ def parse_request(frames: Sequence[Any], defer: Container[str] = ()) -> Request:
     args = header.get("args", {})
     if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
         raise ProtocolError("header field 'args' must be a map from argument names to values", request_id)
-    return Request(op, request_id, args, complete=not decoder.deferred or op not in defer)
+    return Request(op, request_id, args, complete=not (decoder.deferred and op in defer))
 
 
 def parse_reply(frames: Sequence[Any], careful: bool = False) -> Reply:
